@@ -1,0 +1,10 @@
+// coproc/coproc.hpp - everything coproc offers, in one include.
+#pragma once
+
+#include <coproc/cancellation.hpp>
+#include <coproc/error.hpp>
+#include <coproc/event_loop.hpp>
+#include <coproc/task.hpp>
+#include <coproc/when_all.hpp>
+#include <coproc/when_any.hpp>
+#include <coproc/with_timeout.hpp>

@@ -1,0 +1,701 @@
+// The io_uring event loop. liburing appears here and nowhere in the headers.
+//
+// One iteration of the loop, on the loop thread:
+//
+//   drain the foreign queue  (posted functions, coroutines scheduled from other
+//                             threads, cancellations asked for by other threads,
+//                             stop())
+//   resume ready coroutines  (those present when the step began)
+//   submit + wait            (wait only when nothing is ready)
+//   reap completions         (each resumes the coroutine awaiting it)
+//
+// Other threads never touch the ring: they push onto the foreign queue under
+// its mutex and write the eventfd, on which the loop keeps a read pending.
+
+#include <coproc/cancellation.hpp>
+#include <coproc/event_loop.hpp>
+
+#include "ring_setup.hpp"
+
+#include <liburing.h>
+#include <linux/time_types.h>
+#include <sys/eventfd.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdio>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+static_assert(sizeof(coproc::detail::kernel_timespec) == sizeof(__kernel_timespec));
+static_assert(offsetof(coproc::detail::kernel_timespec, tv_nsec) == offsetof(__kernel_timespec, tv_nsec));
+
+namespace coproc {
+namespace detail {
+
+class loop_core;
+
+namespace {
+// The loop the calling thread is running right now (inside run()), if any.
+thread_local loop_core* current_loop = nullptr;
+
+// user_data of completions the loop ignores: those of its cancel requests.
+constexpr std::uint64_t ignored_completion = 0;
+} // namespace
+
+const char* io_kind_name(io_kind kind) noexcept {
+    switch (kind) {
+    case io_kind::read: return "read";
+    case io_kind::write: return "write";
+    case io_kind::recv: return "recv";
+    case io_kind::send: return "send";
+    case io_kind::sendmsg: return "sendmsg";
+    case io_kind::recvmsg: return "recvmsg";
+    case io_kind::poll: return "poll";
+    case io_kind::accept: return "accept";
+    case io_kind::connect: return "connect";
+    case io_kind::close: return "close";
+    case io_kind::timeout: return "timer";
+    }
+    return "operation";
+}
+
+void throw_io_error(io_kind kind, int negative_errno) {
+    throw std::system_error(-negative_errno, std::system_category(), std::string("coproc: ") + io_kind_name(kind));
+}
+
+void throw_cancelled(io_kind kind) {
+    throw cancelled_error(std::string("coproc: ") + io_kind_name(kind) + " cancelled by a stop request");
+}
+
+class loop_core {
+public:
+    explicit loop_core(const event_loop_options& options);
+    ~loop_core();
+    loop_core(const loop_core&) = delete;
+    loop_core& operator=(const loop_core&) = delete;
+
+    // --- loop thread
+    void submit(io_request& request);
+    void submit_cancel(io_request& request);
+    void serve(const bool& done);
+    void shut_down() noexcept;
+    void link_root(root_promise& root) noexcept;
+    void unlink_root(root_promise& root) noexcept;
+    void report(std::exception_ptr error) noexcept;
+
+    // --- any thread
+    void post(std::function<void()> fn);
+    void schedule_from_foreign_thread(std::coroutine_handle<> handle);
+    void request_cancel_from_foreign_thread(io_request& request);
+    void request_stop();
+    void forget_foreign_cancel(io_request& request) noexcept;
+
+    io_uring ring{};
+    bool ring_closed = false;
+    event_loop* owner_loop = nullptr;   // the event_loop this core belongs to
+    event_loop_features features;
+    bool ring_enabled = false;          // false while created with IORING_SETUP_R_DISABLED
+    std::thread::id owner{};            // the thread that first ran the loop
+    bool running = false;               // a thread is inside run()
+    bool shutting_down = false;         // in the destructor: completions are not delivered
+    std::deque<std::coroutine_handle<>> ready;
+    event_loop::exception_handler handler;
+
+private:
+    ::io_uring_sqe* next_sqe();
+    void arm_wake();
+    void disarm_wake() noexcept;
+    void drain_foreign();
+    void run_ready();
+    void submit_and_reap(bool wait);
+    void reap();
+    void deliver(io_request* request, int result);
+    void wake() noexcept;
+
+    int wake_fd_ = -1;
+    std::uint64_t wake_buffer_ = 0;
+    io_request wake_request_;
+    bool wake_armed_ = false;
+
+    io_request* in_flight_ = nullptr;   // doubly linked through prev/next_in_flight
+    std::size_t in_flight_count_ = 0;
+    root_promise* roots_ = nullptr;     // live roots, doubly linked
+
+    // The foreign queue. has_foreign_ is written only under mutex_; the loop
+    // reads it without the lock to skip locking when nothing was queued. A
+    // stale false is harmless: whoever queued wrote the eventfd after setting
+    // it, so the loop wakes and looks again. Relaxed suffices because the
+    // data itself is read under the mutex.
+    std::mutex mutex_;
+    std::atomic<bool> has_foreign_{false};
+    std::vector<std::function<void()>> posted_;
+    std::vector<std::coroutine_handle<>> scheduled_;
+    io_request* cancel_list_ = nullptr;  // singly linked through next_cancel
+    bool stop_requested_ = false;
+};
+
+loop_core::loop_core(const event_loop_options& options) {
+    if (options.entries == 0) throw std::invalid_argument("coproc: event_loop_options::entries must be positive");
+    unsigned flags = 0;
+    const int result = create_ring(ring, options.entries, default_ring_setup_attempts(), flags);
+    if (result != 0) {
+        throw io_uring_unavailable(-result, describe_io_uring_setup_failure(-result, read_io_uring_disabled_sysctl()));
+    }
+    features.setup_flags = flags;
+    features.single_issuer = (flags & IORING_SETUP_SINGLE_ISSUER) != 0;
+    features.defer_taskrun = (flags & IORING_SETUP_DEFER_TASKRUN) != 0;
+    features.coop_taskrun = (flags & IORING_SETUP_COOP_TASKRUN) != 0;
+    features.submit_all = (flags & IORING_SETUP_SUBMIT_ALL) != 0;
+    ring_enabled = (flags & IORING_SETUP_R_DISABLED) == 0;
+    wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (wake_fd_ < 0) {
+        const int error = errno;
+        ::io_uring_queue_exit(&ring);
+        throw std::system_error(error, std::system_category(), "coproc: eventfd for the event loop");
+    }
+    wake_request_.kind = io_kind::read;
+    wake_request_.fd = wake_fd_;
+    wake_request_.address = &wake_buffer_;
+    wake_request_.length = sizeof wake_buffer_;
+    wake_request_.offset = ~std::uint64_t{0};
+}
+
+loop_core::~loop_core() {
+    if (!ring_closed) ::io_uring_queue_exit(&ring);
+    ::close(wake_fd_);
+}
+
+::io_uring_sqe* loop_core::next_sqe() {
+    ::io_uring_sqe* sqe = ::io_uring_get_sqe(&ring);
+    if (sqe == nullptr) {
+        // The submission queue is full: hand it to the kernel and retry.
+        ::io_uring_submit(&ring);
+        sqe = ::io_uring_get_sqe(&ring);
+        if (sqe == nullptr) throw std::system_error(EBUSY, std::system_category(), "coproc: io_uring submission queue full");
+    }
+    return sqe;
+}
+
+void loop_core::submit(io_request& request) {
+    if (current_loop != this) {
+        throw std::logic_error(std::string("coproc: ") + io_kind_name(request.kind) +
+                               " awaited outside the loop's thread; event_loop operations must be awaited by "
+                               "coroutines the loop runs");
+    }
+    ::io_uring_sqe* sqe = next_sqe();
+    switch (request.kind) {
+    case io_kind::read:
+        ::io_uring_prep_read(sqe, request.fd, request.address, static_cast<unsigned>(request.length), request.offset);
+        break;
+    case io_kind::write:
+        ::io_uring_prep_write(sqe, request.fd, request.address, static_cast<unsigned>(request.length), request.offset);
+        break;
+    case io_kind::recv:
+        ::io_uring_prep_recv(sqe, request.fd, request.address, request.length, static_cast<int>(request.flags));
+        break;
+    case io_kind::send:
+        ::io_uring_prep_send(sqe, request.fd, request.address, request.length, static_cast<int>(request.flags));
+        break;
+    case io_kind::sendmsg:
+        ::io_uring_prep_sendmsg(sqe, request.fd, static_cast<const ::msghdr*>(request.address), request.flags);
+        break;
+    case io_kind::recvmsg:
+        ::io_uring_prep_recvmsg(sqe, request.fd, static_cast<::msghdr*>(request.address), request.flags);
+        break;
+    case io_kind::poll:
+        ::io_uring_prep_poll_add(sqe, request.fd, request.flags);
+        break;
+    case io_kind::accept:
+        ::io_uring_prep_accept(sqe, request.fd, static_cast<::sockaddr*>(request.address),
+                               static_cast<::socklen_t*>(request.address2), static_cast<int>(request.flags));
+        break;
+    case io_kind::connect:
+        ::io_uring_prep_connect(sqe, request.fd, static_cast<const ::sockaddr*>(request.address),
+                                static_cast<::socklen_t>(request.length));
+        break;
+    case io_kind::close:
+        ::io_uring_prep_close(sqe, request.fd);
+        break;
+    case io_kind::timeout:
+        ::io_uring_prep_timeout(sqe, reinterpret_cast<__kernel_timespec*>(&request.deadline), 0, IORING_TIMEOUT_ABS);
+        break;
+    }
+    ::io_uring_sqe_set_data(sqe, &request);
+    request.prev_in_flight = nullptr;
+    request.next_in_flight = in_flight_;
+    if (in_flight_ != nullptr) in_flight_->prev_in_flight = &request;
+    in_flight_ = &request;
+    ++in_flight_count_;
+}
+
+void loop_core::submit_cancel(io_request& request) {
+    ::io_uring_sqe* sqe = next_sqe();
+    ::io_uring_prep_cancel(sqe, &request, 0);
+    ::io_uring_sqe_set_data64(sqe, ignored_completion);
+}
+
+void loop_core::arm_wake() {
+    submit(wake_request_);
+    wake_armed_ = true;
+}
+
+void loop_core::wake() noexcept {
+    const std::uint64_t one = 1;
+    // EAGAIN means the counter is saturated: the loop is bound to wake anyway.
+    [[maybe_unused]] const auto written = ::write(wake_fd_, &one, sizeof one);
+}
+
+void loop_core::post(std::function<void()> fn) {
+    bool first;
+    {
+        std::lock_guard lock{mutex_};
+        posted_.push_back(std::move(fn));
+        first = !has_foreign_.exchange(true, std::memory_order_relaxed);
+    }
+    if (first) wake();
+}
+
+void loop_core::schedule_from_foreign_thread(std::coroutine_handle<> handle) {
+    bool first;
+    {
+        std::lock_guard lock{mutex_};
+        scheduled_.push_back(handle);
+        first = !has_foreign_.exchange(true, std::memory_order_relaxed);
+    }
+    if (first) wake();
+}
+
+void loop_core::request_cancel_from_foreign_thread(io_request& request) {
+    bool first;
+    {
+        std::lock_guard lock{mutex_};
+        if (!request.in_cancel_list) {
+            request.in_cancel_list = true;
+            request.next_cancel = cancel_list_;
+            cancel_list_ = &request;
+        }
+        first = !has_foreign_.exchange(true, std::memory_order_relaxed);
+    }
+    if (first) wake();
+}
+
+void loop_core::request_stop() {
+    bool first;
+    {
+        std::lock_guard lock{mutex_};
+        stop_requested_ = true;
+        first = !has_foreign_.exchange(true, std::memory_order_relaxed);
+    }
+    if (first) wake();
+}
+
+void loop_core::forget_foreign_cancel(io_request& request) noexcept {
+    std::lock_guard lock{mutex_};
+    if (!request.in_cancel_list) return;
+    for (io_request** link = &cancel_list_; *link != nullptr; link = &(*link)->next_cancel) {
+        if (*link == &request) {
+            *link = request.next_cancel;
+            break;
+        }
+    }
+    request.in_cancel_list = false;
+}
+
+void loop_core::drain_foreign() {
+    if (!has_foreign_.load(std::memory_order_relaxed)) return;
+    std::vector<std::function<void()>> posted;
+    std::vector<std::coroutine_handle<>> scheduled;
+    std::vector<io_request*> cancels;
+    bool stop;
+    {
+        std::lock_guard lock{mutex_};
+        posted.swap(posted_);
+        scheduled.swap(scheduled_);
+        for (io_request* request = cancel_list_; request != nullptr; request = request->next_cancel) {
+            request->in_cancel_list = false;
+            cancels.push_back(request);
+        }
+        cancel_list_ = nullptr;
+        stop = std::exchange(stop_requested_, false);
+        has_foreign_.store(false, std::memory_order_relaxed);
+    }
+    // Every request in the list is still in flight: it leaves the list (under
+    // the mutex, in settle_request) before its awaiter can go away, and that
+    // happens on this thread, which is busy here.
+    for (io_request* request : cancels) submit_cancel(*request);
+    if (stop) {
+        for (root_promise* root = roots_; root != nullptr; root = root->next) root->stop_source.request_stop();
+    }
+    for (auto handle : scheduled) ready.push_back(handle);
+    for (auto& fn : posted) {
+        try {
+            fn();
+        } catch (...) {
+            report(std::current_exception());
+        }
+    }
+}
+
+void loop_core::run_ready() {
+    // Only what is ready now: a coroutine that schedules itself again waits
+    // for the next iteration, so completions are never starved.
+    for (std::size_t n = ready.size(); n > 0 && !ready.empty(); --n) {
+        auto handle = ready.front();
+        ready.pop_front();
+        handle.resume();
+    }
+}
+
+void loop_core::submit_and_reap(bool wait) {
+    int result = 0;
+    if (wait) {
+        result = ::io_uring_submit_and_wait(&ring, 1);
+    } else if (::io_uring_sq_ready(&ring) > 0 || in_flight_count_ > 0) {
+        // With IORING_SETUP_DEFER_TASKRUN completions are only posted while
+        // this thread is in io_uring_enter with GETEVENTS.
+        result = ::io_uring_submit_and_get_events(&ring);
+    }
+    if (result < 0 && result != -EINTR && result != -EAGAIN && result != -EBUSY && result != -ETIME) {
+        std::fprintf(stderr, "coproc: io_uring_enter failed: %s; the event loop cannot continue\n",
+                     std::strerror(-result));
+        std::terminate();
+    }
+    reap();
+}
+
+void loop_core::reap() {
+    struct completion {
+        io_request* request;
+        int result;
+    };
+    constexpr unsigned batch_size = 64;
+    for (;;) {
+        ::io_uring_cqe* cqes[batch_size];
+        const unsigned count = ::io_uring_peek_batch_cqe(&ring, cqes, batch_size);
+        if (count == 0) return;
+        completion batch[batch_size];
+        for (unsigned i = 0; i < count; ++i) {
+            batch[i] = {reinterpret_cast<io_request*>(::io_uring_cqe_get_data64(cqes[i])), cqes[i]->res};
+        }
+        // Release the ring slots before resuming anyone: resumed coroutines
+        // submit, and the kernel may then post more completions.
+        ::io_uring_cq_advance(&ring, count);
+        for (unsigned i = 0; i < count; ++i) deliver(batch[i].request, batch[i].result);
+    }
+}
+
+void loop_core::deliver(io_request* request, int result) {
+    if (request == nullptr) return; // a cancel request's own completion
+    if (request->prev_in_flight != nullptr) {
+        request->prev_in_flight->next_in_flight = request->next_in_flight;
+    } else {
+        in_flight_ = request->next_in_flight;
+    }
+    if (request->next_in_flight != nullptr) request->next_in_flight->prev_in_flight = request->prev_in_flight;
+    request->prev_in_flight = request->next_in_flight = nullptr;
+    --in_flight_count_;
+    request->result = result;
+    if (request == &wake_request_) {
+        wake_armed_ = false;
+        return;
+    }
+    if (!shutting_down) request->waiter.resume();
+}
+
+void loop_core::disarm_wake() noexcept {
+    if (!wake_armed_) return;
+    submit_cancel(wake_request_);
+    while (wake_armed_) submit_and_reap(true);
+}
+
+void loop_core::serve(const bool& done) {
+    current_loop = this;
+    running = true;
+    while (!done) {
+        if (!wake_armed_) arm_wake();
+        drain_foreign();
+        run_ready();
+        if (done) break;
+        submit_and_reap(ready.empty() && !has_foreign_.load(std::memory_order_relaxed));
+    }
+    // Leave nothing of the loop's own in the kernel between runs: the loop
+    // may be destroyed on another thread, which cannot use this ring.
+    disarm_wake();
+    running = false;
+    current_loop = nullptr;
+}
+
+void loop_core::shut_down() noexcept {
+    shutting_down = true;
+    const bool can_use_ring = ring_enabled && (!features.single_issuer || owner == std::this_thread::get_id());
+    if (can_use_ring && in_flight_count_ > 0) {
+        // Cancel everything and wait for every completion, delivering none:
+        // only then may the frames that own the buffers be destroyed.
+        current_loop = this;
+        for (io_request* request = in_flight_; request != nullptr; request = request->next_in_flight) {
+            submit_cancel(*request);
+        }
+        while (in_flight_count_ > 0) submit_and_reap(true);
+        current_loop = nullptr;
+    } else if (in_flight_count_ > 0) {
+        // Another thread ran this single-issuer ring and only it can submit.
+        // Closing the ring makes the kernel cancel what is still in flight.
+        ::io_uring_queue_exit(&ring);
+        ring_closed = true;
+    }
+    while (roots_ != nullptr) {
+        // The promise's destructor unlinks the root.
+        std::coroutine_handle<root_promise>::from_promise(*roots_).destroy();
+    }
+    ready.clear();
+    std::lock_guard lock{mutex_};
+    posted_.clear();
+    scheduled_.clear();
+    cancel_list_ = nullptr;
+}
+
+void loop_core::link_root(root_promise& root) noexcept {
+    root.prev = nullptr;
+    root.next = roots_;
+    if (roots_ != nullptr) roots_->prev = &root;
+    roots_ = &root;
+}
+
+void loop_core::unlink_root(root_promise& root) noexcept {
+    if (root.prev != nullptr) {
+        root.prev->next = root.next;
+    } else if (roots_ == &root) {
+        roots_ = root.next;
+    }
+    if (root.next != nullptr) root.next->prev = root.prev;
+    root.prev = root.next = nullptr;
+}
+
+void loop_core::report(std::exception_ptr error) noexcept {
+    if (handler) {
+        handler(std::move(error));
+        return;
+    }
+    try {
+        std::rethrow_exception(std::move(error));
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "coproc: unhandled exception in a task spawned on the event loop: %s\n", e.what());
+    } catch (...) {
+        std::fprintf(stderr, "coproc: unhandled exception of unknown type in a task spawned on the event loop\n");
+    }
+}
+
+// --- glue called from the public headers
+
+void submit_request(io_request& request) { request.loop->core_->submit(request); }
+
+void settle_request(io_request& request) noexcept {
+    if (request.cancel_requested.load(std::memory_order_relaxed)) request.loop->core_->forget_foreign_cancel(request);
+}
+
+void cancel_on_stop::operator()() const noexcept {
+    loop_core& core = *request->loop->core_;
+    request->cancel_requested.store(true, std::memory_order_relaxed);
+    if (current_loop == &core) {
+        try {
+            core.submit_cancel(*request);
+            return;
+        } catch (...) {
+            // No submission slot: fall back to the queue, served next iteration.
+        }
+    }
+    try {
+        core.request_cancel_from_foreign_thread(*request);
+    } catch (...) {
+        // Out of memory while queueing a cancellation: the operation simply
+        // runs to completion, which is always safe.
+    }
+}
+
+root_promise::~root_promise() {
+    if (loop != nullptr) loop->core_->unlink_root(*this);
+}
+
+root_task spawn_root(task<void> body) {
+    const std::stop_token token = co_await get_stop_token();
+    std::exception_ptr error;
+    try {
+        co_await std::move(body);
+    } catch (const cancelled_error&) {
+        // Cancelled because its own token was stopped: that is what was asked.
+        if (!token.stop_requested()) error = std::current_exception();
+    } catch (...) {
+        error = std::current_exception();
+    }
+    if (error) co_await report_unhandled{error};
+}
+
+} // namespace detail
+
+// --- event_loop
+
+event_loop::event_loop(options opts) : core_(std::make_unique<detail::loop_core>(opts)) { core_->owner_loop = this; }
+
+event_loop::~event_loop() {
+    if (core_->running && is_loop_thread()) {
+        std::fprintf(stderr, "coproc: event_loop destroyed from inside its own run()\n");
+        std::terminate();
+    }
+    core_->shut_down();
+}
+
+void event_loop::enter_run() {
+    auto& core = *core_;
+    if (core.running) {
+        throw std::logic_error(is_loop_thread() ? "coproc: event_loop::run called from inside the loop"
+                                                : "coproc: event_loop::run called while another thread runs it");
+    }
+    const auto self = std::this_thread::get_id();
+    if (core.owner != std::thread::id{} && core.owner != self && core.features.single_issuer) {
+        throw std::logic_error("coproc: event_loop::run called from a thread other than the one that first ran the "
+                               "loop; the ring is single-issuer, so one thread drives it for its whole life");
+    }
+    if (!core.ring_enabled) {
+        // liburing 2.3 declares io_uring_enable_rings but does not export it.
+        if (::syscall(__NR_io_uring_register, core.ring.ring_fd, IORING_REGISTER_ENABLE_RINGS, nullptr, 0) < 0) {
+            throw std::system_error(errno, std::system_category(), "coproc: enabling the io_uring instance");
+        }
+        core.ring_enabled = true;
+    }
+    core.owner = self;
+}
+
+void event_loop::start_root(std::coroutine_handle<detail::root_promise> root, std::stop_token token) {
+    auto& promise = root.promise();
+    promise.loop = this;
+    core_->link_root(promise);
+    if (token.stop_possible()) promise.user_token_link.emplace(std::move(token), detail::request_stop_on{&promise.stop_source});
+    core_->ready.push_back(root);
+}
+
+void event_loop::run_until(const bool& done) noexcept {
+    try {
+        core_->serve(done);
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "coproc: event loop failed: %s\n", e.what());
+        std::terminate();
+    }
+}
+
+void event_loop::spawn(task<void> body, std::stop_token token) {
+    if (core_->running && !is_loop_thread()) {
+        throw std::logic_error("coproc: event_loop::spawn called from a thread other than the loop's; use post()");
+    }
+    start_root(detail::spawn_root(std::move(body)).handle, std::move(token));
+}
+
+void event_loop::post(std::function<void()> fn) { core_->post(std::move(fn)); }
+
+void event_loop::stop() { core_->request_stop(); }
+
+void event_loop::set_unhandled_exception_handler(exception_handler handler) { core_->handler = std::move(handler); }
+
+bool event_loop::is_loop_thread() const noexcept { return detail::current_loop == core_.get(); }
+
+event_loop* event_loop::current() noexcept {
+    return detail::current_loop != nullptr ? detail::current_loop->owner_loop : nullptr;
+}
+
+const event_loop_features& event_loop::features() const noexcept { return core_->features; }
+
+void event_loop::report_unhandled(std::exception_ptr error) noexcept { core_->report(std::move(error)); }
+
+void schedule_operation::await_suspend(std::coroutine_handle<> awaiting) {
+    if (loop_->is_loop_thread()) {
+        loop_->core_->ready.push_back(awaiting);
+    } else {
+        loop_->core_->schedule_from_foreign_thread(awaiting);
+    }
+}
+
+// --- operations
+
+namespace {
+detail::kernel_timespec to_kernel_timespec(event_loop::clock::time_point deadline) {
+    const auto since_epoch = deadline.time_since_epoch();
+    const auto seconds = std::chrono::duration_cast<std::chrono::seconds>(since_epoch);
+    const auto nanoseconds = std::chrono::duration_cast<std::chrono::nanoseconds>(since_epoch - seconds);
+    return {seconds.count(), nanoseconds.count()};
+}
+} // namespace
+
+io_operation<void> event_loop::sleep_for(clock::duration duration) {
+    return sleep_until(clock::now() + (duration < clock::duration::zero() ? clock::duration::zero() : duration));
+}
+
+io_operation<void> event_loop::sleep_until(clock::time_point deadline) {
+    io_operation<void> operation{*this, detail::io_kind::timeout};
+    operation.request().deadline = to_kernel_timespec(deadline);
+    return operation;
+}
+
+namespace {
+template <class Result>
+io_operation<Result> buffer_operation(event_loop& loop, detail::io_kind kind, int fd, const void* data,
+                                      std::size_t size, std::uint64_t offset, int flags) {
+    io_operation<Result> operation{loop, kind};
+    auto& request = operation.request();
+    request.fd = fd;
+    request.address = const_cast<void*>(data);
+    request.length = size;
+    request.offset = offset;
+    request.flags = static_cast<std::uint32_t>(flags);
+    return operation;
+}
+} // namespace
+
+io_operation<std::size_t> event_loop::read(int fd, std::span<std::byte> buffer, std::uint64_t offset) {
+    return buffer_operation<std::size_t>(*this, detail::io_kind::read, fd, buffer.data(), buffer.size(), offset, 0);
+}
+
+io_operation<std::size_t> event_loop::write(int fd, std::span<const std::byte> buffer, std::uint64_t offset) {
+    return buffer_operation<std::size_t>(*this, detail::io_kind::write, fd, buffer.data(), buffer.size(), offset, 0);
+}
+
+io_operation<std::size_t> event_loop::recv(int fd, std::span<std::byte> buffer, int flags) {
+    return buffer_operation<std::size_t>(*this, detail::io_kind::recv, fd, buffer.data(), buffer.size(), 0, flags);
+}
+
+io_operation<std::size_t> event_loop::send(int fd, std::span<const std::byte> buffer, int flags) {
+    return buffer_operation<std::size_t>(*this, detail::io_kind::send, fd, buffer.data(), buffer.size(), 0, flags);
+}
+
+io_operation<std::size_t> event_loop::sendmsg(int fd, const ::msghdr* message, int flags) {
+    return buffer_operation<std::size_t>(*this, detail::io_kind::sendmsg, fd, message, 0, 0, flags);
+}
+
+io_operation<std::size_t> event_loop::recvmsg(int fd, ::msghdr* message, int flags) {
+    return buffer_operation<std::size_t>(*this, detail::io_kind::recvmsg, fd, message, 0, 0, flags);
+}
+
+io_operation<unsigned> event_loop::poll(int fd, unsigned events) {
+    return buffer_operation<unsigned>(*this, detail::io_kind::poll, fd, nullptr, 0, 0, static_cast<int>(events));
+}
+
+io_operation<int> event_loop::accept(int fd, ::sockaddr* address, ::socklen_t* address_length, int flags) {
+    auto operation = buffer_operation<int>(*this, detail::io_kind::accept, fd, address, 0, 0, flags);
+    operation.request().address2 = address_length;
+    return operation;
+}
+
+io_operation<void> event_loop::connect(int fd, const ::sockaddr* address, ::socklen_t address_length) {
+    return buffer_operation<void>(*this, detail::io_kind::connect, fd, address, address_length, 0, 0);
+}
+
+io_operation<void> event_loop::close(int fd) {
+    return buffer_operation<void>(*this, detail::io_kind::close, fd, nullptr, 0, 0, 0);
+}
+
+} // namespace coproc
