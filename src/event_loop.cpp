@@ -103,7 +103,9 @@ public:
     event_loop_features features;
     bool ring_enabled = false;          // false while created with IORING_SETUP_R_DISABLED
     std::thread::id owner{};            // the thread that first ran the loop
-    bool running = false;               // a thread is inside run()
+    // A thread is inside run(). Read by spawn() and the destructor on other
+    // threads to reject misuse; relaxed because it guards no other data.
+    std::atomic<bool> running{false};
     bool shutting_down = false;         // in the destructor: completions are not delivered
     std::deque<std::coroutine_handle<>> ready;
     event_loop::exception_handler handler;
@@ -417,7 +419,7 @@ void loop_core::disarm_wake() noexcept {
 
 void loop_core::serve(const bool& done) {
     current_loop = this;
-    running = true;
+    running.store(true, std::memory_order_relaxed);
     while (!done) {
         if (!wake_armed_) arm_wake();
         drain_foreign();
@@ -428,7 +430,7 @@ void loop_core::serve(const bool& done) {
     // Leave nothing of the loop's own in the kernel between runs: the loop
     // may be destroyed on another thread, which cannot use this ring.
     disarm_wake();
-    running = false;
+    running.store(false, std::memory_order_relaxed);
     current_loop = nullptr;
 }
 
@@ -544,7 +546,7 @@ root_task spawn_root(task<void> body) {
 event_loop::event_loop(options opts) : core_(std::make_unique<detail::loop_core>(opts)) { core_->owner_loop = this; }
 
 event_loop::~event_loop() {
-    if (core_->running && is_loop_thread()) {
+    if (core_->running.load(std::memory_order_relaxed) && is_loop_thread()) {
         std::fprintf(stderr, "coproc: event_loop destroyed from inside its own run()\n");
         std::terminate();
     }
@@ -553,7 +555,7 @@ event_loop::~event_loop() {
 
 void event_loop::enter_run() {
     auto& core = *core_;
-    if (core.running) {
+    if (core.running.load(std::memory_order_relaxed)) {
         throw std::logic_error(is_loop_thread() ? "coproc: event_loop::run called from inside the loop"
                                                 : "coproc: event_loop::run called while another thread runs it");
     }
@@ -590,7 +592,7 @@ void event_loop::run_until(const bool& done) noexcept {
 }
 
 void event_loop::spawn(task<void> body, std::stop_token token) {
-    if (core_->running && !is_loop_thread()) {
+    if (core_->running.load(std::memory_order_relaxed) && !is_loop_thread()) {
         throw std::logic_error("coproc: event_loop::spawn called from a thread other than the loop's; use post()");
     }
     start_root(detail::spawn_root(std::move(body)).handle, std::move(token));
