@@ -120,6 +120,9 @@ private:
     void reap();
     void deliver(io_request* request, int result);
     void wake() noexcept;
+    // Runs `push` under the foreign-queue mutex and wakes the loop.
+    template <class Push>
+    void push_foreign(Push push);
 
     int wake_fd_ = -1;
     std::uint64_t wake_buffer_ = 0;
@@ -254,48 +257,38 @@ void loop_core::wake() noexcept {
     [[maybe_unused]] const auto written = ::write(wake_fd_, &one, sizeof one);
 }
 
-void loop_core::post(std::function<void()> fn) {
+template <class Push>
+void loop_core::push_foreign(Push push) {
     bool first;
     {
         std::lock_guard lock{mutex_};
-        posted_.push_back(std::move(fn));
+        push();
         first = !has_foreign_.exchange(true, std::memory_order_relaxed);
     }
+    // Only the push that makes the queue non-empty writes the eventfd; the
+    // loop clears the flag under the mutex when it takes the queue.
     if (first) wake();
+}
+
+void loop_core::post(std::function<void()> fn) {
+    push_foreign([&] { posted_.push_back(std::move(fn)); });
 }
 
 void loop_core::schedule_from_foreign_thread(std::coroutine_handle<> handle) {
-    bool first;
-    {
-        std::lock_guard lock{mutex_};
-        scheduled_.push_back(handle);
-        first = !has_foreign_.exchange(true, std::memory_order_relaxed);
-    }
-    if (first) wake();
+    push_foreign([&] { scheduled_.push_back(handle); });
 }
 
 void loop_core::request_cancel_from_foreign_thread(io_request& request) {
-    bool first;
-    {
-        std::lock_guard lock{mutex_};
-        if (!request.in_cancel_list) {
-            request.in_cancel_list = true;
-            request.next_cancel = cancel_list_;
-            cancel_list_ = &request;
-        }
-        first = !has_foreign_.exchange(true, std::memory_order_relaxed);
-    }
-    if (first) wake();
+    push_foreign([&] {
+        if (request.in_cancel_list) return;
+        request.in_cancel_list = true;
+        request.next_cancel = cancel_list_;
+        cancel_list_ = &request;
+    });
 }
 
 void loop_core::request_stop() {
-    bool first;
-    {
-        std::lock_guard lock{mutex_};
-        stop_requested_ = true;
-        first = !has_foreign_.exchange(true, std::memory_order_relaxed);
-    }
-    if (first) wake();
+    push_foreign([&] { stop_requested_ = true; });
 }
 
 void loop_core::forget_foreign_cancel(io_request& request) noexcept {
