@@ -4,7 +4,10 @@
 #include <coproc/cancellation.hpp>
 #include <coproc/error.hpp>
 #include <coproc/event_loop.hpp>
+#include <coproc/future.hpp>
+#include <coproc/process_pool.hpp>
 #include <coproc/task.hpp>
 #include <coproc/when_all.hpp>
 #include <coproc/when_any.hpp>
 #include <coproc/with_timeout.hpp>
+#include <coproc/worker.hpp>

@@ -46,4 +46,59 @@ private:
     int cause_;
 };
 
+// The pool cannot run tasks any more: its initializer failed in a worker, or
+// a worker died under the compatibility policy (crash_policy::break_pool, as
+// CPython's executor does). Every pending and later submit fails with it.
+class broken_process_pool : public error {
+public:
+    using error::error;
+};
+
+// The worker running a task died before the task finished. Only the tasks
+// dispatched to that worker fail with this; the pool starts a replacement.
+class worker_died : public error {
+public:
+    worker_died(int pid, int signal, int exit_code, std::string function, const std::string& what);
+    // The worker's process id.
+    [[nodiscard]] int pid() const noexcept { return pid_; }
+    // The signal that killed it, or 0 when it exited.
+    [[nodiscard]] int signal() const noexcept { return signal_; }
+    // Its exit code when it exited, or -1 when a signal killed it.
+    [[nodiscard]] int exit_code() const noexcept { return exit_code_; }
+    // The function of the task that failed.
+    [[nodiscard]] const std::string& function() const noexcept { return function_; }
+
+private:
+    int pid_;
+    int signal_;
+    int exit_code_;
+    std::string function_;
+};
+
+// A task threw an exception that cannot travel as its own type: a type that
+// is neither a standard exception nor registered with coproc.
+class remote_error : public error {
+public:
+    remote_error(std::string type_name, std::string message, int pid, std::string function);
+    // The demangled type name of the original exception.
+    [[nodiscard]] const std::string& type_name() const noexcept { return type_name_; }
+    // The original what().
+    [[nodiscard]] const std::string& message() const noexcept { return message_; }
+    // The worker that ran the task.
+    [[nodiscard]] int pid() const noexcept { return pid_; }
+    [[nodiscard]] const std::string& function() const noexcept { return function_; }
+
+private:
+    std::string type_name_;
+    std::string message_;
+    int pid_;
+    std::string function_;
+};
+
+// submit() after shutdown() began.
+class pool_closed : public error {
+public:
+    pool_closed();
+};
+
 } // namespace coproc

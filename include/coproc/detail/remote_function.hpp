@@ -1,0 +1,184 @@
+// coproc/detail/remote_function.hpp - functions that can run in a worker.
+//
+// A function is known by a stable 64-bit id: the FNV-1a hash of the compiler's
+// name for remote<F>, which names F. Two processes running the same program
+// compute the same id, and so does a separate worker program built by the
+// same compiler from the same sources.
+//
+// remote<F>::registered is an inline variable whose initializer adds F to the
+// process-wide registry. Submitting through submit<F> odr-uses it, so it is
+// part of the program, and its initializer runs at start-up in every process
+// of that program, workers included. A separate worker program names its
+// functions with COPROC_REGISTER(f) (coproc/worker.hpp), which does the same.
+#pragma once
+
+#include <coproc/detail/serialization.hpp>
+
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <span>
+#include <stop_token>
+#include <string>
+#include <string_view>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace coproc::detail {
+
+constexpr std::uint64_t fnv1a(std::string_view text) noexcept {
+    std::uint64_t hash = 14695981039346656037ULL;
+    for (char c : text) {
+        hash ^= static_cast<unsigned char>(c);
+        hash *= 1099511628211ULL;
+    }
+    return hash;
+}
+
+template <auto F>
+constexpr std::string_view pretty_name_of() noexcept {
+    return __PRETTY_FUNCTION__;
+}
+
+// The function's name as the compiler spells the template argument, for
+// messages ("simulate", "physics::simulate").
+template <auto F>
+constexpr std::string_view display_name_of() noexcept {
+    constexpr std::string_view pretty = pretty_name_of<F>();
+    constexpr std::size_t marker = pretty.find("F = ");
+    if constexpr (marker == std::string_view::npos) {
+        return pretty;
+    } else {
+        constexpr std::string_view rest = pretty.substr(marker + 4);
+        constexpr std::size_t end = rest.find_first_of(";]");
+        constexpr std::string_view name = rest.substr(0, end);
+        return name.starts_with('&') ? name.substr(1) : name;
+    }
+}
+
+template <class Signature>
+struct function_traits;
+
+template <class R, class... Params>
+struct function_traits<R (*)(Params...)> {
+    using result = R;
+    using parameters = std::tuple<Params...>;
+    static constexpr std::size_t arity = sizeof...(Params);
+};
+template <class R, class... Params>
+struct function_traits<R (*)(Params...) noexcept> : function_traits<R (*)(Params...)> {};
+
+// True when the last parameter is a std::stop_token: the worker passes the
+// task's token there, and the caller does not.
+template <class Parameters>
+constexpr bool takes_stop_token() {
+    if constexpr (std::tuple_size_v<Parameters> == 0) {
+        return false;
+    } else {
+        using last = std::tuple_element_t<std::tuple_size_v<Parameters> - 1, Parameters>;
+        return std::is_same_v<std::remove_cvref_t<last>, std::stop_token>;
+    }
+}
+
+// The parameters the caller supplies, decayed: what travels in a CALL frame.
+template <class Parameters, class Indices>
+struct wire_arguments_impl;
+template <class Parameters, std::size_t... I>
+struct wire_arguments_impl<Parameters, std::index_sequence<I...>> {
+    using type = std::tuple<std::decay_t<std::tuple_element_t<I, Parameters>>...>;
+};
+template <class Parameters>
+using wire_arguments_t = typename wire_arguments_impl<
+    Parameters, std::make_index_sequence<std::tuple_size_v<Parameters> - (takes_stop_token<Parameters>() ? 1 : 0)>>::type;
+
+template <class Tuple, class Indices>
+struct all_serializable_impl;
+template <class Tuple, std::size_t... I>
+struct all_serializable_impl<Tuple, std::index_sequence<I...>>
+    : std::bool_constant<(serializable<std::tuple_element_t<I, Tuple>> && ...)> {};
+template <class Tuple>
+inline constexpr bool all_serializable = all_serializable_impl<Tuple, std::make_index_sequence<std::tuple_size_v<Tuple>>>::value;
+
+// Runs a function in the worker: decodes its arguments from `arguments`,
+// calls it with `token` where it takes one, and appends its encoded result to
+// `result`. Throws whatever decoding, the function or encoding throws.
+using invoker = void (*)(std::span<const std::byte> arguments, std::vector<std::byte>& result, std::stop_token token);
+
+struct remote_function_entry {
+    std::uint64_t id;
+    std::string_view name;
+    invoker invoke;
+};
+
+// The process-wide registry (src/remote_function.cpp). Registering the same
+// id twice keeps the first entry.
+bool register_remote_function(std::uint64_t id, std::string_view name, invoker invoke) noexcept;
+const remote_function_entry* find_remote_function(std::uint64_t id) noexcept;
+
+template <auto F>
+struct remote {
+    static_assert(std::is_pointer_v<decltype(F)> && std::is_function_v<std::remove_pointer_t<decltype(F)>>,
+                  "coproc: submit<F> takes a free function (or a static member function); "
+                  "for a callable object, submit the object itself");
+    using traits = function_traits<decltype(F)>;
+    using parameters = typename traits::parameters;
+    using arguments = wire_arguments_t<parameters>;
+    using result = std::decay_t<typename traits::result>;
+    static constexpr bool wants_stop_token = takes_stop_token<parameters>();
+
+    static_assert(all_serializable<arguments>,
+                  "coproc: a parameter type of this function cannot be serialized by cereal. Give the type a "
+                  "serialize(Archive&) member (or a free serialize function), or include the cereal header "
+                  "for it (<cereal/types/...>)");
+    static_assert(std::is_void_v<result> || serializable<result>,
+                  "coproc: the result type of this function cannot be serialized by cereal. Give the type a "
+                  "serialize(Archive&) member (or a free serialize function), or include the cereal header "
+                  "for it (<cereal/types/...>)");
+
+    static constexpr std::string_view name = display_name_of<F>();
+    static constexpr std::uint64_t id = fnv1a(pretty_name_of<F>());
+
+    static void invoke(std::span<const std::byte> encoded, std::vector<std::byte>& out, std::stop_token token) {
+        arguments values;
+        decode_from(encoded, values);
+        if constexpr (std::is_void_v<result>) {
+            call(std::move(values), std::move(token));
+        } else {
+            const result value = call(std::move(values), std::move(token));
+            encode_into(out, value);
+        }
+    }
+
+    static inline const bool registered = register_remote_function(id, name, &invoke);
+
+private:
+    static decltype(auto) call(arguments&& values, std::stop_token token) {
+        return std::apply(
+            [&token](auto&&... unpacked) -> decltype(auto) {
+                if constexpr (wants_stop_token) {
+                    return F(std::move(unpacked)..., std::move(token));
+                } else {
+                    (void)token;
+                    return F(std::move(unpacked)...);
+                }
+            },
+            std::move(values));
+    }
+};
+
+// --- exceptions across the process boundary (src/remote_function.cpp)
+
+// Appends the ERROR payload for the exception in `error` (worker side).
+void encode_exception(std::exception_ptr error, std::vector<std::byte>& out);
+
+// Appends the ERROR payload saying the worker has no function `function_id`.
+void encode_unknown_function(std::uint64_t function_id, std::vector<std::byte>& out);
+
+// Rebuilds the exception from an ERROR payload (parent side): the same
+// standard type with the same what(), or coproc::remote_error.
+std::exception_ptr decode_exception(std::span<const std::byte> payload, int worker_pid, std::string_view function);
+
+} // namespace coproc::detail

@@ -1,0 +1,72 @@
+// coproc/detail/wire.hpp - the frames exchanged by the parent and its
+// workers over each worker's socket pair.
+//
+// A frame is a fixed 16-byte header followed by `length` payload bytes:
+//
+//   u32 length | u16 kind | u16 flags | u64 work id | payload (cereal binary)
+//
+// Both ends run on the same machine, so fields are in host byte order.
+//
+//   kind    direction         payload
+//   HELLO   worker -> parent  u16 protocol version, i32 pid
+//   CALL    parent -> worker  u64 function id, then the arguments
+//   START   worker -> parent  (none): the task with this work id began running
+//   RESULT  worker -> parent  the function's value (nothing for void)
+//   ERROR   worker -> parent  transported exception (see remote_function.hpp)
+//   CANCEL  parent -> worker  (none): cancel the task with this work id
+//   BYE     parent -> worker  (none): finish what was sent, then exit
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <span>
+#include <vector>
+
+namespace coproc::detail::wire {
+
+inline constexpr std::uint16_t protocol_version = 1;
+
+enum class frame_kind : std::uint16_t {
+    hello = 1,
+    call = 2,
+    start = 3,
+    result = 4,
+    error = 5,
+    cancel = 6,
+    bye = 7,
+};
+
+struct frame_header {
+    std::uint32_t length;
+    std::uint16_t kind;
+    std::uint16_t flags;
+    std::uint64_t work_id;
+};
+static_assert(sizeof(frame_header) == 16, "the header is 16 bytes on the wire");
+
+inline constexpr std::size_t header_size = sizeof(frame_header);
+
+// Appends a header for a payload that the caller appends next; returns the
+// header's offset so that finish_frame can fill in the length.
+inline std::size_t begin_frame(std::vector<std::byte>& out, frame_kind kind, std::uint64_t work_id) {
+    const std::size_t offset = out.size();
+    const frame_header header{0, static_cast<std::uint16_t>(kind), 0, work_id};
+    out.resize(offset + header_size);
+    std::memcpy(out.data() + offset, &header, header_size);
+    return offset;
+}
+
+// Writes the payload length of the frame begun at `offset`.
+inline void finish_frame(std::vector<std::byte>& out, std::size_t offset) {
+    const auto length = static_cast<std::uint32_t>(out.size() - offset - header_size);
+    std::memcpy(out.data() + offset, &length, sizeof length);
+}
+
+inline frame_header read_header(const std::byte* data) noexcept {
+    frame_header header;
+    std::memcpy(&header, data, header_size);
+    return header;
+}
+
+} // namespace coproc::detail::wire

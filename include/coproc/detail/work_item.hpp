@@ -1,0 +1,112 @@
+// coproc/detail/work_item.hpp - the shared state of one submitted task.
+//
+// States (DESIGN.md):
+//
+//   pending ----> dispatched ----> running ----> finished | failed
+//      |              |               |
+//      +--------------+---------------+--------> cancelled
+//
+// pending: queued in the parent. dispatched: its CALL frame went to a worker.
+// running: the worker said START. The last three are final.
+//
+// Threads: the pool's loop thread makes every transition, except cancelling
+// a pending item, which any thread may do; both hold the pool's mutex.
+// `state` is written last, with release order, after the value or error;
+// whoever reads a final state with acquire order may then read them without
+// the mutex. Once final, an item never touches its pool again, so futures
+// may outlive the pool.
+#pragma once
+
+#include <coproc/detail/serialization.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <coroutine>
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <optional>
+#include <span>
+#include <string_view>
+#include <vector>
+
+namespace coproc::detail {
+
+class pool_core;
+
+enum class work_state : std::uint8_t { pending, dispatched, running, finished, failed, cancelled };
+
+constexpr bool is_final(work_state state) noexcept { return state >= work_state::finished; }
+
+class work_item {
+public:
+    work_item() = default;
+    work_item(const work_item&) = delete;
+    work_item& operator=(const work_item&) = delete;
+    virtual ~work_item() = default;
+
+    // Decodes a RESULT payload into the typed value; throws on bad bytes.
+    virtual void store_result(std::span<const std::byte> payload) = 0;
+
+    void retain() noexcept { references_.fetch_add(1, std::memory_order_relaxed); }
+    // The last release deletes. acq_rel: every use of the item by other
+    // holders happens before the deletion.
+    void release() noexcept {
+        if (references_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
+    }
+
+    [[nodiscard]] work_state state() const noexcept { return state_.load(std::memory_order_acquire); }
+    void set_state(work_state state) noexcept { state_.store(state, std::memory_order_release); }
+
+    // Fixed at submit.
+    std::uint64_t id = 0;
+    std::uint64_t function_id = 0;
+    std::string_view function_name;
+    std::vector<std::byte> arguments; // encoded; freed once the task is final
+    pool_core* pool = nullptr;        // null once final
+    unsigned retries_left = 0;
+
+    // Guarded by the pool's mutex until the state is final.
+    std::exception_ptr error;
+    std::coroutine_handle<> awaiter{};
+    std::vector<std::function<void()>> callbacks;
+    int worker_pid = 0;
+
+private:
+    std::atomic<std::uint32_t> references_{1};
+    std::atomic<work_state> state_{work_state::pending};
+};
+
+template <class T>
+class typed_work_item final : public work_item {
+public:
+    void store_result(std::span<const std::byte> payload) override {
+        T decoded{};
+        decode_from(payload, decoded);
+        value.emplace(std::move(decoded));
+    }
+    std::optional<T> value;
+};
+
+template <>
+class typed_work_item<void> final : public work_item {
+public:
+    void store_result(std::span<const std::byte>) override {}
+};
+
+// --- called by future<T> (src/process_pool.cpp)
+
+// Registers `awaiting` to be resumed on the pool's loop when `item` is
+// final; false when it already is (then nothing is registered).
+bool await_work_item(work_item& item, std::coroutine_handle<> awaiting);
+// Cancels a pending item (it never runs); false in any other state.
+bool cancel_work_item(work_item& item);
+// Adds a callback run on the pool's loop thread when the item is final, or
+// runs it at once when it already is.
+void add_work_item_callback(work_item& item, std::function<void()> callback);
+// Blocks the calling thread (never the loop's) until the item is final or
+// `timeout` passes; false on timeout. A negative timeout waits for ever.
+bool wait_work_item(work_item& item, std::chrono::nanoseconds timeout);
+
+} // namespace coproc::detail

@@ -1,0 +1,31 @@
+// coproc/worker.hpp - worker mode.
+//
+// A program that submits to a process_pool calls run_worker_if_requested at
+// the top of main. In a worker process it serves the pool and never returns;
+// in any other process it returns at once and costs nothing.
+//
+// A separate worker program (process_pool_options::worker_executable) is a
+// main() that calls run_worker_if_requested, plus one COPROC_REGISTER(f)
+// line per function it serves, built from the same sources as the parent.
+#pragma once
+
+#include <coproc/detail/remote_function.hpp>
+
+namespace coproc {
+
+// In a worker process (started by a process_pool), serves tasks until the
+// pool says BYE, its socket closes or the parent dies, then exits the
+// process. Otherwise returns.
+void run_worker_if_requested(int argc, char** argv);
+
+} // namespace coproc
+
+#define COPROC_DETAIL_CONCAT2(a, b) a##b
+#define COPROC_DETAIL_CONCAT(a, b) COPROC_DETAIL_CONCAT2(a, b)
+
+// Registers function `f` with the process, so that a worker program serves
+// submit<f> calls from a parent built from the same sources. Write it at
+// namespace scope, naming f exactly as the parent's submit<f> does.
+#define COPROC_REGISTER(f) \
+    [[maybe_unused]] static const bool COPROC_DETAIL_CONCAT(coproc_registered_, __COUNTER__) = \
+        ::coproc::detail::remote<f>::registered

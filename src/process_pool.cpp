@@ -1,0 +1,850 @@
+// The parent side of the process pool. Everything here runs on the pool's
+// loop thread, except submit, cancel of a pending item and the blocking wait,
+// which take the pool's mutex (or the waiters' mutex) and may run anywhere.
+//
+// Per worker, three coroutines spawned on the loop:
+//
+//   read_worker   recv into a buffer, parse frames, complete tasks
+//   watch_worker  poll the worker's pidfd; on exit reap it (waitid) and fail
+//                 or retry the tasks it held
+//   write_worker  started when frames are queued and none is being sent:
+//                 sends everything queued, in batches
+//
+// Worker phases:
+//
+//   starting --HELLO--> ready --(max_tasks_per_child reached)--> retiring
+//       |                 |                                          |
+//       +-----------------+------------(process exits)---------------+--> exited
+//
+// The coroutines hold a shared_ptr to pool_core, so it outlives the
+// process_pool object until they have ended; a worker_handle is freed once
+// its worker exited and its coroutines ended.
+
+#include <coproc/process_pool.hpp>
+
+#include <coproc/detail/wire.hpp>
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sched.h>
+#include <spawn.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <condition_variable>
+#include <csignal>
+#include <cstring>
+#include <deque>
+#include <list>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <system_error>
+
+extern char** environ;
+
+namespace coproc::detail {
+
+namespace {
+
+namespace wire = detail::wire;
+
+constexpr int worker_socket_in_child = 3;
+// Consecutive workers that may exit before saying HELLO before the pool
+// declares itself broken (the worker program is wrong, not unlucky).
+constexpr int startup_failures_allowed = 3;
+
+// Blocking get(): one mutex and condition variable for every pool, so that a
+// waiting thread never needs the pool to still exist.
+std::mutex waiters_mutex;
+std::condition_variable waiters_cv;
+std::atomic<int> blocked_waiters{0};
+
+class protocol_violation : public std::runtime_error {
+public:
+    using std::runtime_error::runtime_error;
+};
+
+int default_worker_count() {
+    ::cpu_set_t set;
+    CPU_ZERO(&set);
+    if (::sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
+    const long online = ::sysconf(_SC_NPROCESSORS_ONLN);
+    return online > 0 ? static_cast<int>(online) : 1;
+}
+
+std::string describe_exit(const ::siginfo_t& info) {
+    if (info.si_code == CLD_EXITED) return "exited with code " + std::to_string(info.si_status);
+    std::string text = "was killed by signal " + std::to_string(info.si_status);
+    if (const char* name = ::sigdescr_np(info.si_status)) text += std::string(" (") + name + ")";
+    return text;
+}
+
+} // namespace
+
+struct worker_handle {
+    enum class phase { starting, ready, retiring, exited };
+
+    int pid = -1;
+    int socket = -1;
+    int pidfd = -1;
+    phase state = phase::starting;
+    std::deque<work_item*> assigned; // retained, in dispatch order
+    std::size_t dispatched_total = 0;
+    std::vector<std::byte> outbox;
+    bool writing = false;
+    bool bye_sent = false;
+    std::string kill_reason; // why the parent killed it, if it did
+    int coroutines = 0;      // of read/watch/write still alive
+
+    void close_descriptors() noexcept {
+        if (socket >= 0) ::close(std::exchange(socket, -1));
+        if (pidfd >= 0) ::close(std::exchange(pidfd, -1));
+    }
+};
+
+class pool_core : public std::enable_shared_from_this<pool_core> {
+public:
+    pool_core(event_loop& loop, process_pool_options opts);
+    ~pool_core();
+
+    void submit(work_item* item, bool encoding_failed);
+    void dispatch();
+    void destroy() noexcept;
+    void close(bool cancel_pending);
+    void signal_workers(int signal) noexcept;
+    pool_stats stats() const;
+    std::vector<int> worker_pids() const;
+
+    bool cancel(work_item& item);
+    bool await(work_item& item, std::coroutine_handle<> awaiting);
+    void add_callback(work_item& item, std::function<void()> callback);
+
+    // Coroutine bodies.
+    void handle_frames(worker_handle& worker, std::span<const std::byte> data, std::size_t& consumed);
+    void on_worker_exit(worker_handle& worker, const ::siginfo_t& info);
+    void release_coroutine(worker_handle& worker) noexcept;
+    void kill_worker(worker_handle& worker, const std::string& reason) noexcept;
+
+    // shutdown() waits on these.
+    [[nodiscard]] bool idle() const;
+    [[nodiscard]] bool no_workers() const;
+    void add_waiter(std::coroutine_handle<> waiter) { waiters_.push_back(waiter); }
+    void wake_waiters();
+
+    event_loop& loop;
+    bool destroyed = false; // the process_pool object is gone (loop thread)
+
+private:
+    void complete(work_item* item, work_state state, std::exception_ptr error) noexcept;
+    void spawn_worker();
+    void start_writer(worker_handle& worker);
+    void send_bye(worker_handle& worker);
+    void fail_all_pending(const std::exception_ptr& error) noexcept;
+    std::vector<char*> worker_environment();
+
+    process_pool_options options_;
+    int max_workers_;
+    std::string executable_;
+    std::vector<std::string> environment_storage_;
+
+    mutable std::mutex mutex_; // guards pending_, closed_, broken_, next_id_, dispatch_posted_ and items not yet final
+    std::deque<work_item*> pending_;
+    bool closed_ = false;
+    std::exception_ptr broken_;
+    std::uint64_t next_id_ = 1;
+    bool dispatch_posted_ = false;
+
+    std::list<std::unique_ptr<worker_handle>> workers_; // loop thread
+    std::vector<std::coroutine_handle<>> waiters_;      // loop thread
+    int startup_failures_ = 0;
+
+    std::atomic<std::size_t> workers_alive_{0};
+    std::atomic<std::size_t> workers_started_{0};
+    std::atomic<std::size_t> queued_{0};
+    std::atomic<std::size_t> in_workers_{0};
+    std::atomic<std::size_t> completed_{0};
+    std::atomic<std::size_t> failed_{0};
+    std::atomic<std::size_t> cancelled_{0};
+};
+
+namespace {
+
+task<void> read_worker(std::shared_ptr<pool_core> core, worker_handle* worker) {
+    std::vector<std::byte> buffer(64 * 1024);
+    std::size_t filled = 0;
+    try {
+        while (!core->destroyed && worker->state != worker_handle::phase::exited) {
+            if (filled == buffer.size()) buffer.resize(buffer.size() * 2);
+            const std::size_t received = co_await core->loop.recv(worker->socket, std::span{buffer}.subspan(filled));
+            if (received == 0 || core->destroyed || worker->state == worker_handle::phase::exited) break;
+            filled += received;
+            std::size_t consumed = 0;
+            core->handle_frames(*worker, std::span{buffer.data(), filled}, consumed);
+            if (consumed > 0) {
+                std::memmove(buffer.data(), buffer.data() + consumed, filled - consumed);
+                filled -= consumed;
+            }
+            if (filled >= wire::header_size) {
+                // An incomplete frame: make room for all of it (its length
+                // was checked against the limit by handle_frames).
+                const auto needed = wire::header_size + wire::read_header(buffer.data()).length;
+                if (needed > buffer.size()) buffer.resize(needed);
+            }
+        }
+    } catch (const protocol_violation& violation) {
+        core->kill_worker(*worker, violation.what());
+    } catch (...) {
+        // recv failed: the worker is gone; watch_worker reports how.
+    }
+    core->release_coroutine(*worker);
+}
+
+task<void> write_worker(std::shared_ptr<pool_core> core, worker_handle* worker) {
+    try {
+        while (!worker->outbox.empty() && !core->destroyed && worker->state != worker_handle::phase::exited) {
+            std::vector<std::byte> batch;
+            batch.swap(worker->outbox);
+            std::size_t sent = 0;
+            while (sent < batch.size() && !core->destroyed && worker->state != worker_handle::phase::exited) {
+                sent += co_await core->loop.send(worker->socket, std::span{batch}.subspan(sent));
+            }
+        }
+    } catch (...) {
+        // EPIPE and friends: the worker is gone; watch_worker reports how.
+    }
+    worker->writing = false;
+    core->release_coroutine(*worker);
+}
+
+task<void> watch_worker(std::shared_ptr<pool_core> core, worker_handle* worker) {
+    try {
+        co_await core->loop.poll(worker->pidfd, POLLIN);
+    } catch (...) {
+        // Cancelled only when the loop itself goes away.
+    }
+    if (!core->destroyed && worker->pidfd >= 0) {
+        ::siginfo_t info{};
+        while (::waitid(static_cast<::idtype_t>(P_PIDFD), static_cast<::id_t>(worker->pidfd), &info, WEXITED) < 0 &&
+               errno == EINTR) {
+        }
+        core->on_worker_exit(*worker, info);
+    }
+    core->release_coroutine(*worker);
+}
+
+// Waits until `ready(core)` holds; woken by pool_core::wake_waiters.
+struct pool_condition {
+    pool_core* core;
+    bool (pool_core::*ready)() const;
+    bool await_ready() const { return core->destroyed || (core->*ready)(); }
+    void await_suspend(std::coroutine_handle<> awaiting) { core->add_waiter(awaiting); }
+    void await_resume() const noexcept {}
+};
+
+task<void> shutdown_pool(std::shared_ptr<pool_core> core, shutdown_options options) {
+    core->close(options.cancel_futures);
+    if (!options.wait) co_return;
+    while (!core->destroyed && !core->idle()) co_await pool_condition{core.get(), &pool_core::idle};
+    while (!core->destroyed && !core->no_workers()) co_await pool_condition{core.get(), &pool_core::no_workers};
+}
+
+} // namespace
+
+// --- construction and destruction
+
+pool_core::pool_core(event_loop& event_loop, process_pool_options opts)
+    : loop(event_loop), options_(std::move(opts)) {
+    if (options_.max_workers.has_value() && *options_.max_workers <= 0) {
+        throw std::invalid_argument("coproc: process_pool_options::max_workers must be positive, got " +
+                                    std::to_string(*options_.max_workers));
+    }
+    if (options_.prefetch == 0) throw std::invalid_argument("coproc: process_pool_options::prefetch must be positive");
+    max_workers_ = options_.max_workers.value_or(default_worker_count());
+    executable_ = options_.worker_executable.empty() ? "/proc/self/exe" : options_.worker_executable;
+
+    // The workers' environment: ours, minus the names the options replace,
+    // plus the options' variables and the parent's pid.
+    auto replaced = [this](std::string_view entry) {
+        for (const auto& [name, value] : options_.environment) {
+            if (entry.size() > name.size() && entry.starts_with(name) && entry[name.size()] == '=') return true;
+        }
+        return entry.starts_with("COPROC_PARENT_PID=");
+    };
+    for (char** entry = environ; entry != nullptr && *entry != nullptr; ++entry) {
+        if (!replaced(*entry)) environment_storage_.emplace_back(*entry);
+    }
+    for (const auto& [name, value] : options_.environment) environment_storage_.push_back(name + "=" + value);
+    environment_storage_.push_back("COPROC_PARENT_PID=" + std::to_string(::getpid()));
+}
+
+pool_core::~pool_core() {
+    for (auto& worker : workers_) worker->close_descriptors();
+}
+
+void pool_core::destroy() noexcept {
+    std::deque<work_item*> pending;
+    {
+        std::lock_guard lock{mutex_};
+        closed_ = true;
+        pending.swap(pending_);
+    }
+    destroyed = true;
+    const auto reason = std::make_exception_ptr(cancelled_error("coproc: the process pool was destroyed"));
+    for (work_item* item : pending) {
+        if (!is_final(item->state())) complete(item, work_state::cancelled, reason);
+        item->release();
+    }
+    for (auto& worker : workers_) {
+        if (worker->state != worker_handle::phase::exited && worker->pid > 0) {
+            ::kill(worker->pid, SIGKILL);
+            ::siginfo_t info{};
+            // SIGKILL cannot be caught: this returns as soon as the kernel has torn the process down.
+            while (::waitid(static_cast<::idtype_t>(P_PIDFD), static_cast<::id_t>(worker->pidfd), &info, WEXITED) < 0 &&
+                   errno == EINTR) {
+            }
+            worker->state = worker_handle::phase::exited;
+            workers_alive_.fetch_sub(1, std::memory_order_relaxed);
+        }
+        for (work_item* item : worker->assigned) {
+            in_workers_.fetch_sub(1, std::memory_order_relaxed);
+            if (!is_final(item->state())) complete(item, work_state::cancelled, reason);
+            item->release();
+        }
+        worker->assigned.clear();
+        // In-flight recv and poll on these hold their own references to the
+        // files; they complete (EOF, process exit) and their coroutines see
+        // `destroyed` and touch nothing.
+        worker->close_descriptors();
+    }
+    wake_waiters();
+}
+
+// --- submit, cancel, await, callbacks (any thread unless noted)
+
+void pool_core::submit(work_item* item, bool encoding_failed) {
+    bool post_dispatch = false;
+    {
+        std::lock_guard lock{mutex_};
+        if (closed_) throw pool_closed();
+        if (broken_) std::rethrow_exception(broken_);
+        item->id = next_id_++;
+        item->pool = this;
+        if (!encoding_failed) {
+            item->retain();
+            pending_.push_back(item);
+            queued_.fetch_add(1, std::memory_order_relaxed);
+            post_dispatch = !std::exchange(dispatch_posted_, true);
+        }
+    }
+    if (encoding_failed) {
+        complete(item, work_state::failed, item->error);
+        return;
+    }
+    if (post_dispatch) {
+        loop.post([weak = weak_from_this()] {
+            if (auto core = weak.lock()) core->dispatch();
+        });
+    }
+}
+
+bool pool_core::cancel(work_item& item) {
+    {
+        std::lock_guard lock{mutex_};
+        if (item.state() != work_state::pending) return false;
+        queued_.fetch_sub(1, std::memory_order_relaxed);
+        // Left in pending_ and skipped by dispatch(), which drops the reference.
+    }
+    complete(&item, work_state::cancelled, std::make_exception_ptr(cancelled_error("coproc: the task was cancelled before it ran")));
+    return true;
+}
+
+bool pool_core::await(work_item& item, std::coroutine_handle<> awaiting) {
+    std::lock_guard lock{mutex_};
+    if (is_final(item.state())) return false;
+    item.awaiter = awaiting;
+    return true;
+}
+
+void pool_core::add_callback(work_item& item, std::function<void()> callback) {
+    {
+        std::lock_guard lock{mutex_};
+        if (!is_final(item.state())) {
+            item.callbacks.push_back(std::move(callback));
+            return;
+        }
+    }
+    callback();
+}
+
+void pool_core::complete(work_item* item, work_state state, std::exception_ptr error) noexcept {
+    std::coroutine_handle<> awaiter;
+    std::vector<std::function<void()>> callbacks;
+    {
+        std::lock_guard lock{mutex_};
+        if (is_final(item->state())) return;
+        item->error = std::move(error);
+        awaiter = std::exchange(item->awaiter, {});
+        callbacks.swap(item->callbacks);
+        item->arguments = {};
+        item->set_state(state); // release: publishes value and error
+    }
+    switch (state) {
+    case work_state::finished: completed_.fetch_add(1, std::memory_order_relaxed); break;
+    case work_state::failed: failed_.fetch_add(1, std::memory_order_relaxed); break;
+    default: cancelled_.fetch_add(1, std::memory_order_relaxed); break;
+    }
+    if (blocked_waiters.load(std::memory_order_acquire) > 0) {
+        // Lock-unlock orders the state change before a waiter's predicate check.
+        { std::lock_guard lock{waiters_mutex}; }
+        waiters_cv.notify_all();
+    }
+    if (awaiter) schedule_operation{loop}.await_suspend(awaiter);
+    for (auto& callback : callbacks) {
+        if (loop.is_loop_thread()) {
+            try {
+                callback();
+            } catch (...) {
+            }
+        } else {
+            loop.post(std::move(callback));
+        }
+    }
+}
+
+// --- dispatch (loop thread)
+
+void pool_core::dispatch() {
+    std::size_t live = 0;
+    std::size_t starting = 0;
+    {
+        std::lock_guard lock{mutex_};
+        dispatch_posted_ = false;
+        for (auto& worker : workers_) {
+            if (worker->state == worker_handle::phase::exited) continue;
+            ++live;
+            if (worker->state == worker_handle::phase::starting) ++starting;
+            if (worker->state != worker_handle::phase::ready) continue;
+            while (worker->assigned.size() < options_.prefetch && !pending_.empty()) {
+                work_item* item = pending_.front();
+                pending_.pop_front();
+                if (item->state() != work_state::pending) {
+                    item->release(); // cancelled while queued
+                    continue;
+                }
+                queued_.fetch_sub(1, std::memory_order_relaxed);
+                in_workers_.fetch_add(1, std::memory_order_relaxed);
+                item->worker_pid = worker->pid;
+                item->set_state(work_state::dispatched);
+                worker->assigned.push_back(item);
+                const auto offset = wire::begin_frame(worker->outbox, wire::frame_kind::call, item->id);
+                const auto* function_id = reinterpret_cast<const std::byte*>(&item->function_id);
+                worker->outbox.insert(worker->outbox.end(), function_id, function_id + sizeof item->function_id);
+                worker->outbox.insert(worker->outbox.end(), item->arguments.begin(), item->arguments.end());
+                wire::finish_frame(worker->outbox, offset);
+                if (options_.max_tasks_per_child > 0 && ++worker->dispatched_total >= options_.max_tasks_per_child) {
+                    worker->state = worker_handle::phase::retiring;
+                    break;
+                }
+            }
+        }
+    }
+    // Skip leading cancelled items so that they do not count as demand.
+    std::size_t demand = 0;
+    bool closing = false;
+    {
+        std::lock_guard lock{mutex_};
+        while (!pending_.empty() && pending_.front()->state() != work_state::pending) {
+            pending_.front()->release();
+            pending_.pop_front();
+        }
+        demand = queued_.load(std::memory_order_relaxed);
+        closing = closed_;
+    }
+    for (auto& worker : workers_) {
+        if (worker->state == worker_handle::phase::exited) continue;
+        const bool drained = worker->assigned.empty() && (worker->state == worker_handle::phase::retiring ||
+                                                          (closing && demand == 0 && worker->state == worker_handle::phase::ready));
+        if (drained && !worker->bye_sent) send_bye(*worker);
+        if (!worker->outbox.empty() && !worker->writing) start_writer(*worker);
+    }
+    // Start workers for what the starting and ready ones cannot take.
+    const std::size_t capacity_coming = starting * options_.prefetch;
+    while (demand > capacity_coming && live < static_cast<std::size_t>(max_workers_) && !destroyed) {
+        try {
+            spawn_worker();
+        } catch (const std::exception& e) {
+            std::lock_guard lock{mutex_};
+            broken_ = std::make_exception_ptr(broken_process_pool(e.what()));
+            break;
+        }
+        ++live;
+        demand = demand > options_.prefetch ? demand - options_.prefetch : 0;
+    }
+    {
+        std::lock_guard lock{mutex_};
+        if (!broken_) return;
+    }
+    fail_all_pending(broken_);
+}
+
+void pool_core::fail_all_pending(const std::exception_ptr& error) noexcept {
+    std::deque<work_item*> pending;
+    {
+        std::lock_guard lock{mutex_};
+        pending.swap(pending_);
+    }
+    for (work_item* item : pending) {
+        if (item->state() == work_state::pending) {
+            queued_.fetch_sub(1, std::memory_order_relaxed);
+            complete(item, work_state::failed, error);
+        }
+        item->release();
+    }
+    wake_waiters();
+}
+
+void pool_core::send_bye(worker_handle& worker) {
+    wire::finish_frame(worker.outbox, wire::begin_frame(worker.outbox, wire::frame_kind::bye, 0));
+    worker.bye_sent = true;
+    worker.state = worker_handle::phase::retiring;
+}
+
+void pool_core::start_writer(worker_handle& worker) {
+    worker.writing = true;
+    ++worker.coroutines;
+    loop.spawn(write_worker(shared_from_this(), &worker));
+}
+
+std::vector<char*> pool_core::worker_environment() {
+    std::vector<char*> pointers;
+    pointers.reserve(environment_storage_.size() + 1);
+    for (auto& entry : environment_storage_) pointers.push_back(entry.data());
+    pointers.push_back(nullptr);
+    return pointers;
+}
+
+void pool_core::spawn_worker() {
+    int fds[2];
+    if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) {
+        throw std::system_error(errno, std::system_category(), "coproc: socketpair for a worker");
+    }
+    int child_end = fds[1];
+    if (child_end == worker_socket_in_child) {
+        // dup2 onto itself would keep FD_CLOEXEC set; move it out of the way.
+        child_end = ::fcntl(fds[1], F_DUPFD_CLOEXEC, worker_socket_in_child + 1);
+        ::close(fds[1]);
+    }
+    ::posix_spawn_file_actions_t actions;
+    ::posix_spawn_file_actions_init(&actions);
+    ::posix_spawn_file_actions_adddup2(&actions, child_end, worker_socket_in_child);
+    ::posix_spawn_file_actions_addclosefrom_np(&actions, worker_socket_in_child + 1);
+    ::posix_spawnattr_t attributes;
+    ::posix_spawnattr_init(&attributes);
+    ::sigset_t signals;
+    ::sigemptyset(&signals);
+    ::posix_spawnattr_setsigmask(&attributes, &signals);
+    ::sigfillset(&signals);
+    ::posix_spawnattr_setsigdefault(&attributes, &signals);
+    ::posix_spawnattr_setflags(&attributes, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+
+    std::string flag = "--coproc-worker";
+    char* argv[] = {executable_.data(), flag.data(), nullptr};
+    auto envp = worker_environment();
+    ::pid_t pid = -1;
+    const int result = ::posix_spawn(&pid, executable_.c_str(), &actions, &attributes, argv, envp.data());
+    ::posix_spawn_file_actions_destroy(&actions);
+    ::posix_spawnattr_destroy(&attributes);
+    ::close(child_end);
+    if (result != 0) {
+        ::close(fds[0]);
+        throw broken_process_pool("coproc: cannot start the worker program '" + executable_ + "': " + std::strerror(result));
+    }
+    const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+    if (pidfd < 0) {
+        const int error = errno;
+        ::kill(pid, SIGKILL);
+        ::waitpid(pid, nullptr, 0);
+        ::close(fds[0]);
+        throw std::system_error(error, std::system_category(), "coproc: pidfd_open for a worker (Linux 5.3 or newer)");
+    }
+    auto& worker = *workers_.emplace_back(std::make_unique<worker_handle>());
+    worker.pid = pid;
+    worker.socket = fds[0];
+    worker.pidfd = pidfd;
+    worker.coroutines = 2;
+    workers_started_.fetch_add(1, std::memory_order_relaxed);
+    workers_alive_.fetch_add(1, std::memory_order_relaxed);
+    loop.spawn(read_worker(shared_from_this(), &worker));
+    loop.spawn(watch_worker(shared_from_this(), &worker));
+}
+
+// --- frames from a worker (loop thread)
+
+void pool_core::handle_frames(worker_handle& worker, std::span<const std::byte> data, std::size_t& consumed) {
+    while (data.size() - consumed >= wire::header_size) {
+        const auto header = wire::read_header(data.data() + consumed);
+        if (header.length > options_.max_frame_size) {
+            throw protocol_violation("a frame of " + std::to_string(header.length) + " bytes, over max_frame_size (" +
+                                     std::to_string(options_.max_frame_size) + ")");
+        }
+        if (data.size() - consumed < wire::header_size + header.length) return; // incomplete
+        const auto payload = data.subspan(consumed + wire::header_size, header.length);
+        consumed += wire::header_size + header.length;
+
+        const auto kind = static_cast<wire::frame_kind>(header.kind);
+        if (kind == wire::frame_kind::hello) {
+            if (worker.state != worker_handle::phase::starting) throw protocol_violation("a second HELLO");
+            std::uint16_t version = 0;
+            std::int32_t pid = 0;
+            try {
+                decode_from(payload, version, pid);
+            } catch (const std::exception&) {
+                throw protocol_violation("an undecodable HELLO");
+            }
+            if (version != wire::protocol_version) {
+                throw protocol_violation("protocol version " + std::to_string(version) + ", expected " +
+                                         std::to_string(wire::protocol_version));
+            }
+            if (pid != worker.pid) throw protocol_violation("a HELLO with pid " + std::to_string(pid));
+            worker.state = worker_handle::phase::ready;
+            startup_failures_ = 0;
+            dispatch();
+            continue;
+        }
+        if (kind != wire::frame_kind::start && kind != wire::frame_kind::result && kind != wire::frame_kind::error) {
+            throw protocol_violation("a frame of unknown kind " + std::to_string(header.kind));
+        }
+        const auto position = std::find_if(worker.assigned.begin(), worker.assigned.end(),
+                                           [&](const work_item* item) { return item->id == header.work_id; });
+        if (position == worker.assigned.end()) {
+            throw protocol_violation("a frame for work id " + std::to_string(header.work_id) + ", which it does not hold");
+        }
+        work_item* item = *position;
+        if (kind == wire::frame_kind::start) {
+            std::lock_guard lock{mutex_};
+            if (item->state() == work_state::dispatched) item->set_state(work_state::running);
+            continue;
+        }
+        worker.assigned.erase(position);
+        in_workers_.fetch_sub(1, std::memory_order_relaxed);
+        if (kind == wire::frame_kind::result) {
+            try {
+                item->store_result(payload);
+                complete(item, work_state::finished, nullptr);
+            } catch (const std::exception& e) {
+                complete(item, work_state::failed,
+                         std::make_exception_ptr(error("coproc: the result of " + std::string(item->function_name) +
+                                                       " from worker " + std::to_string(worker.pid) +
+                                                       " could not be decoded: " + e.what())));
+            }
+        } else {
+            std::exception_ptr remote;
+            try {
+                remote = decode_exception(payload, worker.pid, item->function_name);
+            } catch (const std::exception& e) {
+                item->release();
+                throw protocol_violation(std::string("an undecodable ERROR frame: ") + e.what());
+            }
+            complete(item, work_state::failed, remote);
+        }
+        item->release();
+        dispatch();
+    }
+}
+
+void pool_core::kill_worker(worker_handle& worker, const std::string& reason) noexcept {
+    if (worker.state == worker_handle::phase::exited) return;
+    worker.kill_reason = reason;
+    ::kill(worker.pid, SIGKILL);
+}
+
+void pool_core::on_worker_exit(worker_handle& worker, const ::siginfo_t& info) {
+    const bool was_starting = worker.state == worker_handle::phase::starting;
+    const bool expected = worker.bye_sent && worker.assigned.empty() && worker.kill_reason.empty();
+    worker.state = worker_handle::phase::exited;
+    workers_alive_.fetch_sub(1, std::memory_order_relaxed);
+
+    const int signal = info.si_code == CLD_EXITED ? 0 : info.si_status;
+    const int exit_code = info.si_code == CLD_EXITED ? info.si_status : -1;
+    std::string how = worker.kill_reason.empty() ? describe_exit(info)
+                                                 : "sent " + worker.kill_reason + " and was killed by the pool";
+
+    std::deque<work_item*> requeue;
+    for (work_item* item : worker.assigned) {
+        in_workers_.fetch_sub(1, std::memory_order_relaxed);
+        if (item->retries_left > 0 && !is_final(item->state())) {
+            --item->retries_left;
+            requeue.push_back(item); // keeps its reference
+            continue;
+        }
+        const std::string function{item->function_name};
+        complete(item, work_state::failed,
+                 std::make_exception_ptr(worker_died(worker.pid, signal, exit_code, function,
+                                                     "coproc: worker " + std::to_string(worker.pid) + " running " +
+                                                         function + " " + how)));
+        item->release();
+    }
+    worker.assigned.clear();
+
+    if (!requeue.empty()) {
+        std::lock_guard lock{mutex_};
+        for (auto it = requeue.rbegin(); it != requeue.rend(); ++it) {
+            (*it)->set_state(work_state::pending);
+            pending_.push_front(*it);
+            queued_.fetch_add(1, std::memory_order_relaxed);
+        }
+    }
+
+    std::exception_ptr broken;
+    if (was_starting && ++startup_failures_ >= startup_failures_allowed) {
+        broken = std::make_exception_ptr(broken_process_pool(
+            "coproc: " + std::to_string(startup_failures_) + " workers of '" + executable_ +
+            "' exited before saying HELLO (the last one " + how +
+            "); does the worker program call coproc::run_worker_if_requested at the top of main?"));
+    } else if (!expected && !was_starting && options_.on_worker_crash == crash_policy::break_pool) {
+        broken = std::make_exception_ptr(broken_process_pool("coproc: worker " + std::to_string(worker.pid) + " " + how +
+                                                             "; the pool is broken (crash_policy::break_pool)"));
+    }
+    if (broken) {
+        {
+            std::lock_guard lock{mutex_};
+            if (!broken_) broken_ = broken;
+        }
+        fail_all_pending(broken);
+    }
+    wake_waiters();
+    dispatch();
+}
+
+void pool_core::release_coroutine(worker_handle& worker) noexcept {
+    if (--worker.coroutines > 0 || worker.state != worker_handle::phase::exited) return;
+    worker.close_descriptors();
+    if (destroyed) return; // destroy() and ~pool_core own the list now
+    workers_.remove_if([&](const std::unique_ptr<worker_handle>& entry) { return entry.get() == &worker; });
+    wake_waiters();
+}
+
+// --- shutdown support (loop thread)
+
+void pool_core::close(bool cancel_pending) {
+    std::deque<work_item*> cancelled;
+    {
+        std::lock_guard lock{mutex_};
+        closed_ = true;
+        if (cancel_pending) cancelled.swap(pending_);
+    }
+    const auto reason = std::make_exception_ptr(cancelled_error("coproc: cancelled by shutdown(cancel_futures)"));
+    for (work_item* item : cancelled) {
+        if (item->state() == work_state::pending) {
+            queued_.fetch_sub(1, std::memory_order_relaxed);
+            complete(item, work_state::cancelled, reason);
+        }
+        item->release();
+    }
+    dispatch();
+}
+
+bool pool_core::idle() const {
+    return queued_.load(std::memory_order_relaxed) == 0 && in_workers_.load(std::memory_order_relaxed) == 0;
+}
+
+bool pool_core::no_workers() const { return workers_.empty(); }
+
+void pool_core::wake_waiters() {
+    auto waiting = std::move(waiters_);
+    waiters_.clear();
+    for (auto waiter : waiting) schedule_operation{loop}.await_suspend(waiter);
+}
+
+void pool_core::signal_workers(int signal) noexcept {
+    for (auto& worker : workers_) {
+        if (worker->state != worker_handle::phase::exited) ::kill(worker->pid, signal);
+    }
+}
+
+pool_stats pool_core::stats() const {
+    pool_stats result;
+    result.workers_alive = workers_alive_.load(std::memory_order_relaxed);
+    result.workers_started = workers_started_.load(std::memory_order_relaxed);
+    result.tasks_queued = queued_.load(std::memory_order_relaxed);
+    result.tasks_running = in_workers_.load(std::memory_order_relaxed);
+    result.tasks_completed = completed_.load(std::memory_order_relaxed);
+    result.tasks_failed = failed_.load(std::memory_order_relaxed);
+    result.tasks_cancelled = cancelled_.load(std::memory_order_relaxed);
+    return result;
+}
+
+std::vector<int> pool_core::worker_pids() const {
+    std::vector<int> pids;
+    for (const auto& worker : workers_) {
+        if (worker->state != worker_handle::phase::exited) pids.push_back(worker->pid);
+    }
+    return pids;
+}
+
+// --- the functions future<T> calls
+
+bool await_work_item(work_item& item, std::coroutine_handle<> awaiting) {
+    if (is_final(item.state())) return false;
+    return item.pool->await(item, awaiting);
+}
+
+bool cancel_work_item(work_item& item) {
+    if (is_final(item.state())) return false;
+    return item.pool->cancel(item);
+}
+
+void add_work_item_callback(work_item& item, std::function<void()> callback) {
+    if (is_final(item.state())) {
+        callback();
+        return;
+    }
+    item.pool->add_callback(item, std::move(callback));
+}
+
+bool wait_work_item(work_item& item, std::chrono::nanoseconds timeout) {
+    if (is_final(item.state())) return true;
+    if (event_loop* current = event_loop::current(); current != nullptr && item.pool != nullptr && &item.pool->loop == current) {
+        throw std::logic_error("coproc: future::get called on the pool's loop thread, which would never return; co_await the future instead");
+    }
+    blocked_waiters.fetch_add(1, std::memory_order_acq_rel);
+    std::unique_lock lock{waiters_mutex};
+    const auto final = [&] { return is_final(item.state()); };
+    bool done = true;
+    if (timeout.count() < 0) {
+        waiters_cv.wait(lock, final);
+    } else {
+        done = waiters_cv.wait_for(lock, timeout, final);
+    }
+    blocked_waiters.fetch_sub(1, std::memory_order_acq_rel);
+    return done;
+}
+
+} // namespace coproc::detail
+
+namespace coproc {
+
+process_pool::process_pool(event_loop& loop, options opts)
+    : core_(std::make_shared<detail::pool_core>(loop, std::move(opts))) {}
+
+process_pool::~process_pool() { core_->destroy(); }
+
+void process_pool::enqueue(detail::work_item* item, bool encoding_failed) { core_->submit(item, encoding_failed); }
+
+task<void> process_pool::shutdown(shutdown_options opts) { return detail::shutdown_pool(core_, opts); }
+
+void process_pool::terminate_workers() { core_->signal_workers(SIGTERM); }
+
+void process_pool::kill_workers() { core_->signal_workers(SIGKILL); }
+
+pool_stats process_pool::stats() const { return core_->stats(); }
+
+std::vector<int> process_pool::worker_pids() const { return core_->worker_pids(); }
+
+} // namespace coproc

@@ -1,0 +1,221 @@
+// Worker mode: the process a process_pool starts. Two threads:
+//
+//   reader (main thread)  reads frames from the parent: CALL frames are
+//                         queued, CANCEL stops a task, BYE ends the session
+//                         once the queue is done, EOF ends the process.
+//   runner                runs queued calls one at a time: START, then
+//                         RESULT or ERROR.
+//
+// Plain blocking I/O: a worker serves one parent over one socket and has
+// nothing else to wait for. Writes from both threads go through one mutex, so
+// frames never interleave; a result is encoded completely before any of it is
+// written, so a failure while encoding never leaves half a frame behind.
+#include <coproc/detail/remote_function.hpp>
+#include <coproc/detail/wire.hpp>
+#include <coproc/error.hpp>
+#include <coproc/worker.hpp>
+
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <condition_variable>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <stop_token>
+#include <thread>
+#include <vector>
+
+namespace coproc {
+
+namespace {
+
+namespace wire = detail::wire;
+
+constexpr const char* worker_flag = "--coproc-worker";
+constexpr int parent_socket = 3;
+constexpr std::size_t max_call_frame = std::size_t{1} << 31;
+
+[[noreturn]] void quit(int status) {
+    std::fflush(nullptr);
+    ::_exit(status);
+}
+
+class worker_session {
+public:
+    explicit worker_session(int fd) : fd_(fd) {}
+
+    [[noreturn]] void serve() {
+        send_hello();
+        std::thread runner([this] { run_calls(); });
+        read_frames();
+        // BYE: finish what was queued, then leave.
+        runner.join();
+        quit(0);
+    }
+
+private:
+    struct call {
+        std::uint64_t work_id;
+        std::vector<std::byte> payload;
+    };
+
+    void send_hello() {
+        std::vector<std::byte> frame;
+        const auto offset = wire::begin_frame(frame, wire::frame_kind::hello, 0);
+        detail::encode_into(frame, wire::protocol_version, static_cast<std::int32_t>(::getpid()));
+        wire::finish_frame(frame, offset);
+        send(frame);
+    }
+
+    void send(const std::vector<std::byte>& frame) {
+        std::lock_guard lock{write_mutex_};
+        std::size_t sent = 0;
+        while (sent < frame.size()) {
+            const ssize_t n = ::send(fd_, frame.data() + sent, frame.size() - sent, MSG_NOSIGNAL);
+            if (n < 0 && errno == EINTR) continue;
+            if (n <= 0) quit(0); // the parent is gone
+            sent += static_cast<std::size_t>(n);
+        }
+    }
+
+    bool read_exact(void* into, std::size_t size) {
+        auto* bytes = static_cast<char*>(into);
+        std::size_t got = 0;
+        while (got < size) {
+            const ssize_t n = ::recv(fd_, bytes + got, size - got, 0);
+            if (n < 0 && errno == EINTR) continue;
+            if (n <= 0) return false;
+            got += static_cast<std::size_t>(n);
+        }
+        return true;
+    }
+
+    void read_frames() {
+        for (;;) {
+            std::byte raw[wire::header_size];
+            if (!read_exact(raw, sizeof raw)) quit(0); // EOF: the parent closed or died
+            const wire::frame_header header = wire::read_header(raw);
+            if (header.length > max_call_frame) {
+                std::fprintf(stderr, "coproc worker %d: frame of %u bytes from the parent exceeds the limit\n",
+                             static_cast<int>(::getpid()), header.length);
+                quit(3);
+            }
+            std::vector<std::byte> payload(header.length);
+            if (!read_exact(payload.data(), payload.size())) quit(0);
+            switch (static_cast<wire::frame_kind>(header.kind)) {
+            case wire::frame_kind::call: {
+                std::lock_guard lock{queue_mutex_};
+                queue_.push_back({header.work_id, std::move(payload)});
+                queue_changed_.notify_one();
+                break;
+            }
+            case wire::frame_kind::cancel:
+                cancel(header.work_id);
+                break;
+            case wire::frame_kind::bye: {
+                std::lock_guard lock{queue_mutex_};
+                bye_ = true;
+                queue_changed_.notify_one();
+                return;
+            }
+            default:
+                std::fprintf(stderr, "coproc worker %d: unexpected frame kind %u from the parent\n",
+                             static_cast<int>(::getpid()), header.kind);
+                quit(3);
+            }
+        }
+    }
+
+    void cancel(std::uint64_t work_id) {
+        std::lock_guard lock{queue_mutex_};
+        if (running_id_ == work_id) running_stop_.request_stop();
+    }
+
+    void run_calls() {
+        for (;;) {
+            call next;
+            {
+                std::unique_lock lock{queue_mutex_};
+                queue_changed_.wait(lock, [this] { return !queue_.empty() || bye_; });
+                if (queue_.empty()) return;
+                next = std::move(queue_.front());
+                queue_.pop_front();
+                running_id_ = next.work_id;
+                running_stop_ = std::stop_source{};
+            }
+            run(next);
+            std::lock_guard lock{queue_mutex_};
+            running_id_ = 0;
+        }
+    }
+
+    void run(const call& task) {
+        std::vector<std::byte> start;
+        wire::finish_frame(start, wire::begin_frame(start, wire::frame_kind::start, task.work_id));
+        send(start);
+
+        std::vector<std::byte> reply;
+        std::uint64_t function_id = 0;
+        if (task.payload.size() < sizeof function_id) {
+            std::fprintf(stderr, "coproc worker %d: CALL frame too short\n", static_cast<int>(::getpid()));
+            quit(3);
+        }
+        std::memcpy(&function_id, task.payload.data(), sizeof function_id);
+        const auto arguments = std::span{task.payload}.subspan(sizeof function_id);
+        const detail::remote_function_entry* function = detail::find_remote_function(function_id);
+        if (function == nullptr) {
+            const auto offset = wire::begin_frame(reply, wire::frame_kind::error, task.work_id);
+            detail::encode_unknown_function(function_id, reply);
+            wire::finish_frame(reply, offset);
+            send(reply);
+            return;
+        }
+        std::stop_token token;
+        {
+            std::lock_guard lock{queue_mutex_};
+            token = running_stop_.get_token();
+        }
+        try {
+            const auto offset = wire::begin_frame(reply, wire::frame_kind::result, task.work_id);
+            function->invoke(arguments, reply, std::move(token));
+            wire::finish_frame(reply, offset);
+        } catch (...) {
+            reply.clear(); // drop whatever part of the result was encoded
+            const auto offset = wire::begin_frame(reply, wire::frame_kind::error, task.work_id);
+            detail::encode_exception(std::current_exception(), reply);
+            wire::finish_frame(reply, offset);
+        }
+        send(reply);
+    }
+
+    int fd_;
+    std::mutex write_mutex_;
+    std::mutex queue_mutex_;
+    std::condition_variable queue_changed_;
+    std::deque<call> queue_;
+    bool bye_ = false;
+    std::uint64_t running_id_ = 0;
+    std::stop_source running_stop_;
+};
+
+} // namespace
+
+void run_worker_if_requested(int argc, char** argv) {
+    if (argc < 2 || argv == nullptr || argv[1] == nullptr || std::strcmp(argv[1], worker_flag) != 0) return;
+    // Die with the parent. The check after it closes the race with a parent
+    // that died before the call.
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (const char* parent = std::getenv("COPROC_PARENT_PID"); parent != nullptr && ::getppid() != std::atoi(parent)) {
+        quit(0);
+    }
+    worker_session session{parent_socket};
+    session.serve();
+}
+
+} // namespace coproc
