@@ -102,7 +102,7 @@ public:
     event_loop* owner_loop = nullptr;   // the event_loop this core belongs to
     event_loop_features features;
     bool ring_enabled = false;          // false while created with IORING_SETUP_R_DISABLED
-    std::thread::id owner{};            // the thread that first ran the loop
+    ::pid_t owner = 0;                  // kernel thread id of the thread that first ran the loop
     // A thread is inside run(). Read by spawn() and the destructor on other
     // threads to reject misuse; relaxed because it guards no other data.
     std::atomic<bool> running{false};
@@ -233,6 +233,7 @@ void loop_core::submit(io_request& request) {
         break;
     }
     ::io_uring_sqe_set_data(sqe, &request);
+    request.in_flight = true;
     request.prev_in_flight = nullptr;
     request.next_in_flight = in_flight_;
     if (in_flight_ != nullptr) in_flight_->prev_in_flight = &request;
@@ -326,7 +327,11 @@ void loop_core::drain_foreign() {
     // happens on this thread, which is busy here.
     for (io_request* request : cancels) submit_cancel(*request);
     if (stop) {
-        for (root_promise* root = roots_; root != nullptr; root = root->next) root->stop_source.request_stop();
+        // request_stop runs callbacks inline, and one may end (and free) a
+        // root; so collect the sources first. They are reference-counted.
+        std::vector<std::stop_source> sources;
+        for (root_promise* root = roots_; root != nullptr; root = root->next) sources.push_back(root->stop_source);
+        for (auto& source : sources) source.request_stop();
     }
     for (auto handle : scheduled) ready.push_back(handle);
     for (auto& fn : posted) {
@@ -396,6 +401,7 @@ void loop_core::deliver(io_request* request, int result) {
     if (request->next_in_flight != nullptr) request->next_in_flight->prev_in_flight = request->prev_in_flight;
     request->prev_in_flight = request->next_in_flight = nullptr;
     --in_flight_count_;
+    request->in_flight = false;
     request->result = result;
     if (request == &wake_request_) {
         wake_armed_ = false;
@@ -410,9 +416,24 @@ void loop_core::disarm_wake() noexcept {
     while (wake_armed_) submit_and_reap(true);
 }
 
+namespace {
+// Makes `core` the calling thread's current loop for the scope, and restores
+// whichever loop was current before (a loop may be run or destroyed from a
+// coroutine of another loop).
+class current_loop_scope {
+public:
+    explicit current_loop_scope(loop_core* core) noexcept : previous_(std::exchange(current_loop, core)) {}
+    ~current_loop_scope() { current_loop = previous_; }
+    current_loop_scope(const current_loop_scope&) = delete;
+    current_loop_scope& operator=(const current_loop_scope&) = delete;
+
+private:
+    loop_core* previous_;
+};
+} // namespace
+
 void loop_core::serve(const bool& done) {
-    current_loop = this;
-    running.store(true, std::memory_order_relaxed);
+    current_loop_scope scope{this};
     while (!done) {
         if (!wake_armed_) arm_wake();
         drain_foreign();
@@ -424,26 +445,38 @@ void loop_core::serve(const bool& done) {
     // may be destroyed on another thread, which cannot use this ring.
     disarm_wake();
     running.store(false, std::memory_order_relaxed);
-    current_loop = nullptr;
 }
 
 void loop_core::shut_down() noexcept {
     shutting_down = true;
-    const bool can_use_ring = ring_enabled && (!features.single_issuer || owner == std::this_thread::get_id());
-    if (can_use_ring && in_flight_count_ > 0) {
+    const bool can_use_ring = ring_enabled && (!features.single_issuer || owner == ::gettid());
+    if (in_flight_count_ > 0 && !can_use_ring) {
+        // Only the thread that ran this single-issuer ring may submit, so
+        // nothing can be cancelled from here, and closing the ring does not
+        // wait for work the kernel already started. Freeing the frames that
+        // own the buffers could let the kernel write into freed memory:
+        // leak them instead, and say so.
+        std::fprintf(stderr,
+                     "coproc: event_loop destroyed on a thread other than the one that ran it, with %zu operation(s) "
+                     "in flight; their coroutine frames are leaked to keep the kernel from writing into freed "
+                     "memory. Destroy the loop on the thread that runs it.\n",
+                     in_flight_count_);
+        roots_ = nullptr;
+        ready.clear();
+        std::lock_guard lock{mutex_};
+        posted_.clear();
+        scheduled_.clear();
+        cancel_list_ = nullptr;
+        return;
+    }
+    if (in_flight_count_ > 0) {
         // Cancel everything and wait for every completion, delivering none:
         // only then may the frames that own the buffers be destroyed.
-        current_loop = this;
+        current_loop_scope scope{this};
         for (io_request* request = in_flight_; request != nullptr; request = request->next_in_flight) {
             submit_cancel(*request);
         }
         while (in_flight_count_ > 0) submit_and_reap(true);
-        current_loop = nullptr;
-    } else if (in_flight_count_ > 0) {
-        // Another thread ran this single-issuer ring and only it can submit.
-        // Closing the ring makes the kernel cancel what is still in flight.
-        ::io_uring_queue_exit(&ring);
-        ring_closed = true;
     }
     while (roots_ != nullptr) {
         // The promise's destructor unlinks the root.
@@ -493,6 +526,14 @@ void submit_request(io_request& request) { request.loop->core_->submit(request);
 
 void settle_request(io_request& request) noexcept {
     if (request.cancel_requested.load(std::memory_order_relaxed)) request.loop->core_->forget_foreign_cancel(request);
+}
+
+void abandoned_in_flight(const io_request& request) noexcept {
+    std::fprintf(stderr,
+                 "coproc: a %s operation was destroyed while the kernel still held it (a task destroyed while "
+                 "suspended on I/O); aborting rather than let the kernel write into freed memory\n",
+                 io_kind_name(request.kind));
+    std::abort();
 }
 
 void cancel_on_stop::operator()() const noexcept {
@@ -548,24 +589,32 @@ event_loop::~event_loop() {
 
 void event_loop::enter_run() {
     auto& core = *core_;
-    if (core.running.load(std::memory_order_relaxed)) {
+    if (core.running.exchange(true, std::memory_order_relaxed)) {
         throw std::logic_error(is_loop_thread() ? "coproc: event_loop::run called from inside the loop"
                                                 : "coproc: event_loop::run called while another thread runs it");
     }
-    const auto self = std::this_thread::get_id();
-    if (core.owner != std::thread::id{} && core.owner != self && core.features.single_issuer) {
+    // Kernel thread ids, unlike pthread ids, are not reused while the
+    // process has other threads alive for long, and they are what the kernel
+    // checks for a single-issuer ring.
+    const ::pid_t self = ::gettid();
+    if (core.owner != 0 && core.owner != self && core.features.single_issuer) {
+        core.running.store(false, std::memory_order_relaxed);
         throw std::logic_error("coproc: event_loop::run called from a thread other than the one that first ran the "
                                "loop; the ring is single-issuer, so one thread drives it for its whole life");
     }
     if (!core.ring_enabled) {
         // liburing 2.3 declares io_uring_enable_rings but does not export it.
         if (::syscall(__NR_io_uring_register, core.ring.ring_fd, IORING_REGISTER_ENABLE_RINGS, nullptr, 0) < 0) {
-            throw std::system_error(errno, std::system_category(), "coproc: enabling the io_uring instance");
+            const int error = errno;
+            core.running.store(false, std::memory_order_relaxed);
+            throw std::system_error(error, std::system_category(), "coproc: enabling the io_uring instance");
         }
         core.ring_enabled = true;
     }
     core.owner = self;
 }
+
+void event_loop::abandon_run() noexcept { core_->running.store(false, std::memory_order_relaxed); }
 
 void event_loop::start_root(std::coroutine_handle<detail::root_promise> root, std::stop_token token) {
     auto& promise = root.promise();

@@ -25,7 +25,9 @@ int create_ring(::io_uring& ring, unsigned entries, std::span<const unsigned> at
     int result = -EINVAL;
     for (unsigned flags : attempts) {
         ::io_uring_params params{};
-        params.flags = flags;
+        // CLAMP: a large `entries` gets the kernel's maximum queue sizes
+        // instead of failing every flag set with EINVAL.
+        params.flags = (flags & IORING_SETUP_CQSIZE) != 0 ? flags | IORING_SETUP_CLAMP : flags;
         params.cq_entries = entries * 8;
         result = ::io_uring_queue_init_params(entries, &ring, &params);
         if (result == 0) {

@@ -123,6 +123,32 @@ TEST_CASE("with_stop_token cancels the inner task only") {
     CHECK(run_bounded(loop, cancel_inner_only(&loop, sockets.first()), 5s) == "inner cancelled, outer running");
 }
 
+TEST_CASE("with_stop_token also follows the awaiter's own token") {
+    coproc::event_loop loop;
+    socket_pair sockets;
+    std::stop_source outer;
+    std::stop_source never_stopped;
+    std::thread stopper([&] {
+        std::this_thread::sleep_for(10ms);
+        outer.request_stop();
+    });
+    CHECK_THROWS_AS(loop.run(coproc::with_timeout(coproc::with_stop_token(receive_one(&loop, sockets.first()), never_stopped.get_token()), 5s),
+                             outer.get_token()),
+                    coproc::cancelled_error);
+    stopper.join();
+}
+
+TEST_CASE("a stop of the awaiter's token during with_timeout is a cancellation, not a timeout") {
+    coproc::event_loop loop;
+    std::stop_source outer;
+    std::thread stopper([&] {
+        std::this_thread::sleep_for(10ms);
+        outer.request_stop();
+    });
+    CHECK_THROWS_AS(loop.run(coproc::with_timeout(sleep_an_hour(&loop), 5s), outer.get_token()), coproc::cancelled_error);
+    stopper.join();
+}
+
 TEST_CASE("get_stop_token yields the token the task runs with") {
     coproc::event_loop loop;
     std::stop_source given_to_run;
@@ -176,16 +202,17 @@ TEST_CASE("racing a stop against a completing recv: every byte is received exact
         const int first_pause = pause_us(random);
         const int second_pause = pause_us(random);
         const bool stop_first = (random() & 1) != 0;
+        bool sent = false;
         std::thread helper([&, first_pause, second_pause, stop_first] {
             std::this_thread::sleep_for(std::chrono::microseconds{first_pause});
             if (stop_first) {
                 source.request_stop();
             } else {
-                REQUIRE(::send(sockets.second(), "r", 1, 0) == 1);
+                sent = ::send(sockets.second(), "r", 1, 0) == 1;
             }
             std::this_thread::sleep_for(std::chrono::microseconds{second_pause});
             if (stop_first) {
-                REQUIRE(::send(sockets.second(), "r", 1, 0) == 1);
+                sent = ::send(sockets.second(), "r", 1, 0) == 1;
             } else {
                 source.request_stop();
             }
@@ -196,8 +223,14 @@ TEST_CASE("racing a stop against a completing recv: every byte is received exact
             ++cancelled;
         }
         helper.join();
+        REQUIRE(sent);
         char byte = 0;
         while (::recv(sockets.first(), &byte, 1, MSG_DONTWAIT) == 1) ++left_in_socket;
+        // A stale cancellation of this round must not hit the next operation,
+        // which may well reuse the same frame address: one that nobody stops
+        // has to complete.
+        REQUIRE(::send(sockets.second(), "s", 1, 0) == 1);
+        CHECK(loop.run(coproc::with_timeout(receive_one(&loop, sockets.first()), 5s)) == 1);
     }
     CHECK(received_by_recv + left_in_socket == rounds);
     // Both outcomes must occur, or the race was not exercised.

@@ -66,6 +66,18 @@ task<void> nested_run(coproc::event_loop* loop) {
     co_return;
 }
 
+// Runs a second loop to completion from inside a coroutine of the first,
+// then awaits on the first again: the first must still be current.
+task<int> run_inner_loop(coproc::event_loop* outer) {
+    int inner_count = 0;
+    {
+        coproc::event_loop inner;
+        inner.run(add_after(&inner, &inner_count, 1ms));
+    }
+    co_await outer->sleep_for(1ms);
+    co_return inner_count + (coproc::event_loop::current() == outer ? 10 : 0);
+}
+
 int kernel_version() {
     ::utsname name{};
     ::uname(&name);
@@ -169,7 +181,7 @@ TEST_CASE("post from another thread wakes a loop blocked in the kernel") {
     socket_pair sockets;
     std::thread poster([&] {
         std::this_thread::sleep_for(20ms); // let the loop block in io_uring_enter
-        loop.post([fd = sockets.second()] { REQUIRE(::send(fd, "x", 1, 0) == 1); });
+        loop.post([fd = sockets.second()] { CHECK(::send(fd, "x", 1, 0) == 1); });
     });
     CHECK(run_bounded(loop, receive_one(&loop, sockets.first()), 5s) == 1);
     poster.join();
@@ -240,6 +252,38 @@ TEST_CASE("the loop is bound to the thread that first runs it") {
         CHECK(threw_logic_error);
     }
     CHECK_THROWS_AS(loop.run(nested_run(&loop)), std::logic_error);
+}
+
+TEST_CASE("a loop run and destroyed inside a coroutine of another loop leaves the outer loop current") {
+    coproc::event_loop loop;
+    CHECK(run_bounded(loop, run_inner_loop(&loop)) == 11);
+}
+
+TEST_CASE("stop() while no thread runs the loop cancels the next run") {
+    coproc::event_loop loop;
+    loop.stop();
+    CHECK_THROWS_AS(run_bounded(loop, add_after(&loop, nullptr, std::chrono::milliseconds{3'600'000})), coproc::cancelled_error);
+    int counter = 0;
+    run_bounded(loop, add_after(&loop, &counter, 1ms)); // the stop was consumed
+    CHECK(counter == 1);
+}
+
+TEST_CASE("spawn from another thread while the loop runs throws std::logic_error") {
+    coproc::event_loop loop;
+    socket_pair sockets;
+    bool threw = false;
+    std::thread other([&] {
+        std::this_thread::sleep_for(10ms);
+        try {
+            loop.spawn(add_after(&loop, nullptr, 0ms));
+        } catch (const std::logic_error&) {
+            threw = true;
+        }
+        CHECK(::send(sockets.second(), "x", 1, 0) == 1); // lets the loop finish
+    });
+    run_bounded(loop, receive_one(&loop, sockets.first()), 5s);
+    other.join();
+    CHECK(threw);
 }
 
 TEST_CASE("a loop constructed on one thread can be run on another") {

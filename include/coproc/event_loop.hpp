@@ -58,6 +58,8 @@ void submit_request(io_request& request);
 // Called once the request's completion has been delivered: forgets any
 // cancellation another thread queued for it.
 void settle_request(io_request& request) noexcept;
+// Reports an operation destroyed while the kernel holds it, and terminates.
+[[noreturn]] void abandoned_in_flight(const io_request& request) noexcept;
 } // namespace detail
 
 // Options of an event_loop.
@@ -91,7 +93,12 @@ public:
     io_operation& operator=(io_operation&&) = delete;
     io_operation(const io_operation&) = delete;
     io_operation& operator=(const io_operation&) = delete;
-    ~io_operation() = default;
+    // Destroying an operation the kernel still holds would let it write into
+    // freed memory: that is a bug in the program (a task destroyed while
+    // suspended on I/O, outside the loop's own shutdown), reported loudly.
+    ~io_operation() {
+        if (request_.in_flight) detail::abandoned_in_flight(request_);
+    }
 
     detail::io_request& request() noexcept { return request_; }
 
@@ -123,7 +130,9 @@ public:
         if (result < 0) {
             if (request_.kind == detail::io_kind::timeout && result == -ETIME) {
                 // A timer expiring is its success.
-            } else if (result == -ECANCELED && request_.cancel_requested.load(std::memory_order_relaxed)) {
+            } else if ((result == -ECANCELED || result == -EINTR) &&
+                       request_.cancel_requested.load(std::memory_order_relaxed)) {
+                // io-wq reports a cancelled blocking operation as EINTR.
                 detail::throw_cancelled(request_.kind);
             } else {
                 detail::throw_io_error(request_.kind, result);
@@ -201,8 +210,9 @@ public:
     // Starts `body` as a detached task: it runs on the loop's thread while
     // the loop runs and is owned by the loop. An exception escaping it is
     // passed to the unhandled-exception handler, except a cancelled_error
-    // caused by a stop of its own token (stop() or `token`). Loop thread
-    // only, or before the loop first runs.
+    // caused by a stop of its own token (stop() or `token`). Call it on the
+    // loop thread, or on any thread while no thread is inside run(); from
+    // another thread while the loop runs it throws std::logic_error.
     void spawn(task<void> body, std::stop_token token = {});
 
     // Queues `fn` to run on the loop's thread and wakes the loop. Thread-safe;
@@ -280,6 +290,8 @@ private:
 
     // Checks the calling thread may run the loop; makes it the loop thread.
     void enter_run();
+    // Undoes enter_run when run() fails before serving.
+    void abandon_run() noexcept;
     // Links the root into the list of live roots, ties `token` to its stop
     // source and queues it to start.
     void start_root(std::coroutine_handle<detail::root_promise> root, std::stop_token token);
@@ -320,7 +332,12 @@ template <class T>
 T event_loop::run(task<T> body, std::stop_token token) {
     enter_run();
     detail::run_outcome<T> outcome;
-    start_root(run_root(std::move(body), &outcome).handle, std::move(token));
+    try {
+        start_root(run_root(std::move(body), &outcome).handle, std::move(token));
+    } catch (...) {
+        abandon_run();
+        throw;
+    }
     run_until(outcome.done);
     if (outcome.exception) std::rethrow_exception(outcome.exception);
     if constexpr (!std::is_void_v<T>) return std::move(*outcome.value);

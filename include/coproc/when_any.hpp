@@ -75,34 +75,49 @@ private:
     std::atomic<std::size_t> winner_{no_winner};
 };
 
+// Stores the winner's value; a value whose move throws becomes the outcome's
+// exception instead, so the winner never leaves the outcome empty.
+template <class Value, class... Args>
+void store_winner(when_any_control<Value>* control, Args&&... args) noexcept {
+    try {
+        control->value.emplace(std::forward<Args>(args)...);
+    } catch (...) {
+        control->error = std::current_exception();
+    }
+}
+
 template <std::size_t I, class T, class Variant>
 join_child when_any_child(task<T> body, when_any_control<Variant>* control) {
+    std::exception_ptr error;
     try {
         if constexpr (std::is_void_v<T>) {
             co_await std::move(body);
-            if (control->claim(I)) control->value.emplace(std::in_place_index<I>);
+            if (control->claim(I)) store_winner(control, std::in_place_index<I>);
         } else {
             auto value = co_await std::move(body);
-            if (control->claim(I)) control->value.emplace(std::in_place_index<I>, std::move(value));
+            if (control->claim(I)) store_winner(control, std::in_place_index<I>, std::move(value));
         }
     } catch (...) {
-        if (control->claim(I)) control->error = std::current_exception();
+        error = std::current_exception();
     }
+    if (error && control->claim(I)) control->error = std::move(error);
 }
 
 template <class T>
 join_child when_any_element(task<T> body, when_any_control<non_void_t<T>>* control, std::size_t index) {
+    std::exception_ptr error;
     try {
         if constexpr (std::is_void_v<T>) {
             co_await std::move(body);
-            if (control->claim(index)) control->value.emplace();
+            if (control->claim(index)) store_winner(control);
         } else {
             auto value = co_await std::move(body);
-            if (control->claim(index)) control->value.emplace(std::move(value));
+            if (control->claim(index)) store_winner(control, std::move(value));
         }
     } catch (...) {
-        if (control->claim(index)) control->error = std::current_exception();
+        error = std::current_exception();
     }
+    if (error && control->claim(index)) control->error = std::move(error);
 }
 
 template <class Bodies, class Variant, std::size_t... I>

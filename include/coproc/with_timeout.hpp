@@ -48,22 +48,25 @@ task<R> as_task(A awaitable) {
     co_return co_await std::move(awaitable);
 }
 
-inline task<void> sleep_task(event_loop* loop, std::chrono::steady_clock::duration limit) {
-    co_await loop->sleep_for(limit);
+inline task<void> sleep_until_task(event_loop* loop, std::chrono::steady_clock::time_point deadline) {
+    co_await loop->sleep_until(deadline);
 }
 
 std::string describe_deadline(std::chrono::steady_clock::duration limit);
 
 } // namespace detail
 
-// Awaits `body` with a deadline `limit` from now. Must be awaited by a
+// Awaits `body` with a deadline `limit` after the moment it is awaited
+// (before `body` first runs). Must be awaited by a
 // coroutine that an event_loop runs (the timer lives on that loop);
 // otherwise throws std::logic_error.
 template <class T>
 task<T> with_timeout(task<T> body, std::chrono::steady_clock::duration limit) {
+    // The deadline counts from here, before the work first runs.
+    const auto deadline = std::chrono::steady_clock::now() + limit;
     event_loop* loop = event_loop::current();
     if (loop == nullptr) throw std::logic_error("coproc::with_timeout awaited outside an event loop's thread");
-    auto outcome = co_await when_any(std::move(body), detail::sleep_task(loop, limit));
+    auto outcome = co_await when_any(std::move(body), detail::sleep_until_task(loop, deadline));
     if (outcome.index() == 1) throw timeout_error(detail::describe_deadline(limit));
     if constexpr (!std::is_void_v<T>) co_return std::get<0>(std::move(outcome));
 }

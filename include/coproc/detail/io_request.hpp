@@ -52,6 +52,7 @@ struct io_request {
     kernel_timespec deadline{};    // timeout: absolute CLOCK_MONOTONIC
 
     int result = 0;                       // the completion's res, set on the loop thread
+    bool in_flight = false;               // submitted, completion not yet delivered
     std::coroutine_handle<> waiter{};     // resumed with the completion
     event_loop* loop = nullptr;
 
