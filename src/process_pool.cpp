@@ -101,6 +101,13 @@ struct worker_handle {
     bool bye_sent = false;
     std::string kill_reason; // why the parent killed it, if it did
     int coroutines = 0;      // of read/watch/write still alive
+    // A death is handled once both hold: the process was reaped (exit
+    // status known) and the reader drained the socket to EOF (every START
+    // and RESULT it sent has been seen), so a task that never started can
+    // be requeued without any risk of running twice.
+    bool reaped = false;
+    bool reader_done = false;
+    ::siginfo_t exit_info{};
 
     void close_descriptors() noexcept {
         if (socket >= 0) ::close(std::exchange(socket, -1));
@@ -127,7 +134,9 @@ public:
 
     // Coroutine bodies.
     void handle_frames(worker_handle& worker, std::span<const std::byte> data, std::size_t& consumed);
-    void on_worker_exit(worker_handle& worker, const ::siginfo_t& info);
+    void on_reaped(worker_handle& worker, const ::siginfo_t& info);
+    void on_reader_done(worker_handle& worker);
+    void on_worker_exit(worker_handle& worker);
     void release_coroutine(worker_handle& worker) noexcept;
     void kill_worker(worker_handle& worker, const std::string& reason) noexcept;
 
@@ -179,10 +188,12 @@ task<void> read_worker(std::shared_ptr<pool_core> core, worker_handle* worker) {
     std::vector<std::byte> buffer(64 * 1024);
     std::size_t filled = 0;
     try {
-        while (!core->destroyed && worker->state != worker_handle::phase::exited) {
+        // Until EOF, even after the process was reaped: frames it sent
+        // before dying are still in the socket and must be seen.
+        while (!core->destroyed) {
             if (filled == buffer.size()) buffer.resize(buffer.size() * 2);
             const std::size_t received = co_await core->loop.recv(worker->socket, std::span{buffer}.subspan(filled));
-            if (received == 0 || core->destroyed || worker->state == worker_handle::phase::exited) break;
+            if (received == 0 || core->destroyed) break;
             filled += received;
             std::size_t consumed = 0;
             core->handle_frames(*worker, std::span{buffer.data(), filled}, consumed);
@@ -202,6 +213,7 @@ task<void> read_worker(std::shared_ptr<pool_core> core, worker_handle* worker) {
     } catch (...) {
         // recv failed: the worker is gone; watch_worker reports how.
     }
+    if (!core->destroyed) core->on_reader_done(*worker);
     core->release_coroutine(*worker);
 }
 
@@ -233,7 +245,7 @@ task<void> watch_worker(std::shared_ptr<pool_core> core, worker_handle* worker) 
         while (::waitid(static_cast<::idtype_t>(P_PIDFD), static_cast<::id_t>(worker->pidfd), &info, WEXITED) < 0 &&
                errno == EINTR) {
         }
-        core->on_worker_exit(*worker, info);
+        core->on_reaped(*worker, info);
     }
     core->release_coroutine(*worker);
 }
@@ -301,7 +313,8 @@ void pool_core::destroy() noexcept {
         item->release();
     }
     for (auto& worker : workers_) {
-        if (worker->state != worker_handle::phase::exited && worker->pid > 0) {
+        if (worker->state != worker_handle::phase::exited && !worker->reaped && worker->pid > 0) {
+            // Not reaped yet, so the pid cannot have been reused.
             ::kill(worker->pid, SIGKILL);
             ::siginfo_t info{};
             // SIGKILL cannot be caught: this returns as soon as the kernel has torn the process down.
@@ -429,7 +442,7 @@ void pool_core::dispatch() {
             if (worker->state == worker_handle::phase::exited) continue;
             ++live;
             if (worker->state == worker_handle::phase::starting) ++starting;
-            if (worker->state != worker_handle::phase::ready) continue;
+            if (worker->state != worker_handle::phase::ready || worker->reaped) continue;
             while (worker->assigned.size() < options_.prefetch && !pending_.empty()) {
                 work_item* item = pending_.front();
                 pending_.pop_front();
@@ -659,12 +672,27 @@ void pool_core::handle_frames(worker_handle& worker, std::span<const std::byte> 
 }
 
 void pool_core::kill_worker(worker_handle& worker, const std::string& reason) noexcept {
-    if (worker.state == worker_handle::phase::exited) return;
+    if (worker.state == worker_handle::phase::exited || worker.reaped) return;
     worker.kill_reason = reason;
     ::kill(worker.pid, SIGKILL);
 }
 
-void pool_core::on_worker_exit(worker_handle& worker, const ::siginfo_t& info) {
+void pool_core::on_reaped(worker_handle& worker, const ::siginfo_t& info) {
+    worker.reaped = true;
+    worker.exit_info = info;
+    // The reader may still be waiting: after the frames already in the
+    // socket, make it see EOF even if some other process holds the peer end.
+    if (worker.socket >= 0) ::shutdown(worker.socket, SHUT_RD);
+    if (worker.reader_done) on_worker_exit(worker);
+}
+
+void pool_core::on_reader_done(worker_handle& worker) {
+    worker.reader_done = true;
+    if (worker.reaped) on_worker_exit(worker);
+}
+
+void pool_core::on_worker_exit(worker_handle& worker) {
+    const ::siginfo_t& info = worker.exit_info;
     const bool was_starting = worker.state == worker_handle::phase::starting;
     const bool expected = worker.bye_sent && worker.assigned.empty() && worker.kill_reason.empty();
     worker.state = worker_handle::phase::exited;
@@ -678,9 +706,15 @@ void pool_core::on_worker_exit(worker_handle& worker, const ::siginfo_t& info) {
     std::deque<work_item*> requeue;
     for (work_item* item : worker.assigned) {
         in_workers_.fetch_sub(1, std::memory_order_relaxed);
+        if (item->state() == work_state::dispatched) {
+            // Sent but never started (no START frame before EOF): it did not
+            // run, so it goes back to the queue as it was.
+            requeue.push_back(item); // keeps its reference
+            continue;
+        }
         if (item->retries_left > 0 && !is_final(item->state())) {
             --item->retries_left;
-            requeue.push_back(item); // keeps its reference
+            requeue.push_back(item);
             continue;
         }
         const std::string function{item->function_name};
@@ -764,7 +798,7 @@ void pool_core::wake_waiters() {
 
 void pool_core::signal_workers(int signal) noexcept {
     for (auto& worker : workers_) {
-        if (worker->state != worker_handle::phase::exited) ::kill(worker->pid, signal);
+        if (worker->state != worker_handle::phase::exited && !worker->reaped) ::kill(worker->pid, signal);
     }
 }
 
@@ -783,7 +817,7 @@ pool_stats pool_core::stats() const {
 std::vector<int> pool_core::worker_pids() const {
     std::vector<int> pids;
     for (const auto& worker : workers_) {
-        if (worker->state != worker_handle::phase::exited) pids.push_back(worker->pid);
+        if (worker->state != worker_handle::phase::exited && !worker->reaped) pids.push_back(worker->pid);
     }
     return pids;
 }

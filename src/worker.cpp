@@ -15,6 +15,7 @@
 #include <coproc/error.hpp>
 #include <coproc/worker.hpp>
 
+#include <fcntl.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -214,6 +215,8 @@ void run_worker_if_requested(int argc, char** argv) {
     if (const char* parent = std::getenv("COPROC_PARENT_PID"); parent != nullptr && ::getppid() != std::atoi(parent)) {
         quit(0);
     }
+    // Programs a task execs must not hold the pool's socket open.
+    ::fcntl(parent_socket, F_SETFD, FD_CLOEXEC);
     worker_session session{parent_socket};
     session.serve();
 }

@@ -1,33 +1,366 @@
-// coproc::process_pool: submit, results, errors, crash isolation, shutdown,
-// and no stray processes or descriptors afterwards.
+// coproc::process_pool: results and errors come back from worker processes,
+// a crash fails only its own tasks, bad frames are rejected, shutdown ends
+// every future, and no process or descriptor is left behind.
+#include "remote_functions.hpp"
 #include "support.hpp"
 
+#include <atomic>
 #include <csignal>
+#include <cstdio>
 #include <cstdlib>
+#include <filesystem>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <sys/wait.h>
+#include <system_error>
+#include <thread>
 #include <vector>
 
+using coproc::future;
 using coproc::task;
 using namespace test_support;
+using namespace pool_test;
 
 namespace {
 
-int square(int x) { return x * x; }
+// True when this process has no child at all, running or zombie.
+bool no_children() { return ::waitpid(-1, nullptr, WNOHANG) == -1 && errno == ECHILD; }
 
-std::string greet(std::string name, int times) {
-    std::string out;
-    for (int i = 0; i < times; ++i) out += "hello " + name + ";";
-    return out;
+// Checks, at the end of a test, that the pool left no process and no fd.
+class leak_check {
+public:
+    leak_check() : fds_(count_open_fds()) {}
+    void verify() const {
+        CHECK(no_children());
+        CHECK(count_open_fds() == fds_);
+    }
+
+private:
+    int fds_;
+};
+
+template <class T>
+task<T> await_future(future<T> pending) {
+    co_return co_await std::move(pending);
+}
+
+template <class T>
+task<std::vector<T>> await_all(std::vector<future<T>> futures) {
+    std::vector<T> values;
+    for (auto& pending : futures) values.push_back(co_await std::move(pending));
+    co_return values;
+}
+
+// What became of one future: its value, or the type and message of its error.
+struct outcome {
+    int value = 0;
+    std::string error; // empty for a value
+    std::string what;
+};
+
+task<std::vector<outcome>> settle_all(std::vector<future<int>> futures) {
+    std::vector<outcome> outcomes;
+    for (auto& pending : futures) {
+        outcome result;
+        try {
+            result.value = co_await std::move(pending);
+        } catch (const coproc::worker_died& e) {
+            result.error = "worker_died";
+            result.what = e.what();
+        } catch (const coproc::cancelled_error& e) {
+            result.error = "cancelled";
+            result.what = e.what();
+        } catch (const coproc::broken_process_pool& e) {
+            result.error = "broken";
+            result.what = e.what();
+        } catch (const std::exception& e) {
+            result.error = "other";
+            result.what = e.what();
+        }
+        outcomes.push_back(result);
+    }
+    co_return outcomes;
 }
 
 task<int> submit_square(coproc::process_pool* pool, int x) { co_return co_await pool->submit<square>(x); }
 
+task<void> void_task(coproc::process_pool* pool, int milliseconds) { co_await pool->submit<sleep_ms>(milliseconds); }
+
+task<void> wait_for_count(coproc::event_loop* loop, const std::atomic<int>* count, int expected) {
+    while (count->load() < expected) co_await loop->sleep_for(1ms);
+}
+
+bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
+
 } // namespace
 
-TEST_CASE("smoke: a function runs in a worker and its value comes back") {
+TEST_CASE("submit runs the function in a worker process and yields its value") {
+    leak_check leaks;
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 2}};
+        CHECK(run_bounded(loop, submit_square(&pool, 7)) == 49);
+        CHECK(run_bounded(loop, await_future(pool.submit<greet>("pool", 2))) == "hello pool;hello pool;");
+        const int pid = run_bounded(loop, await_future(pool.submit<worker_pid>()));
+        CHECK(pid != ::getpid());
+        run_bounded(loop, void_task(&pool, 1));
+        const auto stats = pool.stats();
+        CHECK(stats.tasks_completed == 4);
+        CHECK(stats.workers_started >= 1);
+    }
+    leaks.verify();
+}
+
+TEST_CASE("each standard exception type is rethrown as the same type with the same what()") {
+    leak_check leaks;
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 2}};
+        auto raise = [&](const char* type) { return run_bounded(loop, await_future(pool.submit<throw_standard>(type, "message"))); };
+        CHECK_THROWS_WITH_AS(raise("invalid_argument"), "message", std::invalid_argument);
+        CHECK_THROWS_WITH_AS(raise("out_of_range"), "message", std::out_of_range);
+        CHECK_THROWS_WITH_AS(raise("domain_error"), "message", std::domain_error);
+        CHECK_THROWS_WITH_AS(raise("length_error"), "message", std::length_error);
+        CHECK_THROWS_WITH_AS(raise("logic_error"), "message", std::logic_error);
+        CHECK_THROWS_WITH_AS(raise("runtime_error"), "message", std::runtime_error);
+        CHECK_THROWS_WITH_AS(raise("range_error"), "message", std::range_error);
+        CHECK_THROWS_WITH_AS(raise("overflow_error"), "message", std::overflow_error);
+        CHECK_THROWS_WITH_AS(raise("underflow_error"), "message", std::underflow_error);
+        try {
+            raise("system_error");
+            FAIL("no exception");
+        } catch (const std::system_error& e) {
+            CHECK(e.code() == std::errc::no_such_file_or_directory);
+            CHECK(contains(e.what(), "message"));
+        }
+        // The exact type travels: a logic_error is not turned into its base.
+        try {
+            raise("out_of_range");
+        } catch (const std::logic_error& e) {
+            CHECK(typeid(e) == typeid(std::out_of_range));
+        }
+    }
+    leaks.verify();
+}
+
+TEST_CASE("any other exception arrives as remote_error with its type name, what() and the worker's pid") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1}};
+    const int pid = run_bounded(loop, await_future(pool.submit<worker_pid>()));
+    try {
+        run_bounded(loop, await_future(pool.submit<throw_custom>("custom trouble")));
+        FAIL("no exception");
+    } catch (const coproc::remote_error& e) {
+        CHECK(e.type_name() == "pool_test::custom_failure");
+        CHECK(e.message() == "custom trouble");
+        CHECK(e.pid() == pid);
+        CHECK(contains(e.what(), "throw_custom"));
+    }
+    try {
+        run_bounded(loop, await_future(pool.submit<throw_standard>("int", "")));
+        FAIL("no exception");
+    } catch (const coproc::remote_error& e) {
+        CHECK(contains(e.type_name(), "unknown"));
+    }
+}
+
+// Submits 100 ordinary tasks, four that crash their worker in four ways
+// (one hangs until it is killed from outside), then 100 more; returns every
+// outcome, crashes first.
+task<std::vector<outcome>> crash_scenario(coproc::event_loop* loop, coproc::process_pool* pool, std::string pid_file) {
+    std::vector<future<int>> futures;
+    futures.push_back(pool->submit<crash_segfault>());
+    futures.push_back(pool->submit<crash_abort>());
+    futures.push_back(pool->submit<crash_exit>(3));
+    futures.push_back(pool->submit<write_pid_and_hang>(pid_file));
+    for (int i = 0; i < 200; ++i) futures.push_back(pool->submit<sleep_then>(i % 3, i));
+    // The outside killer: wait for the hanging task to say where it runs.
+    int pid = 0;
+    for (int attempt = 0; attempt < 2000 && pid == 0; ++attempt) {
+        if (std::FILE* file = std::fopen(pid_file.c_str(), "r")) {
+            if (std::fscanf(file, "%d", &pid) != 1) pid = 0;
+            std::fclose(file);
+        }
+        if (pid == 0) co_await loop->sleep_for(5ms);
+    }
+    if (pid > 0) ::kill(pid, SIGKILL);
+    co_return co_await settle_all(std::move(futures));
+}
+
+TEST_CASE("crash isolation: a segfault, abort, exit(3) or outside SIGKILL fails only its own task") {
+    leak_check leaks;
+    const auto pid_file = std::filesystem::temp_directory_path() / ("coproc-test-pid-" + std::to_string(::getpid()));
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 2}};
+        const auto outcomes = run_bounded(loop, crash_scenario(&loop, &pool, pid_file.string()), 60s);
+        REQUIRE(outcomes.size() == 204);
+        for (std::size_t i = 0; i < 4; ++i) {
+            CAPTURE(i);
+            CAPTURE(outcomes[i].what);
+            CHECK(outcomes[i].error == "worker_died");
+        }
+        CHECK(contains(outcomes[0].what, "signal 11"));
+        CHECK(contains(outcomes[0].what, "crash_segfault"));
+        CHECK(contains(outcomes[1].what, "signal 6"));
+        CHECK(contains(outcomes[2].what, "exited with code 3"));
+        CHECK(contains(outcomes[3].what, "signal 9"));
+        int ok = 0;
+        for (std::size_t i = 4; i < outcomes.size(); ++i) {
+            CAPTURE(i);
+            CAPTURE(outcomes[i].what);
+            CHECK(outcomes[i].error.empty());
+            if (outcomes[i].error.empty() && outcomes[i].value == static_cast<int>(i - 4)) ++ok;
+        }
+        CHECK(ok == 200);
+        const auto stats = pool.stats();
+        CHECK(stats.tasks_failed == 4);
+        CHECK(stats.tasks_completed == 200);
+        CHECK(stats.workers_started >= 5); // the first two, and a replacement per crash
+    }
+    std::filesystem::remove(pid_file);
+    leaks.verify();
+}
+
+TEST_CASE("worker_died carries the pid, the signal or exit code and the function") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1}};
+    try {
+        run_bounded(loop, await_future(pool.submit<crash_exit>(7)));
+        FAIL("no exception");
+    } catch (const coproc::worker_died& e) {
+        CHECK(e.exit_code() == 7);
+        CHECK(e.signal() == 0);
+        CHECK(e.pid() > 0);
+        CHECK(e.function() == "pool_test::crash_exit");
+    }
+    try {
+        run_bounded(loop, await_future(pool.submit<crash_abort>()));
+        FAIL("no exception");
+    } catch (const coproc::worker_died& e) {
+        CHECK(e.signal() == SIGABRT);
+        CHECK(e.exit_code() == -1);
+    }
+    CHECK(run_bounded(loop, submit_square(&pool, 5)) == 25); // the pool keeps serving
+}
+
+TEST_CASE("max_tasks_per_child=1 over 200 tasks: every task runs exactly once, each on a fresh worker") {
+    leak_check leaks;
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 2, .max_tasks_per_child = 1}};
+        std::vector<future<int>> futures;
+        for (int i = 0; i < 200; ++i) futures.push_back(pool.submit<worker_pid>());
+        const auto pids = run_bounded(loop, await_all(std::move(futures)), 60s);
+        CHECK(pids.size() == 200);
+        CHECK(std::set<int>(pids.begin(), pids.end()).size() == 200);
+        CHECK(pool.stats().workers_started == 200);
+        CHECK(pool.stats().tasks_completed == 200);
+    }
+    leaks.verify();
+}
+
+TEST_CASE("a result the parent cannot deserialize fails that future only, naming the function and the worker") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1}};
+    const int pid = run_bounded(loop, await_future(pool.submit<worker_pid>()));
+    try {
+        run_bounded(loop, await_future(pool.submit<make_unreadable>(3)));
+        FAIL("no exception");
+    } catch (const coproc::error& e) {
+        CHECK(contains(e.what(), "make_unreadable"));
+        CHECK(contains(e.what(), std::to_string(pid)));
+        CHECK(contains(e.what(), "refuses to be loaded"));
+    }
+    CHECK(run_bounded(loop, await_future(pool.submit<worker_pid>())) == pid); // same worker, still in sync
+}
+
+TEST_CASE("a result that fails to serialize in the worker fails that future; the worker stays in sync") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1}};
+    const int pid = run_bounded(loop, await_future(pool.submit<worker_pid>()));
+    CHECK_THROWS_WITH_AS(run_bounded(loop, await_future(pool.submit<make_unwritable>(3))), "this type refuses to be saved",
+                         std::runtime_error);
+    CHECK(run_bounded(loop, await_future(pool.submit<worker_pid>())) == pid);
+    CHECK(run_bounded(loop, submit_square(&pool, 9)) == 81);
+}
+
+TEST_CASE("an argument that fails to serialize fails its future at once; no worker is involved") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1}};
+    auto rejected = pool.submit<take_unwritable>(unwritable{4});
+    CHECK(rejected.done());
+    CHECK_FALSE(rejected.cancelled());
+    CHECK_THROWS_WITH_AS(std::rethrow_exception(rejected.exception()), "this type refuses to be saved", std::runtime_error);
+    CHECK(pool.stats().workers_started == 0);
+    CHECK(pool.stats().tasks_failed == 1);
+}
+
+TEST_CASE("an argument that fails to deserialize in the worker fails that future; the worker stays alive") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1}};
+    const int pid = run_bounded(loop, await_future(pool.submit<worker_pid>()));
+    CHECK_THROWS_WITH_AS(run_bounded(loop, await_future(pool.submit<take_unreadable>(unreadable{5}))),
+                         "this type refuses to be loaded", std::runtime_error);
+    CHECK(run_bounded(loop, await_future(pool.submit<worker_pid>())) == pid);
+}
+
+TEST_CASE("a worker that sends a malformed or oversized frame is killed; its task fails clearly; the pool serves on") {
+    leak_check leaks;
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 1, .max_frame_size = 1 << 20}};
+        try {
+            run_bounded(loop, await_future(pool.submit<send_garbage_frame>()));
+            FAIL("no exception");
+        } catch (const coproc::worker_died& e) {
+            CHECK(contains(e.what(), "unknown kind 999"));
+            CHECK(contains(e.what(), "killed by the pool"));
+        }
+        try {
+            run_bounded(loop, await_future(pool.submit<send_oversized_frame>()));
+            FAIL("no exception");
+        } catch (const coproc::worker_died& e) {
+            CHECK(contains(e.what(), "max_frame_size"));
+        }
+        CHECK(run_bounded(loop, submit_square(&pool, 4)) == 16);
+    }
+    leaks.verify();
+}
+
+TEST_CASE("10,000 concurrent futures all complete with their own values") {
     coproc::event_loop loop;
     coproc::process_pool pool{loop, {.max_workers = 2}};
-    CHECK(run_bounded(loop, submit_square(&pool, 7)) == 49);
+    std::vector<future<int>> futures;
+    for (int i = 0; i < 10'000; ++i) futures.push_back(pool.submit<square>(i % 1000));
+    CHECK(pool.stats().tasks_queued == 10'000);
+    const auto values = run_bounded(loop, await_all(std::move(futures)), 60s);
+    REQUIRE(values.size() == 10'000);
+    int right = 0;
+    for (int i = 0; i < 10'000; ++i) right += values[static_cast<std::size_t>(i)] == (i % 1000) * (i % 1000);
+    CHECK(right == 10'000);
+    CHECK(pool.stats().tasks_completed == 10'000);
+}
+
+TEST_CASE("submit from 4 threads, get() from those threads while the loop runs") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 2}};
+    std::atomic<int> right{0};
+    std::atomic<int> finished_threads{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 4; ++t) {
+        threads.emplace_back([&, t] {
+            std::vector<future<int>> futures;
+            for (int i = 0; i < 250; ++i) futures.push_back(pool.submit<square>(t * 1000 + i));
+            for (int i = 0; i < 250; ++i) {
+                const int x = t * 1000 + i;
+                if (futures[static_cast<std::size_t>(i)].get(30s) == x * x) ++right;
+            }
+            ++finished_threads;
+        });
+    }
+    run_bounded(loop, wait_for_count(&loop, &finished_threads, 4), 60s);
+    for (auto& thread : threads) thread.join();
+    CHECK(right.load() == 1000);
 }

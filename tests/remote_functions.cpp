@@ -1,0 +1,119 @@
+#include "remote_functions.hpp"
+
+#include <coproc/detail/wire.hpp>
+
+#include <chrono>
+#include <csignal>
+#include <cstring>
+#include <cstdio>
+#include <cstdlib>
+#include <dirent.h>
+#include <filesystem>
+#include <fstream>
+#include <system_error>
+#include <thread>
+#include <unistd.h>
+
+namespace pool_test {
+
+int square(int x) { return x * x; }
+int cube(int x) { return x * x * x; }
+
+std::string greet(std::string name, int times) {
+    std::string out;
+    for (int i = 0; i < times; ++i) out += "hello " + name + ";";
+    return out;
+}
+
+int worker_pid() { return static_cast<int>(::getpid()); }
+
+void sleep_ms(int milliseconds) { std::this_thread::sleep_for(std::chrono::milliseconds{milliseconds}); }
+
+int sleep_then(int milliseconds, int value) {
+    sleep_ms(milliseconds);
+    return value;
+}
+
+std::string environment_variable(std::string name) {
+    const char* value = std::getenv(name.c_str());
+    return value == nullptr ? "<unset>" : value;
+}
+
+std::vector<int> open_descriptors() {
+    std::vector<int> fds;
+    DIR* dir = ::opendir("/proc/self/fd");
+    const int own = ::dirfd(dir);
+    while (::dirent* entry = ::readdir(dir)) {
+        if (entry->d_name[0] == '.') continue;
+        const int fd = std::atoi(entry->d_name);
+        if (fd != own) fds.push_back(fd);
+    }
+    ::closedir(dir);
+    return fds;
+}
+
+void write_to_stderr(std::string text) {
+    std::fputs(text.c_str(), stderr);
+    std::fflush(stderr);
+}
+
+void touch_file(std::string path) { std::ofstream{path} << "ran\n"; }
+
+void throw_standard(std::string type, std::string message) {
+    if (type == "invalid_argument") throw std::invalid_argument(message);
+    if (type == "out_of_range") throw std::out_of_range(message);
+    if (type == "domain_error") throw std::domain_error(message);
+    if (type == "length_error") throw std::length_error(message);
+    if (type == "logic_error") throw std::logic_error(message);
+    if (type == "runtime_error") throw std::runtime_error(message);
+    if (type == "range_error") throw std::range_error(message);
+    if (type == "overflow_error") throw std::overflow_error(message);
+    if (type == "underflow_error") throw std::underflow_error(message);
+    if (type == "system_error") throw std::system_error(ENOENT, std::generic_category(), message);
+    if (type == "int") throw 42;
+}
+
+void throw_custom(std::string message) { throw custom_failure(message); }
+
+int crash_segfault() {
+    std::raise(SIGSEGV);
+    return 0;
+}
+int crash_abort() { std::abort(); }
+int crash_exit(int code) { std::exit(code); }
+
+int hang_forever() {
+    for (;;) std::this_thread::sleep_for(std::chrono::seconds{1});
+}
+
+int write_pid_and_hang(std::string path) {
+    {
+        std::ofstream out{path + ".tmp"};
+        out << ::getpid() << "\n";
+    }
+    std::filesystem::rename(path + ".tmp", path);
+    return hang_forever();
+}
+
+// The worker's socket to the parent is descriptor 3. These write frames the
+// parent must reject, as a buggy or hostile worker would.
+void send_garbage_frame() {
+    coproc::detail::wire::frame_header header{4, 999, 0, 1};
+    char bytes[sizeof header + 4] = {};
+    std::memcpy(bytes, &header, sizeof header);
+    [[maybe_unused]] auto written = ::write(3, bytes, sizeof bytes);
+    hang_forever();
+}
+
+void send_oversized_frame() {
+    coproc::detail::wire::frame_header header{0xFFFFFFF0u, 4, 0, 1};
+    [[maybe_unused]] auto written = ::write(3, &header, sizeof header);
+    hang_forever();
+}
+
+unreadable make_unreadable(int value) { return {value}; }
+unwritable make_unwritable(int value) { return {value}; }
+int take_unreadable(unreadable value) { return value.value; }
+int take_unwritable(unwritable value) { return value.value; }
+
+} // namespace pool_test

@@ -1,0 +1,70 @@
+// Functions the process-pool tests run in workers. Compiled into the test
+// program (whose workers are the test program itself) and into
+// worker_program, the separate worker used by the worker_executable tests.
+#pragma once
+
+#include <cereal/cereal.hpp>
+
+#include <cstdint>
+#include <stdexcept>
+#include <stop_token>
+#include <string>
+#include <vector>
+
+namespace pool_test {
+
+int square(int x);
+int cube(int x); // not registered in worker_program
+std::string greet(std::string name, int times);
+int worker_pid();
+void sleep_ms(int milliseconds);
+int sleep_then(int milliseconds, int value);
+std::string environment_variable(std::string name);
+std::vector<int> open_descriptors();
+void write_to_stderr(std::string text);
+void touch_file(std::string path);
+
+// Failures.
+void throw_standard(std::string type, std::string message);
+struct custom_failure : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+void throw_custom(std::string message);
+int crash_segfault();
+int crash_abort();
+int crash_exit(int code);
+int hang_forever();
+int write_pid_and_hang(std::string path);
+void send_garbage_frame();
+void send_oversized_frame();
+
+// A value that serializes in the worker but cannot be read back in the
+// parent, and its mirror that cannot be written in the worker.
+struct unreadable {
+    int value = 0;
+    template <class Archive>
+    void save(Archive& archive) const {
+        archive(value);
+    }
+    template <class Archive>
+    void load(Archive&) {
+        throw std::runtime_error("this type refuses to be loaded");
+    }
+};
+struct unwritable {
+    int value = 0;
+    template <class Archive>
+    void save(Archive&) const {
+        throw std::runtime_error("this type refuses to be saved");
+    }
+    template <class Archive>
+    void load(Archive& archive) {
+        archive(value);
+    }
+};
+unreadable make_unreadable(int value);
+unwritable make_unwritable(int value);
+int take_unreadable(unreadable value);
+int take_unwritable(unwritable value);
+
+} // namespace pool_test
