@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <sched.h>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -191,9 +192,13 @@ task<std::vector<outcome>> crash_scenario(coproc::event_loop* loop, coproc::proc
 TEST_CASE("crash isolation: a segfault, abort, exit(3) or outside SIGKILL fails only its own task") {
     leak_check leaks;
     const auto pid_file = std::filesystem::temp_directory_path() / ("coproc-test-pid-" + std::to_string(::getpid()));
+    // Under AddressSanitizer a worker would catch its own SIGSEGV and exit(1);
+    // let the signal kill it, as it would in a normal build.
+    const char* asan = std::getenv("ASAN_OPTIONS");
+    const std::string asan_options = std::string(asan != nullptr ? asan : "") + ":handle_segv=0";
     {
         coproc::event_loop loop;
-        coproc::process_pool pool{loop, {.max_workers = 2}};
+        coproc::process_pool pool{loop, {.max_workers = 2, .environment = {{"ASAN_OPTIONS", asan_options}}}};
         const auto outcomes = run_bounded(loop, crash_scenario(&loop, &pool, pid_file.string()), 60s);
         REQUIRE(outcomes.size() == 204);
         for (std::size_t i = 0; i < 4; ++i) {
@@ -363,4 +368,292 @@ TEST_CASE("submit from 4 threads, get() from those threads while the loop runs")
     run_bounded(loop, wait_for_count(&loop, &finished_threads, 4), 60s);
     for (auto& thread : threads) thread.join();
     CHECK(right.load() == 1000);
+}
+
+namespace {
+
+task<std::vector<outcome>> shutdown_under_load(coproc::process_pool* pool, bool cancel_futures, std::size_t* workers_after) {
+    std::vector<future<int>> futures;
+    for (int i = 0; i < 100; ++i) futures.push_back(pool->submit<sleep_then>(1, i));
+    co_await pool->shutdown({.wait = true, .cancel_futures = cancel_futures});
+    *workers_after = pool->stats().workers_alive;
+    co_return co_await settle_all(std::move(futures));
+}
+
+task<void> try_get_on_loop(future<int>* pending, bool* was_refused) {
+    try {
+        (void)pending->get();
+    } catch (const std::logic_error&) {
+        *was_refused = true;
+    }
+    co_return;
+}
+
+task<void> wait_then_terminate(coproc::event_loop* loop, coproc::process_pool* pool, future<int>* hanging) {
+    while (!hanging->running()) co_await loop->sleep_for(1ms);
+    pool->terminate_workers();
+}
+
+task<bool> running_is_acknowledged(coproc::event_loop* loop, coproc::process_pool* pool) {
+    auto slow = pool->submit<sleep_then>(300, 1);
+    const bool running_at_submit = slow.running();
+    for (int attempt = 0; attempt < 2000 && !slow.running(); ++attempt) co_await loop->sleep_for(1ms);
+    const bool running_later = slow.running();
+    co_await std::move(slow);
+    co_return !running_at_submit && running_later;
+}
+
+} // namespace
+
+TEST_CASE("shutdown under load without cancel_futures: every task finishes, then the workers exit") {
+    leak_check leaks;
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 2}};
+        std::size_t workers_after = 99;
+        const auto outcomes = run_bounded(loop, shutdown_under_load(&pool, false, &workers_after), 30s);
+        int finished = 0;
+        for (std::size_t i = 0; i < outcomes.size(); ++i) finished += outcomes[i].error.empty() && outcomes[i].value == static_cast<int>(i);
+        CHECK(finished == 100);
+        CHECK(workers_after == 0);
+        CHECK_THROWS_AS((void)pool.submit<square>(1), coproc::pool_closed);
+    }
+    leaks.verify();
+}
+
+TEST_CASE("shutdown under load with cancel_futures: pending tasks end cancelled and never run, the rest finish") {
+    leak_check leaks;
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 2}};
+        std::size_t workers_after = 99;
+        const auto outcomes = run_bounded(loop, shutdown_under_load(&pool, true, &workers_after), 30s);
+        int finished = 0;
+        int cancelled = 0;
+        for (const auto& result : outcomes) {
+            if (result.error.empty()) ++finished;
+            if (result.error == "cancelled") ++cancelled;
+        }
+        CHECK(finished + cancelled == 100);
+        CHECK(cancelled > 0);
+        CHECK(workers_after == 0);
+        CHECK(pool.stats().tasks_cancelled == static_cast<std::size_t>(cancelled));
+    }
+    leaks.verify();
+}
+
+TEST_CASE("destroying the pool under load ends every future, leaves no worker, zombie or fd") {
+    leak_check leaks;
+    std::vector<future<int>> futures;
+    {
+        coproc::event_loop loop;
+        {
+            coproc::process_pool pool{loop, {.max_workers = 2}};
+            auto first = pool.submit<worker_pid>();
+            for (int i = 0; i < 50; ++i) futures.push_back(pool.submit<sleep_then>(20, i));
+            // Let the workers start and take tasks, then destroy the pool
+            // with most of the 50 still pending or running.
+            run_bounded(loop, await_future(std::move(first)));
+            CHECK(pool.stats().workers_alive == 2);
+        }
+        for (auto& pending : futures) {
+            REQUIRE(pending.done());
+        }
+        int cancelled = 0;
+        for (auto& pending : futures) cancelled += pending.cancelled();
+        CHECK(cancelled > 0);
+    }
+    leaks.verify();
+}
+
+TEST_CASE("cancel of a pending task succeeds and the task never runs") {
+    leak_check leaks;
+    const auto marker = std::filesystem::temp_directory_path() / ("coproc-test-marker-" + std::to_string(::getpid()));
+    std::filesystem::remove(marker);
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 1, .prefetch = 1}};
+        auto blocker = pool.submit<sleep_then>(50, 1);
+        auto victim = pool.submit<touch_file>(marker.string());
+        CHECK(victim.cancel());
+        CHECK(victim.cancelled());
+        CHECK(victim.done());
+        CHECK_FALSE(victim.cancel()); // already final
+        CHECK(run_bounded(loop, await_future(std::move(blocker))) == 1);
+        CHECK_THROWS_AS(run_bounded(loop, await_future(std::move(victim))), coproc::cancelled_error);
+        // Anything queued after it still runs; the marker never appears.
+        CHECK(run_bounded(loop, submit_square(&pool, 3)) == 9);
+        CHECK_FALSE(std::filesystem::exists(marker));
+        CHECK(pool.stats().tasks_cancelled == 1);
+    }
+    std::filesystem::remove(marker);
+    leaks.verify();
+}
+
+TEST_CASE("running() is true only after the worker acknowledged the start") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1}};
+    CHECK(run_bounded(loop, running_is_acknowledged(&loop, &pool)));
+}
+
+TEST_CASE("done callbacks run once the task is final; exception() and done() report the outcome") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1}};
+    int seen_value = 0;
+    bool saw_error = false;
+    auto good = pool.submit<square>(6);
+    auto bad = pool.submit<throw_standard>("invalid_argument", "bad input");
+    good.add_done_callback([&](const future<int>& done) {
+        CHECK(done.done());
+        CHECK(done.exception() == nullptr);
+        seen_value = 36;
+    });
+    bad.add_done_callback([&](const future<void>& done) { saw_error = done.exception() != nullptr; });
+    CHECK_FALSE(good.done());
+    run_bounded(loop, await_future(pool.submit<worker_pid>()));
+    CHECK(seen_value == 36);
+    CHECK(saw_error);
+    // On a final future the callback runs at once.
+    bool immediate = false;
+    good.add_done_callback([&](const future<int>&) { immediate = true; });
+    CHECK(immediate);
+}
+
+TEST_CASE("get() with a timeout throws timeout_error when the task is not done in time, and get() on the loop thread is refused") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1}};
+    auto slow = pool.submit<sleep_then>(200, 5);
+    CHECK_THROWS_AS(slow.get(1ms), coproc::timeout_error); // the loop is not running: nothing can finish
+    bool refused = false;
+    run_bounded(loop, try_get_on_loop(&slow, &refused));
+    CHECK(refused);
+    CHECK(run_bounded(loop, await_future(std::move(slow))) == 5);
+}
+
+TEST_CASE("workers get the configured environment and inherit only their socket and the standard streams") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1, .environment = {{"COPROC_TEST_COLOUR", "teal"}}}};
+    CHECK(run_bounded(loop, await_future(pool.submit<environment_variable>("COPROC_TEST_COLOUR"))) == "teal");
+    const auto fds = run_bounded(loop, await_future(pool.submit<open_descriptors>()));
+    CHECK(fds == std::vector<int>{0, 1, 2, 3});
+    CHECK(count_open_fds() > 4); // the parent has more (ring, eventfd, sockets): they were not inherited
+}
+
+TEST_CASE("a worker's stderr reaches the parent's stderr") {
+    std::FILE* capture = std::tmpfile();
+    REQUIRE(capture != nullptr);
+    const int saved = ::dup(STDERR_FILENO);
+    ::dup2(::fileno(capture), STDERR_FILENO);
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 1}};
+        run_bounded(loop, await_future(pool.submit<write_to_stderr>("a line from the worker\n")));
+    }
+    ::dup2(saved, STDERR_FILENO);
+    ::close(saved);
+    std::string text(4096, '\0');
+    std::rewind(capture);
+    text.resize(std::fread(text.data(), 1, text.size(), capture));
+    std::fclose(capture);
+    CHECK(contains(text, "a line from the worker"));
+}
+
+TEST_CASE("max_workers of zero or less is rejected; prefetch of zero too") {
+    coproc::event_loop loop;
+    CHECK_THROWS_AS(coproc::process_pool(loop, {.max_workers = 0}), std::invalid_argument);
+    CHECK_THROWS_AS(coproc::process_pool(loop, {.max_workers = -2}), std::invalid_argument);
+    CHECK_THROWS_AS(coproc::process_pool(loop, {.max_workers = 1, .prefetch = 0}), std::invalid_argument);
+}
+
+TEST_CASE("the default max_workers is the number of CPUs this process may use") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop};
+    std::vector<future<int>> futures;
+    for (int i = 0; i < 64; ++i) futures.push_back(pool.submit<sleep_then>(5, i));
+    run_bounded(loop, await_all(std::move(futures)), 30s);
+    ::cpu_set_t set;
+    CPU_ZERO(&set);
+    REQUIRE(::sched_getaffinity(0, sizeof set, &set) == 0);
+    CHECK(pool.stats().workers_started == static_cast<std::size_t>(CPU_COUNT(&set)));
+}
+
+TEST_CASE("a separate worker program serves the functions it registers; an unknown function fails clearly") {
+    const char* program = std::getenv("COPROC_TEST_WORKER_PROGRAM");
+    REQUIRE(program != nullptr);
+    leak_check leaks;
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 1, .worker_executable = program}};
+        CHECK(run_bounded(loop, submit_square(&pool, 11)) == 121);
+        try {
+            run_bounded(loop, await_future(pool.submit<cube>(2)));
+            FAIL("no exception");
+        } catch (const coproc::error& e) {
+            CHECK(contains(e.what(), "does not know the function pool_test::cube"));
+            CHECK(contains(e.what(), "COPROC_REGISTER"));
+        }
+        CHECK(run_bounded(loop, await_future(pool.submit<greet>("again", 1))) == "hello again;");
+    }
+    leaks.verify();
+}
+
+TEST_CASE("a missing worker program breaks the pool with an error naming it") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1, .worker_executable = "/nonexistent/coproc-worker"}};
+    try {
+        run_bounded(loop, submit_square(&pool, 2));
+        FAIL("no exception");
+    } catch (const coproc::broken_process_pool& e) {
+        CHECK(contains(e.what(), "/nonexistent/coproc-worker"));
+        CHECK(contains(e.what(), "No such file"));
+    }
+    CHECK_THROWS_AS((void)pool.submit<square>(1), coproc::broken_process_pool);
+}
+
+TEST_CASE("a worker program that never says HELLO breaks the pool with advice") {
+    leak_check leaks;
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 1, .worker_executable = "/bin/true"}};
+        try {
+            run_bounded(loop, submit_square(&pool, 2));
+            FAIL("no exception");
+        } catch (const coproc::broken_process_pool& e) {
+            CHECK(contains(e.what(), "run_worker_if_requested"));
+        }
+    }
+    leaks.verify();
+}
+
+TEST_CASE("crash_policy::break_pool reproduces CPython: one crash breaks the pool for every pending and later submit") {
+    leak_check leaks;
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 1, .on_worker_crash = coproc::crash_policy::break_pool, .prefetch = 1}};
+        std::vector<future<int>> futures;
+        futures.push_back(pool.submit<crash_exit>(1));
+        for (int i = 0; i < 10; ++i) futures.push_back(pool.submit<square>(i));
+        const auto outcomes = run_bounded(loop, settle_all(std::move(futures)));
+        CHECK(outcomes[0].error == "worker_died");
+        for (std::size_t i = 1; i < outcomes.size(); ++i) {
+            CAPTURE(i);
+            CHECK(outcomes[i].error == "broken");
+        }
+        CHECK_THROWS_AS((void)pool.submit<square>(1), coproc::broken_process_pool);
+    }
+    leaks.verify();
+}
+
+TEST_CASE("terminate_workers and kill_workers fail the running tasks; the pool replaces the workers") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1}};
+    auto hanging = pool.submit<hang_forever>();
+    run_bounded(loop, wait_then_terminate(&loop, &pool, &hanging));
+    try {
+        run_bounded(loop, await_future(std::move(hanging)));
+        FAIL("no exception");
+    } catch (const coproc::worker_died& e) {
+        CHECK(e.signal() == SIGTERM);
+    }
+    CHECK(run_bounded(loop, submit_square(&pool, 8)) == 64);
 }
