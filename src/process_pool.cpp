@@ -432,49 +432,64 @@ void pool_core::complete(work_item* item, work_state state, std::exception_ptr e
 
 // --- dispatch (loop thread)
 
+// Hands pending tasks to workers and starts workers:
+//  - an idle ready worker takes the next task first;
+//  - each worker still starting will take one task when it says HELLO, so
+//    that many stay pending for it;
+//  - only the rest is prefetched, onto the least-loaded ready worker with
+//    fewer than `prefetch` tasks, so a short task does not queue behind a
+//    long one while another worker could take it;
+//  - workers are started while pending tasks outnumber starting workers.
 void pool_core::dispatch() {
     std::size_t live = 0;
     std::size_t starting = 0;
-    {
-        std::lock_guard lock{mutex_};
-        dispatch_posted_ = false;
-        for (auto& worker : workers_) {
-            if (worker->state == worker_handle::phase::exited) continue;
-            ++live;
-            if (worker->state == worker_handle::phase::starting) ++starting;
-            if (worker->state != worker_handle::phase::ready || worker->reaped) continue;
-            while (worker->assigned.size() < options_.prefetch && !pending_.empty()) {
-                work_item* item = pending_.front();
-                pending_.pop_front();
-                if (item->state() != work_state::pending) {
-                    item->release(); // cancelled while queued
-                    continue;
-                }
-                queued_.fetch_sub(1, std::memory_order_relaxed);
-                in_workers_.fetch_add(1, std::memory_order_relaxed);
-                item->worker_pid = worker->pid;
-                item->set_state(work_state::dispatched);
-                worker->assigned.push_back(item);
-                const auto offset = wire::begin_frame(worker->outbox, wire::frame_kind::call, item->id);
-                const auto* function_id = reinterpret_cast<const std::byte*>(&item->function_id);
-                worker->outbox.insert(worker->outbox.end(), function_id, function_id + sizeof item->function_id);
-                worker->outbox.insert(worker->outbox.end(), item->arguments.begin(), item->arguments.end());
-                wire::finish_frame(worker->outbox, offset);
-                if (options_.max_tasks_per_child > 0 && ++worker->dispatched_total >= options_.max_tasks_per_child) {
-                    worker->state = worker_handle::phase::retiring;
-                    break;
-                }
-            }
-        }
+    std::vector<worker_handle*> ready;
+    for (auto& worker : workers_) {
+        if (worker->state == worker_handle::phase::exited || worker->reaped) continue;
+        ++live;
+        if (worker->state == worker_handle::phase::starting) ++starting;
+        if (worker->state == worker_handle::phase::ready) ready.push_back(worker.get());
     }
-    // Skip leading cancelled items so that they do not count as demand.
     std::size_t demand = 0;
     bool closing = false;
     {
         std::lock_guard lock{mutex_};
-        while (!pending_.empty() && pending_.front()->state() != work_state::pending) {
-            pending_.front()->release();
+        dispatch_posted_ = false;
+        while (!pending_.empty()) {
+            work_item* item = pending_.front();
+            if (item->state() != work_state::pending) {
+                pending_.pop_front();
+                item->release(); // cancelled while queued
+                continue;
+            }
+            worker_handle* target = nullptr;
+            for (worker_handle* worker : ready) {
+                if (worker->assigned.empty() && worker->state == worker_handle::phase::ready) {
+                    target = worker;
+                    break;
+                }
+            }
+            if (target == nullptr && queued_.load(std::memory_order_relaxed) > starting) {
+                for (worker_handle* worker : ready) {
+                    if (worker->state != worker_handle::phase::ready || worker->assigned.size() >= options_.prefetch) continue;
+                    if (target == nullptr || worker->assigned.size() < target->assigned.size()) target = worker;
+                }
+            }
+            if (target == nullptr) break;
             pending_.pop_front();
+            queued_.fetch_sub(1, std::memory_order_relaxed);
+            in_workers_.fetch_add(1, std::memory_order_relaxed);
+            item->worker_pid = target->pid;
+            item->set_state(work_state::dispatched);
+            target->assigned.push_back(item);
+            const auto offset = wire::begin_frame(target->outbox, wire::frame_kind::call, item->id);
+            const auto* function_id = reinterpret_cast<const std::byte*>(&item->function_id);
+            target->outbox.insert(target->outbox.end(), function_id, function_id + sizeof item->function_id);
+            target->outbox.insert(target->outbox.end(), item->arguments.begin(), item->arguments.end());
+            wire::finish_frame(target->outbox, offset);
+            if (options_.max_tasks_per_child > 0 && ++target->dispatched_total >= options_.max_tasks_per_child) {
+                target->state = worker_handle::phase::retiring;
+            }
         }
         demand = queued_.load(std::memory_order_relaxed);
         closing = closed_;
@@ -486,9 +501,7 @@ void pool_core::dispatch() {
         if (drained && !worker->bye_sent) send_bye(*worker);
         if (!worker->outbox.empty() && !worker->writing) start_writer(*worker);
     }
-    // Start workers for what the starting and ready ones cannot take.
-    const std::size_t capacity_coming = starting * options_.prefetch;
-    while (demand > capacity_coming && live < static_cast<std::size_t>(max_workers_) && !destroyed) {
+    while (demand > starting && live < static_cast<std::size_t>(max_workers_) && !destroyed) {
         try {
             spawn_worker();
         } catch (const std::exception& e) {
@@ -497,7 +510,7 @@ void pool_core::dispatch() {
             break;
         }
         ++live;
-        demand = demand > options_.prefetch ? demand - options_.prefetch : 0;
+        ++starting;
     }
     {
         std::lock_guard lock{mutex_};

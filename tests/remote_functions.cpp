@@ -18,6 +18,11 @@ namespace pool_test {
 
 int square(int x) { return x * x; }
 int cube(int x) { return x * x * x; }
+int add(int a, int b) { return a + b; }
+int fail_at(int x, int bad) {
+    if (x == bad) throw std::domain_error("bad input " + std::to_string(x));
+    return x;
+}
 
 std::string greet(std::string name, int times) {
     std::string out;

@@ -15,6 +15,8 @@ namespace pool_test {
 
 int square(int x);
 int cube(int x); // not registered in worker_program
+int add(int a, int b);
+int fail_at(int x, int bad); // throws std::domain_error when x == bad
 std::string greet(std::string name, int times);
 int worker_pid();
 void sleep_ms(int milliseconds);

@@ -22,6 +22,7 @@
 // any other thread.
 #pragma once
 
+#include <coproc/async_generator.hpp>
 #include <coproc/detail/remote_function.hpp>
 #include <coproc/detail/work_item.hpp>
 #include <coproc/event_loop.hpp>
@@ -31,9 +32,13 @@
 
 #include <chrono>
 #include <cstddef>
+#include <deque>
+#include <ranges>
+#include <tuple>
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -83,6 +88,13 @@ struct shutdown_options {
     bool cancel_futures = false;
 };
 
+struct map_options {
+    // Inputs per task: each task runs the function over this many inputs.
+    std::size_t chunksize = 1;
+    // Chunks submitted and not yet consumed, at most; 0: all at once.
+    std::size_t buffersize = 0;
+};
+
 struct pool_stats {
     std::size_t workers_alive = 0;
     std::size_t workers_started = 0;
@@ -119,6 +131,22 @@ public:
     template <auto F, class... Args>
     future<typename detail::remote<F>::result> submit(Args&&... args);
 
+    // Runs F over every element of `inputs` in workers, `chunksize` elements
+    // per task, and yields the results in input order. F takes the element
+    // (or, for a tuple element, its members as arguments). The inputs are
+    // copied into chunks before this returns. The collecting form rethrows
+    // the first failure in input order and cancels the chunks still
+    // pending; at most `buffersize` chunks are in flight.
+    template <auto F, std::ranges::input_range Range>
+    auto map(const Range& inputs, map_options opts = {});
+
+    // The streaming form: an async generator that yields each result, in
+    // input order, as soon as it and all before it have arrived; it yields
+    // every result before a failing one, then throws. Destroying it cancels
+    // the chunks still pending.
+    template <auto F, std::ranges::input_range Range>
+    auto map_stream(const Range& inputs, map_options opts = {});
+
     // Stops accepting work (submit throws pool_closed). With `wait`, completes
     // once pending and running tasks have finished and the workers have
     // exited; with `cancel_futures`, pending tasks are cancelled first.
@@ -140,6 +168,124 @@ private:
 
     std::shared_ptr<detail::pool_core> core_;
 };
+
+namespace detail {
+
+// What F yields for one element of a map: F(element), or F(members...) for
+// a tuple element.
+template <auto F, class Element>
+auto apply_element(Element&& element) {
+    if constexpr (std::is_invocable_v<decltype(F), Element&&>) {
+        return F(std::forward<Element>(element));
+    } else {
+        return std::apply(F, std::forward<Element>(element));
+    }
+}
+
+template <auto F, class Element>
+using map_value_t = decltype(apply_element<F>(std::declval<Element>()));
+
+// The remote function behind map: F over one chunk of inputs.
+template <auto F, class Element>
+std::vector<map_value_t<F, Element>> apply_chunk(std::vector<Element> inputs) {
+    std::vector<map_value_t<F, Element>> results;
+    results.reserve(inputs.size());
+    for (auto& input : inputs) results.push_back(apply_element<F>(std::move(input)));
+    return results;
+}
+
+template <class Element, class Range>
+std::vector<std::vector<Element>> chunk_inputs(const Range& inputs, std::size_t chunksize) {
+    if (chunksize == 0) throw std::invalid_argument("coproc: map_options::chunksize must be positive");
+    std::vector<std::vector<Element>> chunks;
+    for (const auto& input : inputs) {
+        if (chunks.empty() || chunks.back().size() == chunksize) {
+            chunks.emplace_back();
+            chunks.back().reserve(chunksize);
+        }
+        chunks.back().push_back(input);
+    }
+    return chunks;
+}
+
+// Keeps at most `window` chunk futures in flight, in input order, and
+// cancels those still outstanding when it goes away early.
+template <auto F, class Element>
+class chunk_window {
+public:
+    using value = map_value_t<F, Element>;
+
+    chunk_window(process_pool* pool, std::vector<std::vector<Element>> chunks, std::size_t buffersize)
+        : pool_(pool), chunks_(std::move(chunks)), window_(buffersize == 0 ? chunks_.size() : buffersize) {
+        refill();
+    }
+    chunk_window(const chunk_window&) = delete;
+    chunk_window& operator=(const chunk_window&) = delete;
+    ~chunk_window() {
+        for (auto& pending : in_flight_) pending.cancel();
+    }
+
+    [[nodiscard]] bool empty() const noexcept { return in_flight_.empty(); }
+    // The next chunk's future; the window refills behind it.
+    future<std::vector<value>> take() {
+        auto next = std::move(in_flight_.front());
+        in_flight_.pop_front();
+        refill();
+        return next;
+    }
+
+private:
+    void refill() {
+        while (next_ < chunks_.size() && in_flight_.size() < window_) {
+            in_flight_.push_back(pool_->submit<apply_chunk<F, Element>>(std::move(chunks_[next_++])));
+        }
+    }
+
+    process_pool* pool_;
+    std::vector<std::vector<Element>> chunks_;
+    std::size_t window_;
+    std::size_t next_ = 0;
+    std::deque<future<std::vector<value>>> in_flight_;
+};
+
+template <auto F, class Element>
+task<std::vector<map_value_t<F, Element>>> collect_map(process_pool* pool, std::vector<std::vector<Element>> chunks,
+                                                        std::size_t buffersize) {
+    std::size_t total = 0;
+    for (const auto& chunk : chunks) total += chunk.size();
+    chunk_window<F, Element> window{pool, std::move(chunks), buffersize};
+    std::vector<map_value_t<F, Element>> results;
+    results.reserve(total);
+    while (!window.empty()) {
+        auto values = co_await window.take();
+        for (auto& value : values) results.push_back(std::move(value));
+    }
+    co_return results;
+}
+
+template <auto F, class Element>
+async_generator<map_value_t<F, Element>> stream_map(process_pool* pool, std::vector<std::vector<Element>> chunks,
+                                                    std::size_t buffersize) {
+    chunk_window<F, Element> window{pool, std::move(chunks), buffersize};
+    while (!window.empty()) {
+        auto values = co_await window.take();
+        for (auto& value : values) co_yield std::move(value);
+    }
+}
+
+} // namespace detail
+
+template <auto F, std::ranges::input_range Range>
+auto process_pool::map(const Range& inputs, map_options opts) {
+    using element = std::ranges::range_value_t<Range>;
+    return detail::collect_map<F, element>(this, detail::chunk_inputs<element>(inputs, opts.chunksize), opts.buffersize);
+}
+
+template <auto F, std::ranges::input_range Range>
+auto process_pool::map_stream(const Range& inputs, map_options opts) {
+    using element = std::ranges::range_value_t<Range>;
+    return detail::stream_map<F, element>(this, detail::chunk_inputs<element>(inputs, opts.chunksize), opts.buffersize);
+}
 
 template <auto F, class... Args>
 future<typename detail::remote<F>::result> process_pool::submit(Args&&... args) {

@@ -1,0 +1,80 @@
+// as_completed and wait over futures of a process pool.
+#include "remote_functions.hpp"
+#include "support.hpp"
+
+#include <algorithm>
+#include <set>
+#include <vector>
+
+using coproc::future;
+using coproc::task;
+using namespace test_support;
+using namespace pool_test;
+
+namespace {
+
+task<std::vector<std::size_t>> completion_order(std::vector<future<int>>* futures) {
+    std::vector<std::size_t> order;
+    auto completed = coproc::as_completed(*futures);
+    while (auto index = co_await completed.next()) order.push_back(*index);
+    co_return order;
+}
+
+task<coproc::wait_result> wait_for(std::vector<future<int>>* futures, coproc::return_when when) {
+    co_return co_await coproc::wait(*futures, when);
+}
+
+} // namespace
+
+TEST_CASE("as_completed yields each future once, in the order they finish") {
+    coproc::event_loop loop;
+    // prefetch 1: the third task waits for a free worker instead of being
+    // queued behind the slow one, so the finishing order is known.
+    coproc::process_pool pool{loop, {.max_workers = 2, .prefetch = 1}};
+    std::vector<future<int>> futures;
+    futures.push_back(pool.submit<sleep_then>(300, 0));
+    futures.push_back(pool.submit<sleep_then>(1, 1));
+    futures.push_back(pool.submit<sleep_then>(2, 2));
+    const auto order = run_bounded(loop, completion_order(&futures));
+    REQUIRE(order.size() == 3);
+    CHECK(std::set<std::size_t>(order.begin(), order.end()).size() == 3);
+    CHECK(order == std::vector<std::size_t>{1, 2, 0}); // the slow one last, although it was submitted first
+    for (auto& pending : futures) CHECK(pending.done());
+}
+
+TEST_CASE("wait(first_completed) returns as soon as one future is final") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 2}};
+    std::vector<future<int>> futures;
+    futures.push_back(pool.submit<sleep_then>(2000, 0));
+    futures.push_back(pool.submit<sleep_then>(1, 1));
+    const auto result = run_bounded(loop, wait_for(&futures, coproc::return_when::first_completed));
+    CHECK(result.done == std::vector<std::size_t>{1});
+    CHECK(result.not_done == std::vector<std::size_t>{0});
+}
+
+TEST_CASE("wait(first_exception) returns at the first failure; wait(all_completed) waits for all") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 2}};
+    std::vector<future<int>> futures;
+    futures.push_back(pool.submit<sleep_then>(2000, 0));
+    futures.push_back(pool.submit<fail_at>(5, 5));
+    const auto first_failure = run_bounded(loop, wait_for(&futures, coproc::return_when::first_exception));
+    CHECK(first_failure.done == std::vector<std::size_t>{1});
+    CHECK(first_failure.not_done == std::vector<std::size_t>{0});
+
+    std::vector<future<int>> quick;
+    for (int i = 0; i < 5; ++i) quick.push_back(pool.submit<sleep_then>(i, i));
+    const auto all = run_bounded(loop, wait_for(&quick, coproc::return_when::all_completed));
+    CHECK(all.done.size() == 5);
+    CHECK(all.not_done.empty());
+}
+
+TEST_CASE("wait honours a deadline through with_timeout") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1}};
+    std::vector<future<int>> futures;
+    futures.push_back(pool.submit<sleep_then>(2000, 0));
+    CHECK_THROWS_AS(loop.run(coproc::with_timeout(wait_for(&futures, coproc::return_when::all_completed), 20ms)),
+                    coproc::timeout_error);
+}
