@@ -482,7 +482,7 @@ void pool_core::dispatch() {
             item->worker_pid = target->pid;
             item->set_state(work_state::dispatched);
             target->assigned.push_back(item);
-            const auto offset = wire::begin_frame(target->outbox, wire::frame_kind::call, item->id);
+            const auto offset = wire::begin_frame(target->outbox, wire::frame_kind::call, item->id, item->frame_flags);
             const auto* function_id = reinterpret_cast<const std::byte*>(&item->function_id);
             target->outbox.insert(target->outbox.end(), function_id, function_id + sizeof item->function_id);
             target->outbox.insert(target->outbox.end(), item->arguments.begin(), item->arguments.end());

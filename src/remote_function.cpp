@@ -78,11 +78,17 @@ exception_code classify(const std::exception& error) {
 
 } // namespace
 
-bool register_remote_function(std::uint64_t id, std::string_view name, invoker invoke) noexcept {
+bool register_remote_function(std::uint64_t id, std::string_view name, invoker invoke, invoker invoke_chunk) noexcept {
     auto& reg = the_registry();
     std::lock_guard lock{reg.mutex};
-    reg.entries.try_emplace(id, remote_function_entry{id, name, invoke});
+    const auto [entry, inserted] = reg.entries.try_emplace(id, remote_function_entry{id, name, invoke, invoke_chunk, false});
+    if (!inserted && entry->second.invoke != invoke) entry->second.ambiguous = true;
     return true;
+}
+
+bool remote_function_is_unique(std::uint64_t id, invoker invoke) noexcept {
+    const remote_function_entry* entry = find_remote_function(id);
+    return entry != nullptr && entry->invoke == invoke && !entry->ambiguous;
 }
 
 const remote_function_entry* find_remote_function(std::uint64_t id) noexcept {
@@ -115,11 +121,25 @@ void encode_exception(std::exception_ptr error, std::vector<std::byte>& out) {
     encode_into(out, code, type_name, what, error_value, category);
 }
 
+void encode_ambiguous_function(std::string_view name, std::vector<std::byte>& out) {
+    const auto code = static_cast<std::uint8_t>(exception_code::unknown_function);
+    const std::string type_name = "ambiguous function";
+    const std::string what = "two different functions named like " + std::string(name) + " share an id in the worker";
+    encode_into(out, code, type_name, what, std::int32_t{0}, std::string{});
+}
+
 void encode_unknown_function(std::uint64_t function_id, std::vector<std::byte>& out) {
     const auto code = static_cast<std::uint8_t>(exception_code::unknown_function);
     const std::string type_name = "unknown function";
     const std::string what = "no function with id " + std::to_string(function_id) + " is registered in the worker";
     encode_into(out, code, type_name, what, std::int32_t{0}, std::string{});
+}
+
+std::string describe_ambiguous_function(std::string_view name) {
+    return "coproc: cannot submit " + std::string(name) +
+           ": another function of the program has the same name and type as this compiler spells them (for "
+           "example two specializations of one function template under Clang), so a worker could not tell them "
+           "apart. Submit a distinct non-template function instead";
 }
 
 std::exception_ptr decode_exception(std::span<const std::byte> payload, int worker_pid, std::string_view function) {

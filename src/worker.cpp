@@ -63,6 +63,7 @@ public:
 private:
     struct call {
         std::uint64_t work_id;
+        std::uint16_t flags;
         std::vector<std::byte> payload;
     };
 
@@ -112,7 +113,7 @@ private:
             switch (static_cast<wire::frame_kind>(header.kind)) {
             case wire::frame_kind::call: {
                 std::lock_guard lock{queue_mutex_};
-                queue_.push_back({header.work_id, std::move(payload)});
+                queue_.push_back({header.work_id, header.flags, std::move(payload)});
                 queue_changed_.notify_one();
                 break;
             }
@@ -170,13 +171,18 @@ private:
         std::memcpy(&function_id, task.payload.data(), sizeof function_id);
         const auto arguments = std::span{task.payload}.subspan(sizeof function_id);
         const detail::remote_function_entry* function = detail::find_remote_function(function_id);
-        if (function == nullptr) {
+        if (function == nullptr || function->ambiguous) {
             const auto offset = wire::begin_frame(reply, wire::frame_kind::error, task.work_id);
-            detail::encode_unknown_function(function_id, reply);
+            if (function == nullptr) {
+                detail::encode_unknown_function(function_id, reply);
+            } else {
+                detail::encode_ambiguous_function(function->name, reply);
+            }
             wire::finish_frame(reply, offset);
             send(reply);
             return;
         }
+        const detail::invoker invoke = (task.flags & wire::frame_flag::chunk) != 0 ? function->invoke_chunk : function->invoke;
         std::stop_token token;
         {
             std::lock_guard lock{queue_mutex_};
@@ -184,7 +190,7 @@ private:
         }
         try {
             const auto offset = wire::begin_frame(reply, wire::frame_kind::result, task.work_id);
-            function->invoke(arguments, reply, std::move(token));
+            invoke(arguments, reply, std::move(token));
             wire::finish_frame(reply, offset);
         } catch (...) {
             reply.clear(); // drop whatever part of the result was encoded

@@ -19,6 +19,8 @@ namespace pool_test {
 int square(int x) { return x * x; }
 int cube(int x) { return x * x * x; }
 int add(int a, int b) { return a + b; }
+int halve(int x) { return x / 2; }
+double halve(double x) { return x / 2; }
 int fail_at(int x, int bad) {
     if (x == bad) throw std::domain_error("bad input " + std::to_string(x));
     return x;

@@ -16,6 +16,12 @@ namespace pool_test {
 int square(int x);
 int cube(int x); // not registered in worker_program
 int add(int a, int b);
+int halve(int x);       // two overloads: told apart by their types
+double halve(double x);
+template <int N>
+int scale(int x) {      // specializations that Clang spells alike
+    return x * N;
+}
 int fail_at(int x, int bad); // throws std::domain_error when x == bad
 std::string greet(std::string name, int times);
 int worker_pid();

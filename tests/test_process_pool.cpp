@@ -88,6 +88,10 @@ task<int> submit_square(coproc::process_pool* pool, int x) { co_return co_await 
 
 task<void> void_task(coproc::process_pool* pool, int milliseconds) { co_await pool->submit<sleep_ms>(milliseconds); }
 
+task<std::vector<int>> map_squares(coproc::process_pool* pool, std::vector<int> inputs) {
+    co_return co_await pool->map<square>(inputs, {.chunksize = 2});
+}
+
 task<void> wait_for_count(coproc::event_loop* loop, const std::atomic<int>* count, int expected) {
     while (count->load() < expected) co_await loop->sleep_for(1ms);
 }
@@ -595,6 +599,33 @@ TEST_CASE("a separate worker program serves the functions it registers; an unkno
         CHECK(run_bounded(loop, await_future(pool.submit<greet>("again", 1))) == "hello again;");
     }
     leaks.verify();
+}
+
+TEST_CASE("overloads are told apart; same-named specializations run as themselves or fail clearly, never as each other") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1}};
+    CHECK(run_bounded(loop, await_future(pool.submit<static_cast<int (*)(int)>(halve)>(7))) == 3);
+    CHECK(run_bounded(loop, await_future(pool.submit<static_cast<double (*)(double)>(halve)>(7.0))) == 3.5);
+    for (int factor : {2, 3}) {
+        CAPTURE(factor);
+        try {
+            const int value = factor == 2 ? run_bounded(loop, await_future(pool.submit<scale<2>>(5)))
+                                          : run_bounded(loop, await_future(pool.submit<scale<3>>(5)));
+            CHECK(value == 5 * factor);
+        } catch (const coproc::error& e) {
+            // Clang names scale<2> and scale<3> alike: refused, not confused.
+            CHECK(contains(e.what(), "cannot submit"));
+        }
+    }
+}
+
+TEST_CASE("map works through a separate worker program that registers the function") {
+    const char* program = std::getenv("COPROC_TEST_WORKER_PROGRAM");
+    REQUIRE(program != nullptr);
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1, .worker_executable = program}};
+    const std::vector<int> inputs{1, 2, 3, 4, 5};
+    CHECK(run_bounded(loop, map_squares(&pool, inputs)) == std::vector<int>{1, 4, 9, 16, 25});
 }
 
 TEST_CASE("a missing worker program breaks the pool with an error naming it") {

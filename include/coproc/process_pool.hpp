@@ -24,6 +24,7 @@
 
 #include <coproc/async_generator.hpp>
 #include <coproc/detail/remote_function.hpp>
+#include <coproc/detail/wire.hpp>
 #include <coproc/detail/work_item.hpp>
 #include <coproc/event_loop.hpp>
 #include <coproc/future.hpp>
@@ -48,6 +49,8 @@ namespace coproc {
 
 namespace detail {
 class pool_core;
+template <auto F>
+class chunk_window;
 }
 
 // What a worker's death does to the pool.
@@ -164,58 +167,62 @@ public:
     [[nodiscard]] std::vector<int> worker_pids() const;
 
 private:
-    void enqueue(detail::work_item* item, bool encoding_failed);
+    template <auto F>
+    friend class detail::chunk_window;
+
+    void enqueue(detail::work_item* item, bool failed);
+
+    // Builds a work item for F with `payload` as its encoded arguments.
+    template <auto F, class R, class Payload>
+    future<R> submit_encoded(const Payload& payload, std::uint16_t frame_flags);
+
+    // map: F over a chunk of argument tuples, as one task.
+    template <auto F>
+    void submit_chunk(std::vector<typename detail::remote<F>::arguments> chunk,
+                      std::deque<future<std::vector<typename detail::remote<F>::result>>>& into);
 
     std::shared_ptr<detail::pool_core> core_;
 };
 
 namespace detail {
 
-// What F yields for one element of a map: F(element), or F(members...) for
-// a tuple element.
-template <auto F, class Element>
-auto apply_element(Element&& element) {
-    if constexpr (std::is_invocable_v<decltype(F), Element&&>) {
-        return F(std::forward<Element>(element));
+// One element of a map's input as F's argument tuple: the element itself as
+// F's only argument, or a tuple's members as F's arguments.
+template <class Arguments, class Element>
+Arguments to_arguments(const Element& element) {
+    if constexpr (std::tuple_size_v<Arguments> == 1 && std::is_constructible_v<std::tuple_element_t<0, Arguments>, const Element&>) {
+        return Arguments{element};
     } else {
-        return std::apply(F, std::forward<Element>(element));
+        static_assert(std::is_constructible_v<Arguments, const Element&>,
+                      "coproc: map<F>: an input element must convert to F's parameter, or be a tuple whose members "
+                      "convert to F's parameters");
+        return Arguments(element);
     }
 }
 
-template <auto F, class Element>
-using map_value_t = decltype(apply_element<F>(std::declval<Element>()));
-
-// The remote function behind map: F over one chunk of inputs.
-template <auto F, class Element>
-std::vector<map_value_t<F, Element>> apply_chunk(std::vector<Element> inputs) {
-    std::vector<map_value_t<F, Element>> results;
-    results.reserve(inputs.size());
-    for (auto& input : inputs) results.push_back(apply_element<F>(std::move(input)));
-    return results;
-}
-
-template <class Element, class Range>
-std::vector<std::vector<Element>> chunk_inputs(const Range& inputs, std::size_t chunksize) {
+template <class Arguments, class Range>
+std::vector<std::vector<Arguments>> chunk_inputs(const Range& inputs, std::size_t chunksize) {
     if (chunksize == 0) throw std::invalid_argument("coproc: map_options::chunksize must be positive");
-    std::vector<std::vector<Element>> chunks;
+    std::vector<std::vector<Arguments>> chunks;
     for (const auto& input : inputs) {
         if (chunks.empty() || chunks.back().size() == chunksize) {
             chunks.emplace_back();
             chunks.back().reserve(chunksize);
         }
-        chunks.back().push_back(input);
+        chunks.back().push_back(to_arguments<Arguments>(input));
     }
     return chunks;
 }
 
 // Keeps at most `window` chunk futures in flight, in input order, and
 // cancels those still outstanding when it goes away early.
-template <auto F, class Element>
+template <auto F>
 class chunk_window {
 public:
-    using value = map_value_t<F, Element>;
+    using arguments = typename remote<F>::arguments;
+    using value = typename remote<F>::result;
 
-    chunk_window(process_pool* pool, std::vector<std::vector<Element>> chunks, std::size_t buffersize)
+    chunk_window(process_pool* pool, std::vector<std::vector<arguments>> chunks, std::size_t buffersize)
         : pool_(pool), chunks_(std::move(chunks)), window_(buffersize == 0 ? chunks_.size() : buffersize) {
         refill();
     }
@@ -235,26 +242,23 @@ public:
     }
 
 private:
-    void refill() {
-        while (next_ < chunks_.size() && in_flight_.size() < window_) {
-            in_flight_.push_back(pool_->submit<apply_chunk<F, Element>>(std::move(chunks_[next_++])));
-        }
-    }
+    void refill();
 
     process_pool* pool_;
-    std::vector<std::vector<Element>> chunks_;
+    std::vector<std::vector<arguments>> chunks_;
     std::size_t window_;
     std::size_t next_ = 0;
     std::deque<future<std::vector<value>>> in_flight_;
 };
 
-template <auto F, class Element>
-task<std::vector<map_value_t<F, Element>>> collect_map(process_pool* pool, std::vector<std::vector<Element>> chunks,
-                                                        std::size_t buffersize) {
+template <auto F>
+task<std::vector<typename remote<F>::result>> collect_map(process_pool* pool,
+                                                           std::vector<std::vector<typename remote<F>::arguments>> chunks,
+                                                           std::size_t buffersize) {
     std::size_t total = 0;
     for (const auto& chunk : chunks) total += chunk.size();
-    chunk_window<F, Element> window{pool, std::move(chunks), buffersize};
-    std::vector<map_value_t<F, Element>> results;
+    chunk_window<F> window{pool, std::move(chunks), buffersize};
+    std::vector<typename remote<F>::result> results;
     results.reserve(total);
     while (!window.empty()) {
         auto values = co_await window.take();
@@ -263,10 +267,11 @@ task<std::vector<map_value_t<F, Element>>> collect_map(process_pool* pool, std::
     co_return results;
 }
 
-template <auto F, class Element>
-async_generator<map_value_t<F, Element>> stream_map(process_pool* pool, std::vector<std::vector<Element>> chunks,
-                                                    std::size_t buffersize) {
-    chunk_window<F, Element> window{pool, std::move(chunks), buffersize};
+template <auto F>
+async_generator<typename remote<F>::result> stream_map(process_pool* pool,
+                                                       std::vector<std::vector<typename remote<F>::arguments>> chunks,
+                                                       std::size_t buffersize) {
+    chunk_window<F> window{pool, std::move(chunks), buffersize};
     while (!window.empty()) {
         auto values = co_await window.take();
         for (auto& value : values) co_yield std::move(value);
@@ -275,40 +280,66 @@ async_generator<map_value_t<F, Element>> stream_map(process_pool* pool, std::vec
 
 } // namespace detail
 
+template <auto F>
+void detail::chunk_window<F>::refill() {
+    while (next_ < chunks_.size() && in_flight_.size() < window_) pool_->submit_chunk<F>(std::move(chunks_[next_++]), in_flight_);
+}
+
 template <auto F, std::ranges::input_range Range>
 auto process_pool::map(const Range& inputs, map_options opts) {
-    using element = std::ranges::range_value_t<Range>;
-    return detail::collect_map<F, element>(this, detail::chunk_inputs<element>(inputs, opts.chunksize), opts.buffersize);
+    static_assert(!std::is_void_v<typename detail::remote<F>::result>, "coproc: map<F> needs a function that returns a value");
+    using arguments = typename detail::remote<F>::arguments;
+    return detail::collect_map<F>(this, detail::chunk_inputs<arguments>(inputs, opts.chunksize), opts.buffersize);
 }
 
 template <auto F, std::ranges::input_range Range>
 auto process_pool::map_stream(const Range& inputs, map_options opts) {
-    using element = std::ranges::range_value_t<Range>;
-    return detail::stream_map<F, element>(this, detail::chunk_inputs<element>(inputs, opts.chunksize), opts.buffersize);
+    static_assert(!std::is_void_v<typename detail::remote<F>::result>, "coproc: map_stream<F> needs a function that returns a value");
+    using arguments = typename detail::remote<F>::arguments;
+    return detail::stream_map<F>(this, detail::chunk_inputs<arguments>(inputs, opts.chunksize), opts.buffersize);
+}
+
+template <auto F, class R, class Payload>
+future<R> process_pool::submit_encoded(const Payload& payload, std::uint16_t frame_flags) {
+    using remote = detail::remote<F>;
+    (void)remote::registered; // odr-use: F is registered in every process of this program
+    // Checked once per function: every registration ran before main.
+    static const bool unique = detail::remote_function_is_unique(remote::id, &remote::invoke);
+
+    auto* item = new detail::typed_work_item<R>();
+    future<R> handle{item};
+    item->function_id = remote::id;
+    item->function_name = remote::name;
+    item->frame_flags = frame_flags;
+    bool failed = false;
+    if (!unique) {
+        item->error = std::make_exception_ptr(error(detail::describe_ambiguous_function(remote::name)));
+        failed = true;
+    } else {
+        try {
+            detail::encode_into(item->arguments, payload);
+        } catch (...) {
+            item->error = std::current_exception();
+            failed = true;
+        }
+    }
+    enqueue(item, failed);
+    return handle;
 }
 
 template <auto F, class... Args>
 future<typename detail::remote<F>::result> process_pool::submit(Args&&... args) {
     using remote = detail::remote<F>;
-    using result = typename remote::result;
     using arguments = typename remote::arguments;
     static_assert(std::is_constructible_v<arguments, Args&&...>,
                   "coproc: submit<F>(args...): the arguments do not convert to F's parameters");
-    (void)remote::registered; // odr-use: F is registered in every process of this program
+    return submit_encoded<F, typename remote::result>(arguments{std::forward<Args>(args)...}, 0);
+}
 
-    auto* item = new detail::typed_work_item<result>();
-    future<result> handle{item};
-    item->function_id = remote::id;
-    item->function_name = remote::name;
-    bool encoding_failed = false;
-    try {
-        detail::encode_into(item->arguments, arguments{std::forward<Args>(args)...});
-    } catch (...) {
-        item->error = std::current_exception();
-        encoding_failed = true;
-    }
-    enqueue(item, encoding_failed);
-    return handle;
+template <auto F>
+void process_pool::submit_chunk(std::vector<typename detail::remote<F>::arguments> chunk,
+                                std::deque<future<std::vector<typename detail::remote<F>::result>>>& into) {
+    into.push_back(submit_encoded<F, std::vector<typename detail::remote<F>::result>>(chunk, detail::wire::frame_flag::chunk));
 }
 
 } // namespace coproc

@@ -1,9 +1,13 @@
 // coproc/detail/remote_function.hpp - functions that can run in a worker.
 //
-// A function is known by a stable 64-bit id: the FNV-1a hash of the compiler's
-// name for remote<F>, which names F. Two processes running the same program
-// compute the same id, and so does a separate worker program built by the
-// same compiler from the same sources.
+// A function is known by a stable 64-bit id: the FNV-1a hash of the
+// compiler's spelling of F together with that of F's type. Two processes
+// running the same program compute the same id, and so does a separate
+// worker program built by the same compiler from the same sources. The type
+// tells overloads apart; compilers may still spell two functions alike (Clang
+// omits the arguments of function template specializations). The registry
+// notices when two different functions share an id, and submit then fails
+// the future with an error instead of running the wrong one.
 //
 // remote<F>::registered is an inline variable whose initializer adds F to the
 // process-wide registry. Submitting through submit<F> odr-uses it, so it is
@@ -40,6 +44,11 @@ constexpr std::uint64_t fnv1a(std::string_view text) noexcept {
 
 template <auto F>
 constexpr std::string_view pretty_name_of() noexcept {
+    return __PRETTY_FUNCTION__;
+}
+
+template <class T>
+constexpr std::string_view pretty_type_of() noexcept {
     return __PRETTY_FUNCTION__;
 }
 
@@ -110,13 +119,17 @@ using invoker = void (*)(std::span<const std::byte> arguments, std::vector<std::
 struct remote_function_entry {
     std::uint64_t id;
     std::string_view name;
-    invoker invoke;
+    invoker invoke;       // one call: arguments -> result
+    invoker invoke_chunk; // map: a vector of argument tuples -> a vector of results
+    bool ambiguous;       // two different functions registered this id
 };
 
-// The process-wide registry (src/remote_function.cpp). Registering the same
-// id twice keeps the first entry.
-bool register_remote_function(std::uint64_t id, std::string_view name, invoker invoke) noexcept;
+// The process-wide registry (src/remote_function.cpp). Registering an id
+// again with a different invoker marks the entry ambiguous.
+bool register_remote_function(std::uint64_t id, std::string_view name, invoker invoke, invoker invoke_chunk) noexcept;
 const remote_function_entry* find_remote_function(std::uint64_t id) noexcept;
+// True when `id` names exactly the function whose invoker is `invoke`.
+bool remote_function_is_unique(std::uint64_t id, invoker invoke) noexcept;
 
 template <auto F>
 struct remote {
@@ -139,7 +152,7 @@ struct remote {
                   "for it (<cereal/types/...>)");
 
     static constexpr std::string_view name = display_name_of<F>();
-    static constexpr std::uint64_t id = fnv1a(pretty_name_of<F>());
+    static constexpr std::uint64_t id = fnv1a(pretty_name_of<F>()) ^ (fnv1a(pretty_type_of<decltype(F)>()) * 31);
 
     static void invoke(std::span<const std::byte> encoded, std::vector<std::byte>& out, std::stop_token token) {
         arguments values;
@@ -152,7 +165,21 @@ struct remote {
         }
     }
 
-    static inline const bool registered = register_remote_function(id, name, &invoke);
+    // map: F over each argument tuple of a chunk, the results in order.
+    static void invoke_chunk(std::span<const std::byte> encoded, std::vector<std::byte>& out, std::stop_token token) {
+        std::vector<arguments> chunk;
+        decode_from(encoded, chunk);
+        if constexpr (std::is_void_v<result>) {
+            for (auto& values : chunk) call(std::move(values), token);
+        } else {
+            std::vector<result> results;
+            results.reserve(chunk.size());
+            for (auto& values : chunk) results.push_back(call(std::move(values), token));
+            encode_into(out, results);
+        }
+    }
+
+    static inline const bool registered = register_remote_function(id, name, &invoke, &invoke_chunk);
 
 private:
     static decltype(auto) call(arguments&& values, std::stop_token token) {
@@ -174,8 +201,13 @@ private:
 // Appends the ERROR payload for the exception in `error` (worker side).
 void encode_exception(std::exception_ptr error, std::vector<std::byte>& out);
 
-// Appends the ERROR payload saying the worker has no function `function_id`.
+// Appends the ERROR payload saying the worker has no function `function_id`,
+// or cannot tell which of several functions it names.
 void encode_unknown_function(std::uint64_t function_id, std::vector<std::byte>& out);
+void encode_ambiguous_function(std::string_view name, std::vector<std::byte>& out);
+
+// The message of the error a submit fails with when F's id is ambiguous.
+std::string describe_ambiguous_function(std::string_view name);
 
 // Rebuilds the exception from an ERROR payload (parent side): the same
 // standard type with the same what(), or coproc::remote_error.

@@ -9,7 +9,8 @@
 //
 //   kind    direction         payload
 //   HELLO   worker -> parent  u16 protocol version, i32 pid
-//   CALL    parent -> worker  u64 function id, then the arguments
+//   CALL    parent -> worker  u64 function id, then the arguments (flag
+//                             `chunk`: a vector of argument tuples, for map)
 //   START   worker -> parent  (none): the task with this work id began running
 //   RESULT  worker -> parent  the function's value (nothing for void)
 //   ERROR   worker -> parent  transported exception (see remote_function.hpp)
@@ -37,6 +38,13 @@ enum class frame_kind : std::uint16_t {
     bye = 7,
 };
 
+// Bits of frame_header::flags.
+enum frame_flag : std::uint16_t {
+    // CALL: the payload's arguments are a vector of argument tuples (map);
+    // the RESULT is a vector of results.
+    chunk = 1,
+};
+
 struct frame_header {
     std::uint32_t length;
     std::uint16_t kind;
@@ -49,9 +57,10 @@ inline constexpr std::size_t header_size = sizeof(frame_header);
 
 // Appends a header for a payload that the caller appends next; returns the
 // header's offset so that finish_frame can fill in the length.
-inline std::size_t begin_frame(std::vector<std::byte>& out, frame_kind kind, std::uint64_t work_id) {
+inline std::size_t begin_frame(std::vector<std::byte>& out, frame_kind kind, std::uint64_t work_id,
+                               std::uint16_t flags = 0) {
     const std::size_t offset = out.size();
-    const frame_header header{0, static_cast<std::uint16_t>(kind), 0, work_id};
+    const frame_header header{0, static_cast<std::uint16_t>(kind), flags, work_id};
     out.resize(offset + header_size);
     std::memcpy(out.data() + offset, &header, header_size);
     return offset;

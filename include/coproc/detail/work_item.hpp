@@ -62,6 +62,7 @@ public:
     // Fixed at submit.
     std::uint64_t id = 0;
     std::uint64_t function_id = 0;
+    std::uint16_t frame_flags = 0; // wire::frame_flag bits of its CALL frame
     std::string_view function_name;
     std::vector<std::byte> arguments; // encoded; freed once the task is final
     pool_core* pool = nullptr;        // null once final
