@@ -7,6 +7,7 @@
 #include <doctest/doctest.h>
 
 #include <chrono>
+#include <cstdio>
 #include <cstddef>
 #include <dirent.h>
 #include <span>
@@ -67,6 +68,27 @@ inline int count_open_fds() {
     }
     ::closedir(dir);
     return count - 1; // the directory stream's own descriptor
+}
+
+// Runs `body` with this process's stderr (descriptor 2, which workers
+// inherit) redirected to an anonymous temporary file; returns what was
+// written to it.
+template <class Body>
+std::string capture_stderr(Body body) {
+    std::FILE* capture = std::tmpfile();
+    REQUIRE(capture != nullptr);
+    std::fflush(stderr);
+    const int saved = ::dup(STDERR_FILENO);
+    ::dup2(::fileno(capture), STDERR_FILENO);
+    body();
+    std::fflush(stderr);
+    ::dup2(saved, STDERR_FILENO);
+    ::close(saved);
+    std::string text(1 << 16, '\0');
+    std::rewind(capture);
+    text.resize(std::fread(text.data(), 1, text.size(), capture));
+    std::fclose(capture);
+    return text;
 }
 
 // Runs `body` on `loop`, failing with coproc::timeout_error instead of

@@ -118,23 +118,12 @@ TEST_CASE("an exception escaping a spawned task reaches the handler, never silen
 }
 
 TEST_CASE("without a handler, an escaping exception is printed to stderr") {
-    std::FILE* capture = std::tmpfile();
-    REQUIRE(capture != nullptr);
-    const int saved = ::dup(STDERR_FILENO);
-    ::dup2(::fileno(capture), STDERR_FILENO);
-    {
+    const std::string text = capture_stderr([] {
         coproc::event_loop loop;
         loop.spawn(fails_with("nobody caught me"));
         int counter = 0;
         run_bounded(loop, add_after(&loop, &counter, 1ms));
-    }
-    std::fflush(stderr);
-    ::dup2(saved, STDERR_FILENO);
-    ::close(saved);
-    std::string text(4096, '\0');
-    std::rewind(capture);
-    text.resize(std::fread(text.data(), 1, text.size(), capture));
-    std::fclose(capture);
+    });
     CHECK(text.find("nobody caught me") != std::string::npos);
 }
 

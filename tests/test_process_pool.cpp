@@ -544,21 +544,11 @@ TEST_CASE("workers get the configured environment and inherit only their socket 
 }
 
 TEST_CASE("a worker's stderr reaches the parent's stderr") {
-    std::FILE* capture = std::tmpfile();
-    REQUIRE(capture != nullptr);
-    const int saved = ::dup(STDERR_FILENO);
-    ::dup2(::fileno(capture), STDERR_FILENO);
-    {
+    const std::string text = capture_stderr([] {
         coproc::event_loop loop;
         coproc::process_pool pool{loop, {.max_workers = 1}};
         run_bounded(loop, await_future(pool.submit<write_to_stderr>("a line from the worker\n")));
-    }
-    ::dup2(saved, STDERR_FILENO);
-    ::close(saved);
-    std::string text(4096, '\0');
-    std::rewind(capture);
-    text.resize(std::fread(text.data(), 1, text.size(), capture));
-    std::fclose(capture);
+    });
     CHECK(contains(text, "a line from the worker"));
 }
 
