@@ -93,6 +93,14 @@ int hang_forever() {
     for (;;) std::this_thread::sleep_for(std::chrono::seconds{1});
 }
 
+int crash_once(std::string marker, int value) {
+    if (!std::filesystem::exists(marker)) {
+        std::ofstream{marker} << "crashed once\n";
+        std::abort();
+    }
+    return value;
+}
+
 int write_pid_and_hang(std::string path) {
     {
         std::ofstream out{path + ".tmp"};

@@ -43,6 +43,9 @@ int crash_abort();
 int crash_exit(int code);
 int hang_forever();
 int write_pid_and_hang(std::string path);
+// Crashes its worker the first time (when `marker` does not exist yet, it
+// creates it), returns `value` afterwards.
+int crash_once(std::string marker, int value);
 void send_garbage_frame();
 void send_oversized_frame();
 

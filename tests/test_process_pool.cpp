@@ -254,6 +254,20 @@ TEST_CASE("worker_died carries the pid, the signal or exit code and the function
     CHECK(run_bounded(loop, submit_square(&pool, 5)) == 25); // the pool keeps serving
 }
 
+TEST_CASE("max_retries reruns a task whose worker died on a fresh worker; without it the task fails") {
+    const auto marker = std::filesystem::temp_directory_path() / ("coproc-test-retry-" + std::to_string(::getpid()));
+    std::filesystem::remove(marker);
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 1}};
+        CHECK(run_bounded(loop, await_future(pool.submit_with<crash_once>({.max_retries = 1}, marker.string(), 42))) == 42);
+        CHECK(pool.stats().workers_started == 2);
+        std::filesystem::remove(marker);
+        CHECK_THROWS_AS(run_bounded(loop, await_future(pool.submit<crash_once>(marker.string(), 42))), coproc::worker_died);
+    }
+    std::filesystem::remove(marker);
+}
+
 TEST_CASE("max_tasks_per_child=1 over 200 tasks: every task runs exactly once, each on a fresh worker") {
     leak_check leaks;
     {

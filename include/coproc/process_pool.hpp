@@ -83,6 +83,13 @@ struct process_pool_options {
     std::size_t max_frame_size = std::size_t{256} << 20;
 };
 
+// Options of one submit (submit_with).
+struct submit_options {
+    // Times the task is run again, on a fresh worker, when the worker running
+    // it dies. 0: its future fails with worker_died at once.
+    unsigned max_retries = 0;
+};
+
 struct shutdown_options {
     // Wait for the pending and running tasks to finish and for the workers
     // to exit before completing.
@@ -134,6 +141,10 @@ public:
     template <auto F, class... Args>
     future<typename detail::remote<F>::result> submit(Args&&... args);
 
+    // submit with per-task options.
+    template <auto F, class... Args>
+    future<typename detail::remote<F>::result> submit_with(submit_options options, Args&&... args);
+
     // Runs F over every element of `inputs` in workers, `chunksize` elements
     // per task, and yields the results in input order. F takes the element
     // (or, for a tuple element, its members as arguments). The inputs are
@@ -174,7 +185,7 @@ private:
 
     // Builds a work item for F with `payload` as its encoded arguments.
     template <auto F, class R, class Payload>
-    future<R> submit_encoded(const Payload& payload, std::uint16_t frame_flags);
+    future<R> submit_encoded(const Payload& payload, std::uint16_t frame_flags, submit_options options = {});
 
     // map: F over a chunk of argument tuples, as one task.
     template <auto F>
@@ -300,7 +311,7 @@ auto process_pool::map_stream(const Range& inputs, map_options opts) {
 }
 
 template <auto F, class R, class Payload>
-future<R> process_pool::submit_encoded(const Payload& payload, std::uint16_t frame_flags) {
+future<R> process_pool::submit_encoded(const Payload& payload, std::uint16_t frame_flags, submit_options options) {
     using remote = detail::remote<F>;
     (void)remote::registered; // odr-use: F is registered in every process of this program
     // Checked once per function: every registration ran before main.
@@ -311,6 +322,7 @@ future<R> process_pool::submit_encoded(const Payload& payload, std::uint16_t fra
     item->function_id = remote::id;
     item->function_name = remote::name;
     item->frame_flags = frame_flags;
+    item->retries_left = options.max_retries;
     bool failed = false;
     if (!unique) {
         item->error = std::make_exception_ptr(error(detail::describe_ambiguous_function(remote::name)));
@@ -334,6 +346,15 @@ future<typename detail::remote<F>::result> process_pool::submit(Args&&... args) 
     static_assert(std::is_constructible_v<arguments, Args&&...>,
                   "coproc: submit<F>(args...): the arguments do not convert to F's parameters");
     return submit_encoded<F, typename remote::result>(arguments{std::forward<Args>(args)...}, 0);
+}
+
+template <auto F, class... Args>
+future<typename detail::remote<F>::result> process_pool::submit_with(submit_options options, Args&&... args) {
+    using remote = detail::remote<F>;
+    using arguments = typename remote::arguments;
+    static_assert(std::is_constructible_v<arguments, Args&&...>,
+                  "coproc: submit_with<F>(options, args...): the arguments do not convert to F's parameters");
+    return submit_encoded<F, typename remote::result>(arguments{std::forward<Args>(args)...}, 0, options);
 }
 
 template <auto F>
