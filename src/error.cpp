@@ -30,6 +30,10 @@ remote_error::remote_error(std::string type_name, std::string message, int pid, 
       pid_(pid),
       function_(std::move(function)) {}
 
+queue_full::queue_full()
+    : error("coproc: the process pool's queue is full (process_pool_options::max_pending); use try_submit or "
+            "co_await submit_async to wait for room") {}
+
 pool_closed::pool_closed() : error("coproc: submit after the process pool was shut down") {}
 
 } // namespace coproc

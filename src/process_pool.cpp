@@ -120,7 +120,8 @@ public:
     pool_core(event_loop& loop, process_pool_options opts);
     ~pool_core();
 
-    void submit(work_item* item, bool encoding_failed);
+    bool submit(work_item* item, bool encoding_failed, bool throw_when_full);
+    [[nodiscard]] bool has_room() const noexcept;
     void dispatch();
     void destroy() noexcept;
     void close(bool cancel_pending);
@@ -340,12 +341,22 @@ void pool_core::destroy() noexcept {
 
 // --- submit, cancel, await, callbacks (any thread unless noted)
 
-void pool_core::submit(work_item* item, bool encoding_failed) {
+bool pool_core::has_room() const noexcept {
+    if (destroyed || options_.max_pending == 0) return true;
+    std::lock_guard lock{mutex_};
+    return closed_ || broken_ || queued_.load(std::memory_order_relaxed) < options_.max_pending;
+}
+
+bool pool_core::submit(work_item* item, bool encoding_failed, bool throw_when_full) {
     bool post_dispatch = false;
     {
         std::lock_guard lock{mutex_};
         if (closed_) throw pool_closed();
         if (broken_) std::rethrow_exception(broken_);
+        if (!encoding_failed && options_.max_pending > 0 && queued_.load(std::memory_order_relaxed) >= options_.max_pending) {
+            if (throw_when_full) throw queue_full();
+            return false;
+        }
         item->id = next_id_++;
         item->pool = this;
         if (!encoding_failed) {
@@ -357,13 +368,14 @@ void pool_core::submit(work_item* item, bool encoding_failed) {
     }
     if (encoding_failed) {
         complete(item, work_state::failed, item->error);
-        return;
+        return true;
     }
     if (post_dispatch) {
         loop.post([weak = weak_from_this()] {
             if (auto core = weak.lock()) core->dispatch();
         });
     }
+    return true;
 }
 
 bool pool_core::cancel(work_item& item) {
@@ -374,6 +386,14 @@ bool pool_core::cancel(work_item& item) {
         // Left in pending_ and skipped by dispatch(), which drops the reference.
     }
     complete(&item, work_state::cancelled, std::make_exception_ptr(cancelled_error("coproc: the task was cancelled before it ran")));
+    // Room in the queue: wake submit_async waiters, on the loop thread.
+    if (loop.is_loop_thread()) {
+        wake_waiters();
+    } else {
+        loop.post([weak = weak_from_this()] {
+            if (auto core = weak.lock()) core->wake_waiters();
+        });
+    }
     return true;
 }
 
@@ -494,6 +514,7 @@ void pool_core::dispatch() {
         demand = queued_.load(std::memory_order_relaxed);
         closing = closed_;
     }
+    if (options_.max_pending > 0 && demand < options_.max_pending) wake_waiters(); // room for submit_async
     for (auto& worker : workers_) {
         if (worker->state == worker_handle::phase::exited) continue;
         const bool drained = worker->assigned.empty() && (worker->state == worker_handle::phase::retiring ||
@@ -837,6 +858,10 @@ std::vector<int> pool_core::worker_pids() const {
 
 // --- the functions future<T> calls
 
+bool pool_has_room(const pool_core& core) noexcept { return core.has_room(); }
+
+void pool_wait_for_room(pool_core& core, std::coroutine_handle<> awaiting) { core.add_waiter(awaiting); }
+
 bool await_work_item(work_item& item, std::coroutine_handle<> awaiting) {
     if (is_final(item.state())) return false;
     return item.pool->await(item, awaiting);
@@ -882,7 +907,9 @@ process_pool::process_pool(event_loop& loop, options opts)
 
 process_pool::~process_pool() { core_->destroy(); }
 
-void process_pool::enqueue(detail::work_item* item, bool encoding_failed) { core_->submit(item, encoding_failed); }
+bool process_pool::enqueue(detail::work_item* item, bool failed, bool throw_when_full) {
+    return core_->submit(item, failed, throw_when_full);
+}
 
 task<void> process_pool::shutdown(shutdown_options opts) { return detail::shutdown_pool(core_, opts); }
 

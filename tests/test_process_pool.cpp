@@ -4,6 +4,7 @@
 #include "remote_functions.hpp"
 #include "support.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <csignal>
 #include <cstdio>
@@ -87,6 +88,15 @@ task<std::vector<outcome>> settle_all(std::vector<future<int>> futures) {
 task<int> submit_square(coproc::process_pool* pool, int x) { co_return co_await pool->submit<square>(x); }
 
 task<void> void_task(coproc::process_pool* pool, int milliseconds) { co_await pool->submit<sleep_ms>(milliseconds); }
+
+task<std::vector<int>> submit_async_many(coproc::process_pool* pool, int count, std::size_t* most_queued) {
+    std::vector<future<int>> futures;
+    for (int i = 0; i < count; ++i) {
+        futures.push_back(co_await pool->submit_async<square>(i + 10));
+        *most_queued = std::max(*most_queued, pool->stats().tasks_queued);
+    }
+    co_return co_await await_all(std::move(futures));
+}
 
 task<std::vector<int>> map_squares(coproc::process_pool* pool, std::vector<int> inputs) {
     co_return co_await pool->map<square>(inputs, {.chunksize = 2});
@@ -252,6 +262,28 @@ TEST_CASE("worker_died carries the pid, the signal or exit code and the function
         CHECK(e.exit_code() == -1);
     }
     CHECK(run_bounded(loop, submit_square(&pool, 5)) == 25); // the pool keeps serving
+}
+
+TEST_CASE("max_pending bounds the queue: submit throws queue_full, try_submit returns nothing, submit_async waits") {
+    leak_check leaks;
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 1, .prefetch = 1, .max_pending = 3}};
+        std::vector<future<int>> futures;
+        // The loop is not running yet, so every submit stays pending.
+        for (int i = 0; i < 3; ++i) futures.push_back(pool.submit<square>(i));
+        CHECK_THROWS_AS((void)pool.submit<square>(3), coproc::queue_full);
+        CHECK_FALSE(pool.try_submit<square>(3).has_value());
+        CHECK(pool.stats().tasks_queued == 3);
+        // submit_async waits for room: 30 more, never more than 3 queued.
+        std::size_t most_queued = 0;
+        const auto values = run_bounded(loop, submit_async_many(&pool, 30, &most_queued), 30s);
+        CHECK(most_queued <= 3);
+        REQUIRE(values.size() == 30);
+        for (int i = 0; i < 30; ++i) CHECK(values[static_cast<std::size_t>(i)] == (i + 10) * (i + 10));
+        CHECK(run_bounded(loop, await_all(std::move(futures))) == std::vector<int>{0, 1, 4});
+    }
+    leaks.verify();
 }
 
 TEST_CASE("max_retries reruns a task whose worker died on a fresh worker; without it the task fails") {

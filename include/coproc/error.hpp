@@ -95,6 +95,14 @@ private:
     std::string function_;
 };
 
+// submit() while the pool already holds process_pool_options::max_pending
+// tasks waiting for a worker. try_submit returns nothing instead, and
+// co_await submit_async waits for room.
+class queue_full : public error {
+public:
+    queue_full();
+};
+
 // submit() after shutdown() began.
 class pool_closed : public error {
 public:

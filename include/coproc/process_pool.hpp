@@ -51,6 +51,8 @@ namespace detail {
 class pool_core;
 template <auto F>
 class chunk_window;
+bool pool_has_room(const pool_core& core) noexcept;
+void pool_wait_for_room(pool_core& core, std::coroutine_handle<> awaiting);
 }
 
 // What a worker's death does to the pool.
@@ -81,6 +83,10 @@ struct process_pool_options {
     unsigned prefetch = 2;
     // A frame from a worker larger than this kills the worker.
     std::size_t max_frame_size = std::size_t{256} << 20;
+    // Tasks waiting in the parent for a worker, at most; 0: no bound. When
+    // reached, submit throws queue_full, try_submit returns nothing and
+    // co_await submit_async waits for room: memory stays bounded.
+    std::size_t max_pending = 0;
 };
 
 // Options of one submit (submit_with).
@@ -141,6 +147,16 @@ public:
     template <auto F, class... Args>
     future<typename detail::remote<F>::result> submit(Args&&... args);
 
+    // submit, unless the queue holds max_pending tasks: then nothing is
+    // submitted and the result is empty. Thread-safe.
+    template <auto F, class... Args>
+    std::optional<future<typename detail::remote<F>::result>> try_submit(Args&&... args);
+
+    // Waits (suspending, on the loop thread) until the queue has room, then
+    // submits. The arguments are copied into the coroutine.
+    template <auto F, class... Args>
+    task<future<typename detail::remote<F>::result>> submit_async(Args... args);
+
     // submit with per-task options.
     template <auto F, class... Args>
     future<typename detail::remote<F>::result> submit_with(submit_options options, Args&&... args);
@@ -181,11 +197,14 @@ private:
     template <auto F>
     friend class detail::chunk_window;
 
-    void enqueue(detail::work_item* item, bool failed);
+    // Queues the item; false (and nothing queued) when the queue is full
+    // and `throw_when_full` is false.
+    bool enqueue(detail::work_item* item, bool failed, bool throw_when_full);
 
     // Builds a work item for F with `payload` as its encoded arguments.
     template <auto F, class R, class Payload>
-    future<R> submit_encoded(const Payload& payload, std::uint16_t frame_flags, submit_options options = {});
+    std::optional<future<R>> submit_encoded(const Payload& payload, std::uint16_t frame_flags, submit_options options = {},
+                                            bool throw_when_full = true);
 
     // map: F over a chunk of argument tuples, as one task.
     template <auto F>
@@ -311,7 +330,8 @@ auto process_pool::map_stream(const Range& inputs, map_options opts) {
 }
 
 template <auto F, class R, class Payload>
-future<R> process_pool::submit_encoded(const Payload& payload, std::uint16_t frame_flags, submit_options options) {
+std::optional<future<R>> process_pool::submit_encoded(const Payload& payload, std::uint16_t frame_flags,
+                                                      submit_options options, bool throw_when_full) {
     using remote = detail::remote<F>;
     (void)remote::registered; // odr-use: F is registered in every process of this program
     // Checked once per function: every registration ran before main.
@@ -335,7 +355,7 @@ future<R> process_pool::submit_encoded(const Payload& payload, std::uint16_t fra
             failed = true;
         }
     }
-    enqueue(item, failed);
+    if (!enqueue(item, failed, throw_when_full)) return std::nullopt;
     return handle;
 }
 
@@ -345,7 +365,34 @@ future<typename detail::remote<F>::result> process_pool::submit(Args&&... args) 
     using arguments = typename remote::arguments;
     static_assert(std::is_constructible_v<arguments, Args&&...>,
                   "coproc: submit<F>(args...): the arguments do not convert to F's parameters");
-    return submit_encoded<F, typename remote::result>(arguments{std::forward<Args>(args)...}, 0);
+    return *submit_encoded<F, typename remote::result>(arguments{std::forward<Args>(args)...}, 0);
+}
+
+template <auto F, class... Args>
+std::optional<future<typename detail::remote<F>::result>> process_pool::try_submit(Args&&... args) {
+    using remote = detail::remote<F>;
+    using arguments = typename remote::arguments;
+    static_assert(std::is_constructible_v<arguments, Args&&...>,
+                  "coproc: try_submit<F>(args...): the arguments do not convert to F's parameters");
+    return submit_encoded<F, typename remote::result>(arguments{std::forward<Args>(args)...}, 0, {}, false);
+}
+
+namespace detail {
+// Suspends until the pool's queue has room (or the pool is gone).
+struct pool_room {
+    pool_core* core;
+    bool await_ready() const noexcept { return pool_has_room(*core); }
+    void await_suspend(std::coroutine_handle<> awaiting) { pool_wait_for_room(*core, awaiting); }
+    void await_resume() const noexcept {}
+};
+} // namespace detail
+
+template <auto F, class... Args>
+task<future<typename detail::remote<F>::result>> process_pool::submit_async(Args... args) {
+    for (;;) {
+        if (auto submitted = try_submit<F>(args...)) co_return std::move(*submitted);
+        co_await detail::pool_room{core_.get()};
+    }
 }
 
 template <auto F, class... Args>
@@ -354,13 +401,13 @@ future<typename detail::remote<F>::result> process_pool::submit_with(submit_opti
     using arguments = typename remote::arguments;
     static_assert(std::is_constructible_v<arguments, Args&&...>,
                   "coproc: submit_with<F>(options, args...): the arguments do not convert to F's parameters");
-    return submit_encoded<F, typename remote::result>(arguments{std::forward<Args>(args)...}, 0, options);
+    return *submit_encoded<F, typename remote::result>(arguments{std::forward<Args>(args)...}, 0, options);
 }
 
 template <auto F>
 void process_pool::submit_chunk(std::vector<typename detail::remote<F>::arguments> chunk,
                                 std::deque<future<std::vector<typename detail::remote<F>::result>>>& into) {
-    into.push_back(submit_encoded<F, std::vector<typename detail::remote<F>::result>>(chunk, detail::wire::frame_flag::chunk));
+    into.push_back(*submit_encoded<F, std::vector<typename detail::remote<F>::result>>(chunk, detail::wire::frame_flag::chunk));
 }
 
 } // namespace coproc
