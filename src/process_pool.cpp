@@ -22,6 +22,7 @@
 
 #include <coproc/process_pool.hpp>
 
+#include <coproc/cancellation.hpp>
 #include <coproc/detail/wire.hpp>
 
 #include <fcntl.h>
@@ -107,6 +108,12 @@ struct worker_handle {
     // be requeued without any risk of running twice.
     bool reaped = false;
     bool reader_done = false;
+    // Idle timeout: `generation` counts tasks handed to the worker, so the
+    // timer can tell whether it stayed idle all along; stopping `idle_stop`
+    // ends the timer early (the worker exited, or the pool is gone).
+    std::uint64_t generation = 0;
+    bool idle_timer = false;
+    std::stop_source idle_stop;
     ::siginfo_t exit_info{};
 
     void close_descriptors() noexcept {
@@ -140,6 +147,8 @@ public:
     void on_worker_exit(worker_handle& worker);
     void release_coroutine(worker_handle& worker) noexcept;
     void kill_worker(worker_handle& worker, const std::string& reason) noexcept;
+    void idle_timer_fired(worker_handle& worker, std::uint64_t generation);
+    [[nodiscard]] std::chrono::milliseconds idle_timeout() const noexcept { return options_.idle_timeout; }
 
     // shutdown() waits on these.
     [[nodiscard]] bool idle() const;
@@ -154,6 +163,7 @@ private:
     void complete(work_item* item, work_state state, std::exception_ptr error) noexcept;
     void spawn_worker();
     void start_writer(worker_handle& worker);
+    void start_idle_timer(worker_handle& worker);
     void send_bye(worker_handle& worker);
     void fail_all_pending(const std::exception_ptr& error) noexcept;
     std::vector<char*> worker_environment();
@@ -251,6 +261,20 @@ task<void> watch_worker(std::shared_ptr<pool_core> core, worker_handle* worker) 
     core->release_coroutine(*worker);
 }
 
+task<void> sleep_idle(event_loop* loop, std::chrono::milliseconds duration) { co_await loop->sleep_for(duration); }
+
+// Retires a worker that stays idle for idle_timeout.
+task<void> idle_timer(std::shared_ptr<pool_core> core, worker_handle* worker, std::uint64_t generation) {
+    try {
+        co_await with_stop_token(sleep_idle(&core->loop, core->idle_timeout()), worker->idle_stop.get_token());
+        if (!core->destroyed) core->idle_timer_fired(*worker, generation);
+    } catch (...) {
+        // Stopped: the worker exited or the pool is gone.
+        worker->idle_timer = false;
+    }
+    core->release_coroutine(*worker);
+}
+
 // Waits until `ready(core)` holds; woken by pool_core::wake_waiters.
 struct pool_condition {
     pool_core* core;
@@ -314,6 +338,7 @@ void pool_core::destroy() noexcept {
         item->release();
     }
     for (auto& worker : workers_) {
+        worker->idle_stop.request_stop();
         if (worker->state != worker_handle::phase::exited && !worker->reaped && worker->pid > 0) {
             // Not reaped yet, so the pid cannot have been reused.
             ::kill(worker->pid, SIGKILL);
@@ -502,6 +527,7 @@ void pool_core::dispatch() {
             item->worker_pid = target->pid;
             item->set_state(work_state::dispatched);
             target->assigned.push_back(item);
+            ++target->generation;
             const auto offset = wire::begin_frame(target->outbox, wire::frame_kind::call, item->id, item->frame_flags);
             const auto* function_id = reinterpret_cast<const std::byte*>(&item->function_id);
             target->outbox.insert(target->outbox.end(), function_id, function_id + sizeof item->function_id);
@@ -521,6 +547,10 @@ void pool_core::dispatch() {
                                                           (closing && demand == 0 && worker->state == worker_handle::phase::ready));
         if (drained && !worker->bye_sent) send_bye(*worker);
         if (!worker->outbox.empty() && !worker->writing) start_writer(*worker);
+        if (options_.idle_timeout.count() > 0 && worker->state == worker_handle::phase::ready && !worker->reaped &&
+            worker->assigned.empty() && !worker->idle_timer && !destroyed) {
+            start_idle_timer(*worker);
+        }
     }
     while (demand > starting && live < static_cast<std::size_t>(max_workers_) && !destroyed) {
         try {
@@ -566,6 +596,23 @@ void pool_core::start_writer(worker_handle& worker) {
     worker.writing = true;
     ++worker.coroutines;
     loop.spawn(write_worker(shared_from_this(), &worker));
+}
+
+void pool_core::start_idle_timer(worker_handle& worker) {
+    worker.idle_timer = true;
+    ++worker.coroutines;
+    loop.spawn(idle_timer(shared_from_this(), &worker, worker.generation));
+}
+
+void pool_core::idle_timer_fired(worker_handle& worker, std::uint64_t generation) {
+    worker.idle_timer = false;
+    if (worker.state != worker_handle::phase::ready || worker.reaped || !worker.assigned.empty()) return;
+    if (worker.generation != generation) {
+        start_idle_timer(worker); // it worked meanwhile: a new idle period began
+        return;
+    }
+    send_bye(worker);
+    if (!worker.writing) start_writer(worker);
 }
 
 std::vector<char*> pool_core::worker_environment() {
@@ -726,6 +773,7 @@ void pool_core::on_reader_done(worker_handle& worker) {
 }
 
 void pool_core::on_worker_exit(worker_handle& worker) {
+    worker.idle_stop.request_stop();
     const ::siginfo_t& info = worker.exit_info;
     const bool was_starting = worker.state == worker_handle::phase::starting;
     const bool expected = worker.bye_sent && worker.assigned.empty() && worker.kill_reason.empty();

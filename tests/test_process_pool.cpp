@@ -89,6 +89,11 @@ task<int> submit_square(coproc::process_pool* pool, int x) { co_return co_await 
 
 task<void> void_task(coproc::process_pool* pool, int milliseconds) { co_await pool->submit<sleep_ms>(milliseconds); }
 
+task<std::size_t> workers_alive_after(coproc::event_loop* loop, coproc::process_pool* pool, std::chrono::milliseconds wait) {
+    co_await loop->sleep_for(wait);
+    co_return pool->stats().workers_alive;
+}
+
 task<std::vector<int>> submit_async_many(coproc::process_pool* pool, int count, std::size_t* most_queued) {
     std::vector<future<int>> futures;
     for (int i = 0; i < count; ++i) {
@@ -282,6 +287,26 @@ TEST_CASE("max_pending bounds the queue: submit throws queue_full, try_submit re
         REQUIRE(values.size() == 30);
         for (int i = 0; i < 30; ++i) CHECK(values[static_cast<std::size_t>(i)] == (i + 10) * (i + 10));
         CHECK(run_bounded(loop, await_all(std::move(futures))) == std::vector<int>{0, 1, 4});
+    }
+    leaks.verify();
+}
+
+TEST_CASE("idle_timeout: idle workers exit, and workers start again on demand") {
+    leak_check leaks;
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 1, .idle_timeout = 100ms}};
+        const int first = run_bounded(loop, await_future(pool.submit<worker_pid>()));
+        CHECK(run_bounded(loop, workers_alive_after(&loop, &pool, 800ms)) == 0);
+        const int second = run_bounded(loop, await_future(pool.submit<worker_pid>()));
+        CHECK(second != first);
+        CHECK(pool.stats().workers_started == 2);
+        // A worker kept busy does not time out.
+        std::vector<future<int>> futures;
+        for (int i = 0; i < 10; ++i) futures.push_back(pool.submit<sleep_then>(10, i));
+        const auto values = run_bounded(loop, await_all(std::move(futures)));
+        CHECK(values.size() == 10);
+        CHECK(pool.stats().workers_started == 2);
     }
     leaks.verify();
 }

@@ -71,6 +71,9 @@ struct process_pool_options {
     std::optional<int> max_workers{};
     // A worker exits after this many tasks and is replaced; 0: no limit.
     std::size_t max_tasks_per_child = 0;
+    // A worker with no task for this long exits; the pool starts workers
+    // again on demand. Zero: workers stay until shutdown.
+    std::chrono::milliseconds idle_timeout{0};
     // The program workers run. Empty: this program, re-executed in worker
     // mode (it must call run_worker_if_requested at the top of main).
     std::string worker_executable{};
