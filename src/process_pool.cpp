@@ -12,9 +12,9 @@
 //
 // Worker phases:
 //
-//   starting --HELLO--> ready --(max_tasks_per_child reached)--> retiring
-//       |                 |                                          |
-//       +-----------------+------------(process exits)---------------+--> exited
+//   starting --HELLO--> [initializing --RESULT 0-->] ready --(max_tasks_per_child,
+//       |                    |                          |    idle_timeout, shutdown)--> retiring
+//       +--------------------+--------------------------+------(process exits)------------+--> exited
 //
 // The coroutines hold a shared_ptr to pool_core, so it outlives the
 // process_pool object until they have ended; a worker_handle is freed once
@@ -89,7 +89,7 @@ std::string describe_exit(const ::siginfo_t& info) {
 } // namespace
 
 struct worker_handle {
-    enum class phase { starting, ready, retiring, exited };
+    enum class phase { starting, initializing, ready, retiring, exited };
 
     int pid = -1;
     int socket = -1;
@@ -147,6 +147,7 @@ public:
     void on_worker_exit(worker_handle& worker);
     void release_coroutine(worker_handle& worker) noexcept;
     void kill_worker(worker_handle& worker, const std::string& reason) noexcept;
+    void initializer_failed(worker_handle& worker, std::exception_ptr cause);
     void idle_timer_fired(worker_handle& worker, std::uint64_t generation);
     [[nodiscard]] std::chrono::milliseconds idle_timeout() const noexcept { return options_.idle_timeout; }
 
@@ -492,7 +493,7 @@ void pool_core::dispatch() {
     for (auto& worker : workers_) {
         if (worker->state == worker_handle::phase::exited || worker->reaped) continue;
         ++live;
-        if (worker->state == worker_handle::phase::starting) ++starting;
+        if (worker->state == worker_handle::phase::starting || worker->state == worker_handle::phase::initializing) ++starting;
         if (worker->state == worker_handle::phase::ready) ready.push_back(worker.get());
     }
     std::size_t demand = 0;
@@ -706,9 +707,36 @@ void pool_core::handle_frames(worker_handle& worker, std::span<const std::byte> 
                                          std::to_string(wire::protocol_version));
             }
             if (pid != worker.pid) throw protocol_violation("a HELLO with pid " + std::to_string(pid));
+            if (options_.initializer) {
+                worker.state = worker_handle::phase::initializing;
+                const auto offset = wire::begin_frame(worker.outbox, wire::frame_kind::call, 0, wire::frame_flag::initializer);
+                const auto* function_id = reinterpret_cast<const std::byte*>(&options_.initializer.function_id);
+                worker.outbox.insert(worker.outbox.end(), function_id, function_id + sizeof options_.initializer.function_id);
+                worker.outbox.insert(worker.outbox.end(), options_.initializer.arguments.begin(), options_.initializer.arguments.end());
+                wire::finish_frame(worker.outbox, offset);
+                if (!worker.writing) start_writer(worker);
+                continue;
+            }
             worker.state = worker_handle::phase::ready;
-            startup_failures_ = 0;
+            startup_failures_ = 0; // only a worker that became ready proves the program sound
             dispatch();
+            continue;
+        }
+        if (header.work_id == 0 && worker.state == worker_handle::phase::initializing &&
+            (kind == wire::frame_kind::result || kind == wire::frame_kind::error)) {
+            if (kind == wire::frame_kind::result) {
+                worker.state = worker_handle::phase::ready;
+                startup_failures_ = 0;
+                dispatch();
+                continue;
+            }
+            std::exception_ptr cause;
+            try {
+                cause = decode_exception(payload, worker.pid, options_.initializer.function_name);
+            } catch (const std::exception& e) {
+                throw protocol_violation(std::string("an undecodable ERROR frame: ") + e.what());
+            }
+            initializer_failed(worker, cause);
             continue;
         }
         if (kind != wire::frame_kind::start && kind != wire::frame_kind::result && kind != wire::frame_kind::error) {
@@ -752,6 +780,32 @@ void pool_core::handle_frames(worker_handle& worker, std::span<const std::byte> 
     }
 }
 
+void pool_core::initializer_failed(worker_handle& worker, std::exception_ptr cause) {
+    std::string what = "unknown error";
+    try {
+        std::rethrow_exception(cause);
+    } catch (const std::exception& e) {
+        what = e.what();
+    } catch (...) {
+    }
+    const auto broken = std::make_exception_ptr(broken_process_pool(
+        "coproc: the pool's initializer " + std::string(options_.initializer.function_name) + " failed in worker " +
+            std::to_string(worker.pid) + ": " + what + "; the pool is broken",
+        cause));
+    {
+        std::lock_guard lock{mutex_};
+        if (!broken_) broken_ = broken;
+    }
+    fail_all_pending(broken);
+    // No worker of this pool can serve any more.
+    for (auto& other : workers_) {
+        if (other->state != worker_handle::phase::exited && !other->reaped) {
+            other->kill_reason = "nothing: the pool's initializer failed";
+            ::kill(other->pid, SIGKILL);
+        }
+    }
+}
+
 void pool_core::kill_worker(worker_handle& worker, const std::string& reason) noexcept {
     if (worker.state == worker_handle::phase::exited || worker.reaped) return;
     worker.kill_reason = reason;
@@ -775,7 +829,8 @@ void pool_core::on_reader_done(worker_handle& worker) {
 void pool_core::on_worker_exit(worker_handle& worker) {
     worker.idle_stop.request_stop();
     const ::siginfo_t& info = worker.exit_info;
-    const bool was_starting = worker.state == worker_handle::phase::starting;
+    const bool was_initializing = worker.state == worker_handle::phase::initializing;
+    const bool was_starting = worker.state == worker_handle::phase::starting || was_initializing;
     const bool expected = worker.bye_sent && worker.assigned.empty() && worker.kill_reason.empty();
     worker.state = worker_handle::phase::exited;
     workers_alive_.fetch_sub(1, std::memory_order_relaxed);
@@ -785,9 +840,20 @@ void pool_core::on_worker_exit(worker_handle& worker) {
     std::string how = worker.kill_reason.empty() ? describe_exit(info)
                                                  : "sent " + worker.kill_reason + " and was killed by the pool";
 
+    std::exception_ptr already_broken;
+    {
+        std::lock_guard lock{mutex_};
+        already_broken = broken_;
+    }
     std::deque<work_item*> requeue;
     for (work_item* item : worker.assigned) {
         in_workers_.fetch_sub(1, std::memory_order_relaxed);
+        if (already_broken) {
+            // The pool broke (its initializer failed): that is the reason.
+            complete(item, work_state::failed, already_broken);
+            item->release();
+            continue;
+        }
         if (item->state() == work_state::dispatched) {
             // Sent but never started (no START frame before EOF): it did not
             // run, so it goes back to the queue as it was.
@@ -818,11 +884,16 @@ void pool_core::on_worker_exit(worker_handle& worker) {
     }
 
     std::exception_ptr broken;
-    if (was_starting && ++startup_failures_ >= startup_failures_allowed) {
+    if (already_broken) {
+        // Nothing more to decide: every future already has its error.
+    } else if (was_starting && ++startup_failures_ >= startup_failures_allowed) {
         broken = std::make_exception_ptr(broken_process_pool(
-            "coproc: " + std::to_string(startup_failures_) + " workers of '" + executable_ +
-            "' exited before saying HELLO (the last one " + how +
-            "); does the worker program call coproc::run_worker_if_requested at the top of main?"));
+            was_initializing
+                ? "coproc: " + std::to_string(startup_failures_) + " workers died while running the pool's initializer " +
+                      std::string(options_.initializer.function_name) + " (the last one " + how + ")"
+                : "coproc: " + std::to_string(startup_failures_) + " workers of '" + executable_ +
+                      "' exited before saying HELLO (the last one " + how +
+                      "); does the worker program call coproc::run_worker_if_requested at the top of main?"));
     } else if (!expected && !was_starting && options_.on_worker_crash == crash_policy::break_pool) {
         broken = std::make_exception_ptr(broken_process_pool("coproc: worker " + std::to_string(worker.pid) + " " + how +
                                                              "; the pool is broken (crash_policy::break_pool)"));

@@ -158,9 +158,11 @@ private:
     }
 
     void run(const call& task) {
-        std::vector<std::byte> start;
-        wire::finish_frame(start, wire::begin_frame(start, wire::frame_kind::start, task.work_id));
-        send(start);
+        if ((task.flags & wire::frame_flag::initializer) == 0) {
+            std::vector<std::byte> start;
+            wire::finish_frame(start, wire::begin_frame(start, wire::frame_kind::start, task.work_id));
+            send(start);
+        }
 
         std::vector<std::byte> reply;
         std::uint64_t function_id = 0;
@@ -191,6 +193,7 @@ private:
         try {
             const auto offset = wire::begin_frame(reply, wire::frame_kind::result, task.work_id);
             invoke(arguments, reply, std::move(token));
+            if ((task.flags & wire::frame_flag::initializer) != 0) reply.resize(offset + wire::header_size); // value unused
             wire::finish_frame(reply, offset);
         } catch (...) {
             reply.clear(); // drop whatever part of the result was encoded

@@ -32,6 +32,22 @@ std::string greet(std::string name, int times) {
     return out;
 }
 
+namespace {
+std::string label_of_this_process;
+int initializations = 0;
+} // namespace
+
+void initialize(std::string label) {
+    label_of_this_process = std::move(label);
+    ++initializations;
+}
+
+std::string initialized_label() { return label_of_this_process + " x" + std::to_string(initializations); }
+
+void failing_initializer(std::string message) { throw std::runtime_error(message); }
+
+int crashing_initializer() { std::abort(); }
+
 int worker_pid() { return static_cast<int>(::getpid()); }
 
 void sleep_ms(int milliseconds) { std::this_thread::sleep_for(std::chrono::milliseconds{milliseconds}); }

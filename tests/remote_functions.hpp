@@ -32,6 +32,13 @@ std::vector<int> open_descriptors();
 void write_to_stderr(std::string text);
 void touch_file(std::string path);
 
+// Initializers: the first records `label` for initialized_label() and counts
+// how often it ran in this process; the second throws.
+void initialize(std::string label);
+std::string initialized_label();
+void failing_initializer(std::string message);
+int crashing_initializer();
+
 // Failures.
 void throw_standard(std::string type, std::string message);
 struct custom_failure : std::runtime_error {

@@ -311,6 +311,53 @@ TEST_CASE("idle_timeout: idle workers exit, and workers start again on demand") 
     leaks.verify();
 }
 
+TEST_CASE("the initializer runs once in each worker before any task") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 2, .initializer = coproc::call<initialize>("ready")}};
+    std::vector<future<std::string>> futures;
+    for (int i = 0; i < 20; ++i) futures.push_back(pool.submit<initialized_label>());
+    for (const auto& label : run_bounded(loop, await_all(std::move(futures)))) CHECK(label == "ready x1");
+}
+
+TEST_CASE("a failing initializer breaks the pool: pending and later submits fail with broken_process_pool carrying its error") {
+    leak_check leaks;
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 2, .initializer = coproc::call<failing_initializer>("no database")}};
+        std::vector<future<int>> futures;
+        for (int i = 0; i < 5; ++i) futures.push_back(pool.submit<square>(i));
+        const auto outcomes = run_bounded(loop, settle_all(std::move(futures)));
+        for (const auto& result : outcomes) {
+            CHECK(result.error == "broken");
+            CHECK(contains(result.what, "initializer pool_test::failing_initializer failed"));
+            CHECK(contains(result.what, "no database"));
+        }
+        try {
+            (void)pool.submit<square>(1);
+            FAIL("no exception");
+        } catch (const coproc::broken_process_pool& e) {
+            REQUIRE(e.cause() != nullptr);
+            CHECK_THROWS_WITH_AS(std::rethrow_exception(e.cause()), "no database", std::runtime_error);
+        }
+    }
+    leaks.verify();
+}
+
+TEST_CASE("an initializer that crashes its workers breaks the pool instead of restarting them for ever") {
+    leak_check leaks;
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 1, .initializer = coproc::call<crashing_initializer>()}};
+        try {
+            run_bounded(loop, submit_square(&pool, 3));
+            FAIL("no exception");
+        } catch (const coproc::broken_process_pool& e) {
+            CHECK(contains(e.what(), "while running the pool's initializer"));
+        }
+    }
+    leaks.verify();
+}
+
 TEST_CASE("max_retries reruns a task whose worker died on a fresh worker; without it the task fails") {
     const auto marker = std::filesystem::temp_directory_path() / ("coproc-test-retry-" + std::to_string(::getpid()));
     std::filesystem::remove(marker);

@@ -4,8 +4,10 @@
 // can tell coproc's failures apart from the user's own exceptions.
 #pragma once
 
+#include <exception>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 namespace coproc {
 
@@ -52,6 +54,12 @@ private:
 class broken_process_pool : public error {
 public:
     using error::error;
+    broken_process_pool(const std::string& what, std::exception_ptr cause) : error(what), cause_(std::move(cause)) {}
+    // The error that broke the pool (the initializer's exception), if any.
+    [[nodiscard]] std::exception_ptr cause() const noexcept { return cause_; }
+
+private:
+    std::exception_ptr cause_;
 };
 
 // The worker running a task died before the task finished. Only the tasks

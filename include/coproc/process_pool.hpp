@@ -65,12 +65,37 @@ enum class crash_policy {
     break_pool,
 };
 
+// A call prepared for the workers, made with coproc::call<f>(args...): the
+// arguments are converted to f's parameters and serialized at once.
+struct remote_call {
+    std::uint64_t function_id = 0;
+    std::string_view function_name;
+    std::vector<std::byte> arguments;
+    [[nodiscard]] explicit operator bool() const noexcept { return function_id != 0; }
+};
+
+template <auto F, class... Args>
+remote_call call(Args&&... args) {
+    using remote = detail::remote<F>;
+    using arguments = typename remote::arguments;
+    static_assert(std::is_constructible_v<arguments, Args&&...>,
+                  "coproc: call<F>(args...): the arguments do not convert to F's parameters");
+    (void)remote::registered;
+    remote_call prepared{remote::id, remote::name, {}};
+    detail::encode_into(prepared.arguments, arguments{std::forward<Args>(args)...});
+    return prepared;
+}
+
 struct process_pool_options {
     // Worker processes at most. Default: the CPUs this process may run on
     // (sched_getaffinity). Zero or negative is rejected (std::invalid_argument).
     std::optional<int> max_workers{};
     // A worker exits after this many tasks and is replaced; 0: no limit.
     std::size_t max_tasks_per_child = 0;
+    // Runs once in each worker before any task: coproc::call<f>(args...).
+    // If it throws, the pool is broken: every pending and later submit fails
+    // with broken_process_pool, whose cause() is the initializer's error.
+    remote_call initializer{};
     // A worker with no task for this long exits; the pool starts workers
     // again on demand. Zero: workers stay until shutdown.
     std::chrono::milliseconds idle_timeout{0};

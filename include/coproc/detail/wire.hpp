@@ -43,6 +43,9 @@ enum frame_flag : std::uint16_t {
     // CALL: the payload's arguments are a vector of argument tuples (map);
     // the RESULT is a vector of results.
     chunk = 1,
+    // CALL: the pool's initializer (work id 0), run before any task; its
+    // RESULT or ERROR carries work id 0 too.
+    initializer = 2,
 };
 
 struct frame_header {
