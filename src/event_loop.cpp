@@ -648,6 +648,8 @@ void event_loop::set_unhandled_exception_handler(exception_handler handler) { co
 
 bool event_loop::is_loop_thread() const noexcept { return detail::current_loop == core_.get(); }
 
+bool event_loop::running() const noexcept { return core_->running.load(std::memory_order_relaxed); }
+
 event_loop* event_loop::current() noexcept {
     return detail::current_loop != nullptr ? detail::current_loop->owner_loop : nullptr;
 }

@@ -42,6 +42,7 @@
 #include <cstring>
 #include <deque>
 #include <list>
+#include <future>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -290,6 +291,15 @@ task<void> shutdown_pool(std::shared_ptr<pool_core> core, shutdown_options optio
     if (!options.wait) co_return;
     while (!core->destroyed && !core->idle()) co_await pool_condition{core.get(), &pool_core::idle};
     while (!core->destroyed && !core->no_workers()) co_await pool_condition{core.get(), &pool_core::no_workers};
+}
+
+task<void> shutdown_and_signal(std::shared_ptr<pool_core> core, shutdown_options options, std::promise<void>* done) {
+    try {
+        co_await shutdown_pool(core, options);
+        done->set_value();
+    } catch (...) {
+        done->set_exception(std::current_exception());
+    }
 }
 
 } // namespace
@@ -1031,6 +1041,22 @@ bool process_pool::enqueue(detail::work_item* item, bool failed, bool throw_when
 }
 
 task<void> process_pool::shutdown(shutdown_options opts) { return detail::shutdown_pool(core_, opts); }
+
+void process_pool::shutdown_blocking(shutdown_options opts) {
+    event_loop& loop = core_->loop;
+    if (loop.is_loop_thread()) {
+        throw std::logic_error("coproc: process_pool::shutdown_blocking on the loop's thread could never return; "
+                               "co_await shutdown() instead");
+    }
+    if (!loop.running()) {
+        loop.run(shutdown(opts));
+        return;
+    }
+    std::promise<void> done;
+    auto finished = done.get_future();
+    loop.post([core = core_, opts, &done] { core->loop.spawn(detail::shutdown_and_signal(core, opts, &done)); });
+    finished.get();
+}
 
 void process_pool::terminate_workers() { core_->signal_workers(SIGTERM); }
 

@@ -10,7 +10,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fcntl.h>
+#include <poll.h>
 #include <sched.h>
+#include <spawn.h>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -18,6 +21,8 @@
 #include <system_error>
 #include <thread>
 #include <vector>
+
+extern char** environ;
 
 using coproc::future;
 using coproc::task;
@@ -101,6 +106,32 @@ task<std::vector<int>> submit_async_many(coproc::process_pool* pool, int count, 
         *most_queued = std::max(*most_queued, pool->stats().tasks_queued);
     }
     co_return co_await await_all(std::move(futures));
+}
+
+task<void> wait_for_flag(coproc::event_loop* loop, const std::atomic<bool>* flag) {
+    while (!flag->load()) co_await loop->sleep_for(1ms);
+}
+
+task<void> shutdown_blocking_on_loop(coproc::process_pool* pool, bool* refused) {
+    try {
+        pool->shutdown_blocking();
+    } catch (const std::logic_error&) {
+        *refused = true;
+    }
+    co_return;
+}
+
+// True while `pid` exists and is not a zombie (an orphan's zombie waits for
+// whichever process adopted it).
+bool process_alive(int pid) {
+    std::FILE* stat = std::fopen(("/proc/" + std::to_string(pid) + "/stat").c_str(), "r");
+    if (stat == nullptr) return false;
+    int ignored = 0;
+    char state = '?';
+    char name[256];
+    const int matched = std::fscanf(stat, "%d %255s %c", &ignored, name, &state);
+    std::fclose(stat);
+    return matched == 3 && state != 'Z' && state != 'X';
 }
 
 task<std::vector<int>> map_squares(coproc::process_pool* pool, std::vector<int> inputs) {
@@ -734,6 +765,78 @@ TEST_CASE("map works through a separate worker program that registers the functi
     coproc::process_pool pool{loop, {.max_workers = 1, .worker_executable = program}};
     const std::vector<int> inputs{1, 2, 3, 4, 5};
     CHECK(run_bounded(loop, map_squares(&pool, inputs)) == std::vector<int>{1, 4, 9, 16, 25});
+}
+
+TEST_CASE("shutdown_blocking from another thread returns once the workers have exited") {
+    leak_check leaks;
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 2}};
+        std::atomic<bool> release{false};
+        std::thread loop_thread([&] { run_bounded(loop, wait_for_flag(&loop, &release), 30s); });
+        for (int attempt = 0; attempt < 5000 && !loop.running(); ++attempt) std::this_thread::sleep_for(1ms);
+        REQUIRE(loop.running());
+        std::vector<future<int>> futures;
+        for (int i = 0; i < 20; ++i) futures.push_back(pool.submit<sleep_then>(2, i));
+        pool.shutdown_blocking();
+        CHECK(pool.stats().workers_alive == 0);
+        CHECK(pool.stats().tasks_completed == 20);
+        for (auto& pending : futures) CHECK(pending.done());
+        release = true;
+        loop_thread.join();
+        CHECK_THROWS_AS((void)pool.submit<square>(1), coproc::pool_closed);
+    }
+    leaks.verify();
+}
+
+TEST_CASE("shutdown_blocking when no thread runs the loop runs it; on the loop thread it is refused") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1}};
+    auto pending = pool.submit<sleep_then>(5, 7);
+    pool.shutdown_blocking();
+    CHECK(pending.done());
+    CHECK(pending.get() == 7);
+    bool refused = false;
+    run_bounded(loop, shutdown_blocking_on_loop(&pool, &refused));
+    CHECK(refused);
+}
+
+TEST_CASE("a worker exits when its parent dies") {
+    const char* program = std::getenv("COPROC_TEST_WORKER_PROGRAM");
+    REQUIRE(program != nullptr);
+    int out[2];
+    REQUIRE(::pipe2(out, O_CLOEXEC) == 0);
+    ::posix_spawn_file_actions_t actions;
+    ::posix_spawn_file_actions_init(&actions);
+    ::posix_spawn_file_actions_adddup2(&actions, out[1], STDOUT_FILENO);
+    std::string flag = "--orphan-test";
+    char* argv[] = {const_cast<char*>(program), flag.data(), nullptr};
+    ::pid_t parent = -1;
+    REQUIRE(::posix_spawn(&parent, program, &actions, nullptr, argv, environ) == 0);
+    ::posix_spawn_file_actions_destroy(&actions);
+    ::close(out[1]);
+    char text[32] = {};
+    std::size_t got = 0;
+    while (got < sizeof text - 1) {
+        ::pollfd readable{out[0], POLLIN, 0};
+        if (::poll(&readable, 1, 10'000) != 1) break; // bounded: 10 s
+        const ssize_t n = ::read(out[0], text + got, sizeof text - 1 - got);
+        if (n <= 0) break;
+        got += static_cast<std::size_t>(n);
+        if (std::memchr(text, '\n', got) != nullptr) break;
+    }
+    ::close(out[0]);
+    const int worker = std::atoi(text);
+    REQUIRE(worker > 0);
+    CHECK(process_alive(worker));
+    ::kill(parent, SIGKILL);
+    ::waitpid(parent, nullptr, 0);
+    bool gone = false;
+    for (int attempt = 0; attempt < 500 && !gone; ++attempt) { // bounded: 5 s
+        gone = !process_alive(worker);
+        if (!gone) std::this_thread::sleep_for(10ms);
+    }
+    CHECK(gone);
 }
 
 TEST_CASE("a missing worker program breaks the pool with an error naming it") {

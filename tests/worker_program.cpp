@@ -3,13 +3,30 @@
 // error) and nothing else.
 #include "remote_functions.hpp"
 
-#include <coproc/worker.hpp>
+#include <coproc/coproc.hpp>
+
+#include <cstdio>
+#include <cstring>
+#include <unistd.h>
 
 COPROC_REGISTER(pool_test::square);
 COPROC_REGISTER(pool_test::greet);
 COPROC_REGISTER(pool_test::worker_pid);
 
+namespace {
+coproc::task<int> first_worker_pid(coproc::process_pool* pool) { co_return co_await pool->submit<pool_test::worker_pid>(); }
+} // namespace
+
 int main(int argc, char** argv) {
     coproc::run_worker_if_requested(argc, argv);
-    return 2; // only ever started by a process_pool
+    if (argc == 2 && std::strcmp(argv[1], "--orphan-test") == 0) {
+        // Helper for the parent-death test: become a pool's parent, print
+        // the worker's pid, then wait to be killed.
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 1, .worker_executable = "/proc/self/exe"}};
+        std::printf("%d\n", loop.run(first_worker_pid(&pool)));
+        std::fflush(stdout);
+        for (;;) ::pause();
+    }
+    return 2; // otherwise only ever started by a process_pool
 }

@@ -235,6 +235,10 @@ public:
     // True on the thread that is inside run() right now.
     [[nodiscard]] bool is_loop_thread() const noexcept;
 
+    // True while some thread is inside run(). Thread-safe, and only a
+    // snapshot: the answer may change as soon as it is returned.
+    [[nodiscard]] bool running() const noexcept;
+
     // The loop the calling thread is running (inside its run()), or null.
     [[nodiscard]] static event_loop* current() noexcept;
 

@@ -210,6 +210,13 @@ public:
     // exited; with `cancel_futures`, pending tasks are cancelled first.
     task<void> shutdown(shutdown_options opts = {});
 
+    // The blocking form of shutdown, for a thread that is not the loop's: it
+    // returns once the awaitable form would complete. While another thread
+    // runs the loop, that loop must keep running until this returns; when no
+    // thread runs it, this thread runs it for the duration. On the loop's
+    // thread it throws std::logic_error (it could never return).
+    void shutdown_blocking(shutdown_options opts = {});
+
     // Sends SIGTERM / SIGKILL to every worker. Their tasks fail with
     // worker_died; the pool replaces the workers while it has work.
     void terminate_workers();
