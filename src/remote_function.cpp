@@ -12,6 +12,7 @@
 #include <new>
 #include <stdexcept>
 #include <system_error>
+#include <typeindex>
 #include <typeinfo>
 #include <unordered_map>
 
@@ -19,9 +20,17 @@ namespace coproc::detail {
 
 namespace {
 
+struct exception_entry {
+    std::uint64_t id;
+    exception_encoder encode;
+    exception_decoder decode;
+};
+
 struct registry {
     std::mutex mutex;
     std::unordered_map<std::uint64_t, remote_function_entry> entries;
+    std::unordered_map<std::type_index, exception_entry> exceptions_by_type;
+    std::unordered_map<std::uint64_t, exception_entry> exceptions_by_id;
 };
 
 registry& the_registry() {
@@ -46,6 +55,7 @@ enum class exception_code : std::uint8_t {
     system_error,
     cancelled,
     unknown_function,   // the worker has no function with the CALL's id
+    registered,         // a type registered with COPROC_REGISTER_EXCEPTION
 };
 
 std::string demangle(const char* mangled) {
@@ -86,6 +96,33 @@ bool register_remote_function(std::uint64_t id, std::string_view name, invoker i
     return true;
 }
 
+bool register_remote_exception(const std::type_info& type, std::uint64_t id, exception_encoder encode,
+                               exception_decoder decode) noexcept {
+    auto& reg = the_registry();
+    std::lock_guard lock{reg.mutex};
+    reg.exceptions_by_type.try_emplace(std::type_index(type), exception_entry{id, encode, decode});
+    reg.exceptions_by_id.try_emplace(id, exception_entry{id, encode, decode});
+    return true;
+}
+
+namespace {
+const exception_entry* find_exception(const std::type_info& type) {
+    auto& reg = the_registry();
+    std::lock_guard lock{reg.mutex};
+    const auto found = reg.exceptions_by_type.find(std::type_index(type));
+    return found == reg.exceptions_by_type.end() ? nullptr : &found->second;
+}
+const exception_entry* find_exception(std::uint64_t id) {
+    auto& reg = the_registry();
+    std::lock_guard lock{reg.mutex};
+    const auto found = reg.exceptions_by_id.find(id);
+    return found == reg.exceptions_by_id.end() ? nullptr : &found->second;
+}
+std::string as_string(const std::vector<std::byte>& bytes) {
+    return std::string(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+}
+} // namespace
+
 bool remote_function_is_unique(std::uint64_t id, invoker invoke) noexcept {
     const remote_function_entry* entry = find_remote_function(id);
     return entry != nullptr && entry->invoke == invoke && !entry->ambiguous;
@@ -104,6 +141,8 @@ void encode_exception(std::exception_ptr error, std::vector<std::byte>& out) {
     std::string what;
     std::int32_t error_value = 0;
     std::string category;
+    std::uint64_t registered_id = 0;
+    std::string registered_state;
     try {
         std::rethrow_exception(std::move(error));
     } catch (const std::system_error& e) {
@@ -116,23 +155,34 @@ void encode_exception(std::exception_ptr error, std::vector<std::byte>& out) {
         code = static_cast<std::uint8_t>(classify(e));
         type_name = demangle(typeid(e).name());
         what = e.what();
+        if (const exception_entry* registered = find_exception(typeid(e))) {
+            try {
+                std::vector<std::byte> state;
+                registered->encode(e, state);
+                code = static_cast<std::uint8_t>(exception_code::registered);
+                registered_id = registered->id;
+                registered_state = as_string(state);
+            } catch (...) {
+                // Its state does not serialize: it travels as remote_error.
+            }
+        }
     } catch (...) {
     }
-    encode_into(out, code, type_name, what, error_value, category);
+    encode_into(out, code, type_name, what, error_value, category, registered_id, registered_state);
 }
 
 void encode_ambiguous_function(std::string_view name, std::vector<std::byte>& out) {
     const auto code = static_cast<std::uint8_t>(exception_code::unknown_function);
     const std::string type_name = "ambiguous function";
     const std::string what = "two different functions named like " + std::string(name) + " share an id in the worker";
-    encode_into(out, code, type_name, what, std::int32_t{0}, std::string{});
+    encode_into(out, code, type_name, what, std::int32_t{0}, std::string{}, std::uint64_t{0}, std::string{});
 }
 
 void encode_unknown_function(std::uint64_t function_id, std::vector<std::byte>& out) {
     const auto code = static_cast<std::uint8_t>(exception_code::unknown_function);
     const std::string type_name = "unknown function";
     const std::string what = "no function with id " + std::to_string(function_id) + " is registered in the worker";
-    encode_into(out, code, type_name, what, std::int32_t{0}, std::string{});
+    encode_into(out, code, type_name, what, std::int32_t{0}, std::string{}, std::uint64_t{0}, std::string{});
 }
 
 std::string describe_ambiguous_function(std::string_view name) {
@@ -148,7 +198,9 @@ std::exception_ptr decode_exception(std::span<const std::byte> payload, int work
     std::string what;
     std::int32_t error_value = 0;
     std::string category;
-    decode_from(payload, code, type_name, what, error_value, category);
+    std::uint64_t registered_id = 0;
+    std::string registered_state;
+    decode_from(payload, code, type_name, what, error_value, category, registered_id, registered_state);
     switch (static_cast<exception_code>(code)) {
     case exception_code::logic_error: return std::make_exception_ptr(std::logic_error(what));
     case exception_code::invalid_argument: return std::make_exception_ptr(std::invalid_argument(what));
@@ -177,6 +229,15 @@ std::exception_ptr decode_exception(std::span<const std::byte> payload, int work
                                              std::string(function) +
                                              "; a separate worker program must be built from the same sources and "
                                              "register it with COPROC_REGISTER(" + std::string(function) + ")"));
+    case exception_code::registered:
+        if (const exception_entry* registered = find_exception(registered_id)) {
+            try {
+                return registered->decode(std::as_bytes(std::span{registered_state.data(), registered_state.size()}));
+            } catch (...) {
+                // Its state does not load here: report it as remote_error.
+            }
+        }
+        break;
     case exception_code::other:
     case exception_code::unknown:
         break;

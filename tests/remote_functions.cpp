@@ -14,7 +14,14 @@
 #include <thread>
 #include <unistd.h>
 
+#include <coproc/worker.hpp>
+
+COPROC_REGISTER_EXCEPTION(pool_test::quota_exceeded);
+
 namespace pool_test {
+
+void exceed_quota(std::string who, int limit) { throw quota_exceeded(std::move(who), limit); }
+
 
 int square(int x) { return x * x; }
 int cube(int x) { return x * x * x; }

@@ -85,4 +85,30 @@ unwritable make_unwritable(int value);
 int take_unreadable(unreadable value);
 int take_unwritable(unwritable value);
 
+// A callable object whose state travels with the call.
+struct scaler {
+    int factor = 1;
+    std::string unit;
+    std::string operator()(int value) const { return std::to_string(value * factor) + unit; }
+    template <class Archive>
+    void serialize(Archive& archive) {
+        archive(factor, unit);
+    }
+};
+
+// A user exception type registered to travel as itself.
+struct quota_exceeded : std::exception {
+    quota_exceeded() = default;
+    quota_exceeded(std::string who, int limit) : who(std::move(who)), limit(limit), message(this->who + " exceeded " + std::to_string(limit)) {}
+    const char* what() const noexcept override { return message.c_str(); }
+    std::string who;
+    int limit = 0;
+    std::string message;
+    template <class Archive>
+    void serialize(Archive& archive) {
+        archive(who, limit, message);
+    }
+};
+void exceed_quota(std::string who, int limit);
+
 } // namespace pool_test

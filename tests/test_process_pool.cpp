@@ -239,6 +239,31 @@ task<std::vector<outcome>> crash_scenario(coproc::event_loop* loop, coproc::proc
     co_return co_await settle_all(std::move(futures));
 }
 
+TEST_CASE("a callable object runs in a worker with the state it had when submitted") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1}};
+    const scaler in_metres{3, " m"};
+    scaler in_feet{10, " ft"};
+    auto metres = pool.submit(in_metres, 7);
+    auto feet = pool.submit(in_feet, 7);
+    in_feet.factor = 1000; // changing it afterwards changes nothing
+    CHECK(run_bounded(loop, await_future(std::move(metres))) == "21 m");
+    CHECK(run_bounded(loop, await_future(std::move(feet))) == "70 ft");
+}
+
+TEST_CASE("a registered exception type travels as itself, state included") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1}};
+    try {
+        run_bounded(loop, await_future(pool.submit<exceed_quota>("alice", 5)));
+        FAIL("no exception");
+    } catch (const quota_exceeded& e) {
+        CHECK(e.who == "alice");
+        CHECK(e.limit == 5);
+        CHECK(std::string(e.what()) == "alice exceeded 5");
+    }
+}
+
 TEST_CASE("crash isolation: a segfault, abort, exit(3) or outside SIGKILL fails only its own task") {
     leak_check leaks;
     const auto pid_file = std::filesystem::temp_directory_path() / ("coproc-test-pid-" + std::to_string(::getpid()));

@@ -185,6 +185,13 @@ public:
     template <auto F, class... Args>
     task<future<typename detail::remote<F>::result>> submit_async(Args... args);
 
+    // Runs a callable object in a worker: its state (serialize member) is
+    // sent with the call, and the worker calls a copy built from it. The
+    // type must be default-constructible with one non-template operator().
+    template <class Callable, class... Args>
+        requires std::is_class_v<std::remove_cvref_t<Callable>>
+    future<typename detail::remote_object<std::remove_cvref_t<Callable>>::result> submit(Callable&& object, Args&&... args);
+
     // submit with per-task options.
     template <auto F, class... Args>
     future<typename detail::remote<F>::result> submit_with(submit_options options, Args&&... args);
@@ -236,10 +243,11 @@ private:
     // and `throw_when_full` is false.
     bool enqueue(detail::work_item* item, bool failed, bool throw_when_full);
 
-    // Builds a work item for F with `payload` as its encoded arguments.
-    template <auto F, class R, class Payload>
-    std::optional<future<R>> submit_encoded(const Payload& payload, std::uint16_t frame_flags, submit_options options = {},
-                                            bool throw_when_full = true);
+    // Builds a work item for the function described by Remote (remote<F> or
+    // remote_object<T>), `payload...` encoded as its CALL payload.
+    template <class Remote, class R, class... Payload>
+    std::optional<future<R>> submit_encoded(std::uint16_t frame_flags, submit_options options, bool throw_when_full,
+                                            const Payload&... payload);
 
     // map: F over a chunk of argument tuples, as one task.
     template <auto F>
@@ -364,11 +372,11 @@ auto process_pool::map_stream(const Range& inputs, map_options opts) {
     return detail::stream_map<F>(this, detail::chunk_inputs<arguments>(inputs, opts.chunksize), opts.buffersize);
 }
 
-template <auto F, class R, class Payload>
-std::optional<future<R>> process_pool::submit_encoded(const Payload& payload, std::uint16_t frame_flags,
-                                                      submit_options options, bool throw_when_full) {
-    using remote = detail::remote<F>;
-    (void)remote::registered; // odr-use: F is registered in every process of this program
+template <class Remote, class R, class... Payload>
+std::optional<future<R>> process_pool::submit_encoded(std::uint16_t frame_flags, submit_options options,
+                                                      bool throw_when_full, const Payload&... payload) {
+    using remote = Remote;
+    (void)remote::registered; // odr-use: registered in every process of this program
     // Checked once per function: every registration ran before main.
     static const bool unique = detail::remote_function_is_unique(remote::id, &remote::invoke);
 
@@ -384,7 +392,7 @@ std::optional<future<R>> process_pool::submit_encoded(const Payload& payload, st
         failed = true;
     } else {
         try {
-            detail::encode_into(item->arguments, payload);
+            detail::encode_into(item->arguments, payload...);
         } catch (...) {
             item->error = std::current_exception();
             failed = true;
@@ -400,7 +408,18 @@ future<typename detail::remote<F>::result> process_pool::submit(Args&&... args) 
     using arguments = typename remote::arguments;
     static_assert(std::is_constructible_v<arguments, Args&&...>,
                   "coproc: submit<F>(args...): the arguments do not convert to F's parameters");
-    return *submit_encoded<F, typename remote::result>(arguments{std::forward<Args>(args)...}, 0);
+    return *submit_encoded<remote, typename remote::result>(0, {}, true, arguments{std::forward<Args>(args)...});
+}
+
+template <class Callable, class... Args>
+    requires std::is_class_v<std::remove_cvref_t<Callable>>
+future<typename detail::remote_object<std::remove_cvref_t<Callable>>::result> process_pool::submit(Callable&& object,
+                                                                                                   Args&&... args) {
+    using remote = detail::remote_object<std::remove_cvref_t<Callable>>;
+    using arguments = typename remote::arguments;
+    static_assert(std::is_constructible_v<arguments, Args&&...>,
+                  "coproc: submit(object, args...): the arguments do not convert to the parameters of its operator()");
+    return *submit_encoded<remote, typename remote::result>(0, {}, true, object, arguments{std::forward<Args>(args)...});
 }
 
 template <auto F, class... Args>
@@ -409,7 +428,7 @@ std::optional<future<typename detail::remote<F>::result>> process_pool::try_subm
     using arguments = typename remote::arguments;
     static_assert(std::is_constructible_v<arguments, Args&&...>,
                   "coproc: try_submit<F>(args...): the arguments do not convert to F's parameters");
-    return submit_encoded<F, typename remote::result>(arguments{std::forward<Args>(args)...}, 0, {}, false);
+    return submit_encoded<remote, typename remote::result>(0, {}, false, arguments{std::forward<Args>(args)...});
 }
 
 namespace detail {
@@ -436,13 +455,14 @@ future<typename detail::remote<F>::result> process_pool::submit_with(submit_opti
     using arguments = typename remote::arguments;
     static_assert(std::is_constructible_v<arguments, Args&&...>,
                   "coproc: submit_with<F>(options, args...): the arguments do not convert to F's parameters");
-    return *submit_encoded<F, typename remote::result>(arguments{std::forward<Args>(args)...}, 0, options);
+    return *submit_encoded<remote, typename remote::result>(0, options, true, arguments{std::forward<Args>(args)...});
 }
 
 template <auto F>
 void process_pool::submit_chunk(std::vector<typename detail::remote<F>::arguments> chunk,
                                 std::deque<future<std::vector<typename detail::remote<F>::result>>>& into) {
-    into.push_back(*submit_encoded<F, std::vector<typename detail::remote<F>::result>>(chunk, detail::wire::frame_flag::chunk));
+    into.push_back(*submit_encoded<detail::remote<F>, std::vector<typename detail::remote<F>::result>>(
+        detail::wire::frame_flag::chunk, {}, true, chunk));
 }
 
 } // namespace coproc

@@ -29,3 +29,18 @@ void run_worker_if_requested(int argc, char** argv);
 #define COPROC_REGISTER(f) \
     [[maybe_unused]] static const bool COPROC_DETAIL_CONCAT(coproc_registered_, __COUNTER__) = \
         ::coproc::detail::remote<f>::registered
+
+// Registers a callable object type for submit(object, args...) in a separate
+// worker program (the parent's own workers need no registration).
+#define COPROC_REGISTER_CALLABLE(T) \
+    [[maybe_unused]] static const bool COPROC_DETAIL_CONCAT(coproc_registered_, __COUNTER__) = \
+        ::coproc::detail::remote_object<T>::registered
+
+// Registers exception type E to travel from workers to the parent as itself
+// instead of as coproc::remote_error. E derives from std::exception, is
+// default-constructible and has a serialize(Archive&) member listing its
+// state, from which its what() must come. Write it once at namespace scope
+// in a source file of the program (and of a separate worker program).
+#define COPROC_REGISTER_EXCEPTION(E) \
+    [[maybe_unused]] static const bool COPROC_DETAIL_CONCAT(coproc_registered_, __COUNTER__) = \
+        ::coproc::detail::remote_exception<E>::registered

@@ -28,6 +28,7 @@
 #include <string_view>
 #include <tuple>
 #include <type_traits>
+#include <typeinfo>
 #include <utility>
 #include <vector>
 
@@ -68,6 +69,19 @@ constexpr std::string_view display_name_of() noexcept {
     }
 }
 
+// The type's name as the compiler spells it, for messages.
+template <class T>
+constexpr std::string_view display_type_name_of() noexcept {
+    constexpr std::string_view pretty = pretty_type_of<T>();
+    constexpr std::size_t marker = pretty.find("T = ");
+    if constexpr (marker == std::string_view::npos) {
+        return pretty;
+    } else {
+        constexpr std::string_view rest = pretty.substr(marker + 4);
+        return rest.substr(0, rest.find_first_of(";]"));
+    }
+}
+
 template <class Signature>
 struct function_traits;
 
@@ -79,6 +93,15 @@ struct function_traits<R (*)(Params...)> {
 };
 template <class R, class... Params>
 struct function_traits<R (*)(Params...) noexcept> : function_traits<R (*)(Params...)> {};
+// operator() of a callable object.
+template <class R, class C, class... Params>
+struct function_traits<R (C::*)(Params...)> : function_traits<R (*)(Params...)> {};
+template <class R, class C, class... Params>
+struct function_traits<R (C::*)(Params...) const> : function_traits<R (*)(Params...)> {};
+template <class R, class C, class... Params>
+struct function_traits<R (C::*)(Params...) noexcept> : function_traits<R (*)(Params...)> {};
+template <class R, class C, class... Params>
+struct function_traits<R (C::*)(Params...) const noexcept> : function_traits<R (*)(Params...)> {};
 
 // True when the last parameter is a std::stop_token: the worker passes the
 // task's token there, and the caller does not.
@@ -196,7 +219,93 @@ private:
     }
 };
 
+// A callable object that travels with its call: its state is serialized
+// before the arguments, and the worker default-constructs one, loads that
+// state and calls it. Known by the hash of its type and of its operator().
+template <class T>
+struct remote_object {
+    static_assert(requires { &T::operator(); },
+                  "coproc: submit(object, args...) takes an object whose type has exactly one, non-template operator()");
+    static_assert(std::is_default_constructible_v<T>,
+                  "coproc: a callable object submitted to a pool must be default-constructible: the worker constructs "
+                  "one and then loads its state");
+    static_assert(serializable<T>,
+                  "coproc: the callable object's type cannot be serialized by cereal; give it a serialize(Archive&) "
+                  "member that lists its state");
+    using traits = function_traits<decltype(&T::operator())>;
+    using parameters = typename traits::parameters;
+    using arguments = wire_arguments_t<parameters>;
+    using result = std::decay_t<typename traits::result>;
+    static constexpr bool wants_stop_token = takes_stop_token<parameters>();
+    static_assert(all_serializable<arguments>,
+                  "coproc: a parameter type of this object's operator() cannot be serialized by cereal");
+    static_assert(std::is_void_v<result> || serializable<result>,
+                  "coproc: the result type of this object's operator() cannot be serialized by cereal");
+
+    static constexpr std::string_view name = display_type_name_of<T>();
+    static constexpr std::uint64_t id =
+        fnv1a(pretty_type_of<T>()) ^ (fnv1a(pretty_type_of<decltype(&T::operator())>()) * 31);
+
+    static void invoke(std::span<const std::byte> encoded, std::vector<std::byte>& out, std::stop_token token) {
+        T object{};
+        arguments values;
+        decode_from(encoded, object, values);
+        if constexpr (std::is_void_v<result>) {
+            call(object, std::move(values), std::move(token));
+        } else {
+            const result value = call(object, std::move(values), std::move(token));
+            encode_into(out, value);
+        }
+    }
+
+    static inline const bool registered = register_remote_function(id, name, &invoke, &invoke);
+
+private:
+    static decltype(auto) call(T& object, arguments&& values, std::stop_token token) {
+        return std::apply(
+            [&object, &token](auto&&... unpacked) -> decltype(auto) {
+                if constexpr (wants_stop_token) {
+                    return object(std::move(unpacked)..., std::move(token));
+                } else {
+                    (void)token;
+                    return object(std::move(unpacked)...);
+                }
+            },
+            std::move(values));
+    }
+};
+
 // --- exceptions across the process boundary (src/remote_function.cpp)
+
+// A user exception type registered to travel as itself
+// (COPROC_REGISTER_EXCEPTION): the worker serializes it, the parent rebuilds
+// and rethrows the same type.
+using exception_encoder = void (*)(const std::exception& error, std::vector<std::byte>& out);
+using exception_decoder = std::exception_ptr (*)(std::span<const std::byte> state);
+bool register_remote_exception(const std::type_info& type, std::uint64_t id, exception_encoder encode,
+                               exception_decoder decode) noexcept;
+
+template <class E>
+struct remote_exception {
+    static_assert(std::is_base_of_v<std::exception, E>, "coproc: COPROC_REGISTER_EXCEPTION takes a std::exception type");
+    static_assert(std::is_default_constructible_v<E>,
+                  "coproc: a registered exception type must be default-constructible: the parent constructs one and "
+                  "then loads its state");
+    static_assert(serializable<E>,
+                  "coproc: a registered exception type needs a serialize(Archive&) member listing its state "
+                  "(its what() must come from that state)");
+    static constexpr std::uint64_t id = fnv1a(pretty_type_of<E>());
+
+    static void encode(const std::exception& error, std::vector<std::byte>& out) {
+        encode_into(out, static_cast<const E&>(error));
+    }
+    static std::exception_ptr decode(std::span<const std::byte> state) {
+        E rebuilt{};
+        decode_from(state, rebuilt);
+        return std::make_exception_ptr(std::move(rebuilt));
+    }
+    static inline const bool registered = register_remote_exception(typeid(E), id, &encode, &decode);
+};
 
 // Appends the ERROR payload for the exception in `error` (worker side).
 void encode_exception(std::exception_ptr error, std::vector<std::byte>& out);
