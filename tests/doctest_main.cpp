@@ -1,11 +1,80 @@
 // The main of every test program. It is also the workers' main: a test
 // program that submits to a process_pool re-executes itself in worker mode.
+//
+// A listener checks every test case for leaks: when a test case ends, no
+// child process may exist (running or zombie) and the number of open file
+// descriptors must be what it was when the test case started. A leak is
+// reported with the test's name and makes the program exit non-zero.
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
 
 #include <coproc/worker.hpp>
 
+#include <cerrno>
+#include <cstdio>
+#include <dirent.h>
+#include <string>
+#include <sys/wait.h>
+
+namespace {
+
+bool leak_found = false;
+
+int open_descriptors() {
+    int count = 0;
+    DIR* dir = ::opendir("/proc/self/fd");
+    if (dir == nullptr) return -1;
+    while (::dirent* entry = ::readdir(dir)) {
+        if (entry->d_name[0] != '.') ++count;
+    }
+    ::closedir(dir);
+    return count - 1; // the directory stream's own descriptor
+}
+
+class leak_listener final : public doctest::IReporter {
+public:
+    explicit leak_listener(const doctest::ContextOptions&) {}
+
+    void test_case_start(const doctest::TestCaseData& test) override {
+        name_ = test.m_name;
+        fds_at_start_ = open_descriptors();
+    }
+    void test_case_end(const doctest::CurrentTestCaseStats&) override {
+        const int fds = open_descriptors();
+        const bool children = !(::waitpid(-1, nullptr, WNOHANG) == -1 && errno == ECHILD);
+        if (fds != fds_at_start_ || children) {
+            leak_found = true;
+            std::fprintf(stderr, "LEAK after test case '%s': %d open descriptors (%d at its start)%s\n", name_.c_str(), fds,
+                         fds_at_start_, children ? ", and a child process is left" : "");
+        }
+    }
+
+    void report_query(const doctest::QueryData&) override {}
+    void test_run_start() override {}
+    void test_run_end(const doctest::TestRunStats&) override {}
+    void test_case_reenter(const doctest::TestCaseData&) override {}
+    void test_case_exception(const doctest::TestCaseException&) override {}
+    void subcase_start(const doctest::SubcaseSignature&) override {}
+    void subcase_end() override {}
+    void log_assert(const doctest::AssertData&) override {}
+    void log_message(const doctest::MessageData&) override {}
+    void test_case_skipped(const doctest::TestCaseData&) override {}
+
+private:
+    std::string name_;
+    int fds_at_start_ = 0;
+};
+
+} // namespace
+
+DOCTEST_REGISTER_LISTENER("leaks", 1, leak_listener);
+
 int main(int argc, char** argv) {
     coproc::run_worker_if_requested(argc, argv);
-    return doctest::Context(argc, argv).run();
+    const int status = doctest::Context(argc, argv).run();
+    if (leak_found) {
+        std::fprintf(stderr, "test program failed: a test case leaked processes or descriptors (see LEAK above)\n");
+        return status != 0 ? status : 3;
+    }
+    return status;
 }

@@ -572,6 +572,11 @@ task<void> wait_then_terminate(coproc::event_loop* loop, coproc::process_pool* p
     pool->terminate_workers();
 }
 
+task<void> wait_then_kill(coproc::event_loop* loop, coproc::process_pool* pool, future<int>* hanging) {
+    while (!hanging->running()) co_await loop->sleep_for(1ms);
+    pool->kill_workers();
+}
+
 task<bool> running_is_acknowledged(coproc::event_loop* loop, coproc::process_pool* pool) {
     auto slow = pool->submit<sleep_then>(300, 1);
     const bool running_at_submit = slow.running();
@@ -923,4 +928,14 @@ TEST_CASE("terminate_workers and kill_workers fail the running tasks; the pool r
         CHECK(e.signal() == SIGTERM);
     }
     CHECK(run_bounded(loop, submit_square(&pool, 8)) == 64);
+
+    auto hanging_again = pool.submit<hang_forever>();
+    run_bounded(loop, wait_then_kill(&loop, &pool, &hanging_again));
+    try {
+        run_bounded(loop, await_future(std::move(hanging_again)));
+        FAIL("no exception");
+    } catch (const coproc::worker_died& e) {
+        CHECK(e.signal() == SIGKILL);
+    }
+    CHECK(run_bounded(loop, submit_square(&pool, 9)) == 81);
 }
