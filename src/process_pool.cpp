@@ -23,6 +23,7 @@
 #include <coproc/process_pool.hpp>
 
 #include <coproc/cancellation.hpp>
+#include <coproc/with_timeout.hpp>
 #include <coproc/detail/wire.hpp>
 
 #include <fcntl.h>
@@ -39,6 +40,7 @@
 #include <cerrno>
 #include <condition_variable>
 #include <csignal>
+#include <cstdio>
 #include <cstring>
 #include <deque>
 #include <list>
@@ -60,6 +62,8 @@ constexpr int worker_socket_in_child = 3;
 // Consecutive workers that may exit before saying HELLO before the pool
 // declares itself broken (the worker program is wrong, not unlucky).
 constexpr int startup_failures_allowed = 3;
+// Times a task sent to a worker that died before starting it is requeued.
+constexpr unsigned max_requeues = 3;
 
 // Blocking get(): one mutex and condition variable for every pool, so that a
 // waiting thread never needs the pool to still exist.
@@ -78,6 +82,19 @@ int default_worker_count() {
     if (::sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
     const long online = ::sysconf(_SC_NPROCESSORS_ONLN);
     return online > 0 ? static_cast<int>(online) : 1;
+}
+
+// True when this process was started by a pool as a worker (argv[1] is the
+// worker flag), read from /proc/self/cmdline.
+bool started_as_worker() {
+    std::FILE* file = std::fopen("/proc/self/cmdline", "re");
+    if (file == nullptr) return false;
+    char buffer[4096];
+    const std::size_t size = std::fread(buffer, 1, sizeof buffer - 1, file);
+    std::fclose(file);
+    buffer[size] = '\0';
+    const std::size_t first = std::strlen(buffer);
+    return first + 1 < size && std::strcmp(buffer + first + 1, "--coproc-worker") == 0;
 }
 
 std::string describe_exit(const ::siginfo_t& info) {
@@ -102,6 +119,7 @@ struct worker_handle {
     bool writing = false;
     bool bye_sent = false;
     std::string kill_reason; // why the parent killed it, if it did
+    bool violated = false;   // killed for a protocol violation: its frames were not all read
     int coroutines = 0;      // of read/watch/write still alive
     // A death is handled once both hold: the process was reaped (exit
     // status known) and the reader drained the socket to EOF (every START
@@ -110,11 +128,12 @@ struct worker_handle {
     bool reaped = false;
     bool reader_done = false;
     // Idle timeout: `generation` counts tasks handed to the worker, so the
-    // timer can tell whether it stayed idle all along; stopping `idle_stop`
-    // ends the timer early (the worker exited, or the pool is gone).
+    // timer can tell whether it stayed idle all along. Stopping
+    // `lifetime_stop` ends this worker's timers early (idle, cancel grace):
+    // the worker exited, or the pool is gone.
     std::uint64_t generation = 0;
     bool idle_timer = false;
-    std::stop_source idle_stop;
+    std::stop_source lifetime_stop;
     ::siginfo_t exit_info{};
 
     void close_descriptors() noexcept {
@@ -129,6 +148,7 @@ public:
     ~pool_core();
 
     bool submit(work_item* item, bool encoding_failed, bool throw_when_full);
+    void start_deadline_timer(work_item* item);
     [[nodiscard]] bool has_room() const noexcept;
     void dispatch();
     void destroy() noexcept;
@@ -137,8 +157,13 @@ public:
     pool_stats stats() const;
     std::vector<int> worker_pids() const;
 
-    bool cancel(work_item& item);
+    bool cancel(work_item& item, bool force, std::exception_ptr reason = nullptr);
+    void cancel_in_worker(std::uint64_t id, int pid, bool kill_now);
+    void grace_expired(worker_handle& worker, std::uint64_t id);
+    [[nodiscard]] std::chrono::milliseconds cancel_grace() const noexcept { return options_.cancel_grace; }
+    [[nodiscard]] std::chrono::milliseconds start_timeout() const noexcept { return options_.start_timeout; }
     bool await(work_item& item, std::coroutine_handle<> awaiting);
+    void forget(work_item& item, std::coroutine_handle<> awaiting) noexcept;
     void add_callback(work_item& item, std::function<void()> callback);
 
     // Coroutine bodies.
@@ -147,7 +172,9 @@ public:
     void on_reader_done(worker_handle& worker);
     void on_worker_exit(worker_handle& worker);
     void release_coroutine(worker_handle& worker) noexcept;
-    void kill_worker(worker_handle& worker, const std::string& reason) noexcept;
+    // Kills the worker; `violation`: for a protocol violation, after which
+    // its frames were not read to the end, so no task it held may be requeued.
+    void kill_worker(worker_handle& worker, const std::string& reason, bool violation = false) noexcept;
     void initializer_failed(worker_handle& worker, std::exception_ptr cause);
     void idle_timer_fired(worker_handle& worker, std::uint64_t generation);
     [[nodiscard]] std::chrono::milliseconds idle_timeout() const noexcept { return options_.idle_timeout; }
@@ -162,12 +189,23 @@ public:
     bool destroyed = false; // the process_pool object is gone (loop thread)
 
 private:
-    void complete(work_item* item, work_state state, std::exception_ptr error) noexcept;
+    // What finishing an item leaves to do once the mutex is released.
+    struct completion {
+        work_state state{};
+        std::coroutine_handle<> awaiter{};
+        std::vector<std::function<void()>> callbacks;
+        std::optional<std::stop_source> deadline_stop;
+    };
+    // Makes the item final: true when this call did (it was not already).
+    bool complete(work_item* item, work_state state, std::exception_ptr error) noexcept;
+    bool finalize_locked(work_item& item, work_state state, std::exception_ptr error, completion& done) noexcept;
+    void deliver(completion& done) noexcept;
     void spawn_worker();
     void start_writer(worker_handle& worker);
     void start_idle_timer(worker_handle& worker);
     void send_bye(worker_handle& worker);
     void fail_all_pending(const std::exception_ptr& error) noexcept;
+    void end_all_pending(work_state state, const std::exception_ptr& error) noexcept;
     std::vector<char*> worker_environment();
 
     process_pool_options options_;
@@ -193,6 +231,7 @@ private:
     std::atomic<std::size_t> completed_{0};
     std::atomic<std::size_t> failed_{0};
     std::atomic<std::size_t> cancelled_{0};
+    std::atomic<std::size_t> killed_for_cancel_{0};
 };
 
 namespace {
@@ -222,9 +261,13 @@ task<void> read_worker(std::shared_ptr<pool_core> core, worker_handle* worker) {
             }
         }
     } catch (const protocol_violation& violation) {
-        core->kill_worker(*worker, violation.what());
-    } catch (...) {
+        core->kill_worker(*worker, violation.what(), true);
+    } catch (const std::system_error&) {
         // recv failed: the worker is gone; watch_worker reports how.
+    } catch (const std::exception& e) {
+        core->kill_worker(*worker, std::string("something the pool could not handle (") + e.what() + ")", true);
+    } catch (...) {
+        core->kill_worker(*worker, "something the pool could not handle", true);
     }
     if (!core->destroyed) core->on_reader_done(*worker);
     core->release_coroutine(*worker);
@@ -248,17 +291,25 @@ task<void> write_worker(std::shared_ptr<pool_core> core, worker_handle* worker) 
 }
 
 task<void> watch_worker(std::shared_ptr<pool_core> core, worker_handle* worker) {
-    try {
-        co_await core->loop.poll(worker->pidfd, POLLIN);
-    } catch (...) {
-        // Cancelled only when the loop itself goes away.
-    }
-    if (!core->destroyed && worker->pidfd >= 0) {
-        ::siginfo_t info{};
-        while (::waitid(static_cast<::idtype_t>(P_PIDFD), static_cast<::id_t>(worker->pidfd), &info, WEXITED) < 0 &&
-               errno == EINTR) {
+    // A pidfd polls readable once its process has exited; waitid with
+    // WNOHANG then reaps it without ever blocking the loop thread.
+    while (!core->destroyed && worker->pidfd >= 0) {
+        try {
+            co_await core->loop.poll(worker->pidfd, POLLIN);
+        } catch (...) {
+            break; // only when the loop itself goes away
         }
-        core->on_reaped(*worker, info);
+        if (core->destroyed || worker->pidfd < 0) break;
+        ::siginfo_t info{};
+        int result;
+        do {
+            result = ::waitid(static_cast<::idtype_t>(P_PIDFD), static_cast<::id_t>(worker->pidfd), &info, WEXITED | WNOHANG);
+        } while (result < 0 && errno == EINTR);
+        if (result == 0 && info.si_pid != 0) {
+            core->on_reaped(*worker, info);
+            break;
+        }
+        if (result < 0) break; // ECHILD: nothing left to reap
     }
     core->release_coroutine(*worker);
 }
@@ -268,13 +319,84 @@ task<void> sleep_idle(event_loop* loop, std::chrono::milliseconds duration) { co
 // Retires a worker that stays idle for idle_timeout.
 task<void> idle_timer(std::shared_ptr<pool_core> core, worker_handle* worker, std::uint64_t generation) {
     try {
-        co_await with_stop_token(sleep_idle(&core->loop, core->idle_timeout()), worker->idle_stop.get_token());
+        co_await with_stop_token(sleep_idle(&core->loop, core->idle_timeout()), worker->lifetime_stop.get_token());
         if (!core->destroyed) core->idle_timer_fired(*worker, generation);
     } catch (...) {
         // Stopped: the worker exited or the pool is gone.
         worker->idle_timer = false;
     }
     core->release_coroutine(*worker);
+}
+
+// Runs a pool coroutine with a token of its own that is never stopped, so
+// that event_loop::stop(), which cancels every task the loop runs, does not
+// cut the pool's plumbing: the pool ends with its destructor or shutdown().
+task<void> shielded(task<void> body) {
+    body.handle().promise().set_stop_token(std::stop_token{});
+    co_await std::move(body);
+}
+
+// Kills a worker that has not said HELLO within start_timeout (counts as a
+// startup failure): a program that runs but does not speak the protocol.
+task<void> hello_timer(std::shared_ptr<pool_core> core, worker_handle* worker) {
+    try {
+        co_await with_stop_token(sleep_idle(&core->loop, core->start_timeout()), worker->lifetime_stop.get_token());
+        if (!core->destroyed && worker->state == worker_handle::phase::starting) {
+            core->kill_worker(*worker, "nothing: it did not say HELLO within " +
+                                           std::to_string(core->start_timeout().count()) +
+                                           " ms (is it a coproc worker program?)");
+        }
+    } catch (...) {
+        // Stopped: the worker exited or the pool is gone.
+    }
+    core->release_coroutine(*worker);
+}
+
+// Kills the worker if the cancelled task `id` is still there after the
+// grace period.
+task<void> cancel_grace_timer(std::shared_ptr<pool_core> core, worker_handle* worker, std::uint64_t id) {
+    try {
+        co_await with_stop_token(sleep_idle(&core->loop, core->cancel_grace()), worker->lifetime_stop.get_token());
+        if (!core->destroyed) core->grace_expired(*worker, id);
+    } catch (...) {
+        // Stopped: the worker exited or the pool is gone.
+    }
+    core->release_coroutine(*worker);
+}
+
+// Holds one reference to a work item for as long as it lives.
+class item_reference {
+public:
+    explicit item_reference(work_item* item) noexcept : item_(item) { item_->retain(); }
+    item_reference(item_reference&& other) noexcept : item_(std::exchange(other.item_, nullptr)) {}
+    item_reference& operator=(item_reference&&) = delete;
+    ~item_reference() {
+        if (item_ != nullptr) item_->release();
+    }
+    work_item* operator->() const noexcept { return item_; }
+    work_item& operator*() const noexcept { return *item_; }
+
+private:
+    work_item* item_;
+};
+
+task<void> sleep_until_deadline(event_loop* loop, std::chrono::steady_clock::time_point deadline) {
+    co_await loop->sleep_until(deadline);
+}
+
+// submit_options::timeout: cancels the task with timeout_error when the
+// deadline passes first; woken early (through the item's deadline_stop) when
+// the task ends before.
+task<void> deadline_timer(std::shared_ptr<pool_core> core, item_reference item, std::stop_token ended) {
+    try {
+        co_await with_stop_token(sleep_until_deadline(&core->loop, item->deadline), std::move(ended));
+    } catch (...) {
+        co_return; // the task ended first, or the loop is going away
+    }
+    if (core->destroyed) co_return;
+    core->cancel(*item, false,
+                 std::make_exception_ptr(timeout_error("coproc: " + std::string(item->function_name) +
+                                                       " did not finish before its submit timeout")));
 }
 
 // Waits until `ready(core)` holds; woken by pool_core::wake_waiters.
@@ -313,6 +435,12 @@ pool_core::pool_core(event_loop& event_loop, process_pool_options opts)
                                     std::to_string(*options_.max_workers));
     }
     if (options_.prefetch == 0) throw std::invalid_argument("coproc: process_pool_options::prefetch must be positive");
+    if (started_as_worker()) {
+        // A worker whose main did not call run_worker_if_requested first
+        // would start pools of its own, and so on without end.
+        throw std::logic_error("coproc: a process_pool was created in a process started as a pool worker; main must "
+                               "call coproc::run_worker_if_requested(argc, argv) before anything else");
+    }
     max_workers_ = options_.max_workers.value_or(default_worker_count());
     executable_ = options_.worker_executable.empty() ? "/proc/self/exe" : options_.worker_executable;
 
@@ -336,20 +464,15 @@ pool_core::~pool_core() {
 }
 
 void pool_core::destroy() noexcept {
-    std::deque<work_item*> pending;
     {
         std::lock_guard lock{mutex_};
         closed_ = true;
-        pending.swap(pending_);
     }
     destroyed = true;
     const auto reason = std::make_exception_ptr(cancelled_error("coproc: the process pool was destroyed"));
-    for (work_item* item : pending) {
-        if (!is_final(item->state())) complete(item, work_state::cancelled, reason);
-        item->release();
-    }
+    end_all_pending(work_state::cancelled, reason);
     for (auto& worker : workers_) {
-        worker->idle_stop.request_stop();
+        worker->lifetime_stop.request_stop();
         if (worker->state != worker_handle::phase::exited && !worker->reaped && worker->pid > 0) {
             // Not reaped yet, so the pid cannot have been reused.
             ::kill(worker->pid, SIGKILL);
@@ -369,13 +492,33 @@ void pool_core::destroy() noexcept {
         worker->assigned.clear();
         // In-flight recv and poll on these hold their own references to the
         // files; they complete (EOF, process exit) and their coroutines see
-        // `destroyed` and touch nothing.
+        // `destroyed` and touch nothing. shutdown() makes the recv end even if
+        // a process a task started still holds the worker's end.
+        if (worker->socket >= 0) ::shutdown(worker->socket, SHUT_RDWR);
         worker->close_descriptors();
     }
     wake_waiters();
 }
 
 // --- submit, cancel, await, callbacks (any thread unless noted)
+
+void pool_core::start_deadline_timer(work_item* item) {
+    std::stop_token ended;
+    {
+        std::lock_guard lock{mutex_};
+        if (is_final(item->state())) return;
+        item->deadline_stop.emplace();
+        ended = item->deadline_stop->get_token();
+    }
+    auto start = [weak = weak_from_this(), reference = std::make_shared<item_reference>(item), ended]() {
+        if (auto core = weak.lock()) core->loop.spawn(shielded(deadline_timer(core, std::move(*reference), ended)));
+    };
+    if (loop.is_loop_thread()) {
+        start();
+    } else {
+        loop.post(std::move(start));
+    }
+}
 
 bool pool_core::has_room() const noexcept {
     if (destroyed || options_.max_pending == 0) return true;
@@ -406,6 +549,7 @@ bool pool_core::submit(work_item* item, bool encoding_failed, bool throw_when_fu
         complete(item, work_state::failed, item->error);
         return true;
     }
+    if (item->deadline != std::chrono::steady_clock::time_point{}) start_deadline_timer(item);
     if (post_dispatch) {
         loop.post([weak = weak_from_this()] {
             if (auto core = weak.lock()) core->dispatch();
@@ -414,30 +558,84 @@ bool pool_core::submit(work_item* item, bool encoding_failed, bool throw_when_fu
     return true;
 }
 
-bool pool_core::cancel(work_item& item) {
+bool pool_core::cancel(work_item& item, bool force, std::exception_ptr reason) {
+    completion done;
+    work_state before;
     {
         std::lock_guard lock{mutex_};
-        if (item.state() != work_state::pending) return false;
-        queued_.fetch_sub(1, std::memory_order_relaxed);
-        // Left in pending_ and skipped by dispatch(), which drops the reference.
+        before = item.state();
+        if (is_final(before)) return false;
+        if (before == work_state::pending) queued_.fetch_sub(1, std::memory_order_relaxed);
+        if (!reason) {
+            reason = std::make_exception_ptr(cancelled_error(before == work_state::pending
+                                                                 ? "coproc: the task was cancelled before it ran"
+                                                                 : "coproc: the task was cancelled"));
+        }
+        // A pending item stays in pending_ and is skipped by dispatch(); a
+        // dispatched or running one stays in its worker's list until the
+        // worker answers.
+        finalize_locked(item, work_state::cancelled, std::move(reason), done);
     }
-    complete(&item, work_state::cancelled, std::make_exception_ptr(cancelled_error("coproc: the task was cancelled before it ran")));
-    // Room in the queue: wake submit_async waiters, on the loop thread.
+    deliver(done);
+    const bool remote = before != work_state::pending;
+    const bool kill_now = force && before == work_state::running;
+    auto follow_up = [weak = weak_from_this(), id = item.id, pid = item.worker_pid, remote, kill_now] {
+        auto core = weak.lock();
+        if (!core) return;
+        if (remote) core->cancel_in_worker(id, pid, kill_now);
+        core->wake_waiters(); // room in the queue for submit_async
+    };
     if (loop.is_loop_thread()) {
-        wake_waiters();
+        follow_up();
     } else {
-        loop.post([weak = weak_from_this()] {
-            if (auto core = weak.lock()) core->wake_waiters();
-        });
+        loop.post(std::move(follow_up));
     }
     return true;
+}
+
+void pool_core::cancel_in_worker(std::uint64_t id, int pid, bool kill_now) {
+    for (auto& entry : workers_) {
+        worker_handle& worker = *entry;
+        if (worker.pid != pid || worker.state == worker_handle::phase::exited || worker.reaped) continue;
+        const bool held = std::any_of(worker.assigned.begin(), worker.assigned.end(),
+                                      [id](const work_item* item) { return item->id == id; });
+        if (!held) return; // its answer already came
+        if (kill_now) {
+            killed_for_cancel_.fetch_add(1, std::memory_order_relaxed);
+            kill_worker(worker, "nothing more: its task was cancelled with force");
+            return;
+        }
+        wire::finish_frame(worker.outbox, wire::begin_frame(worker.outbox, wire::frame_kind::cancel, id));
+        if (!worker.writing) start_writer(worker);
+        ++worker.coroutines;
+        loop.spawn(shielded(cancel_grace_timer(shared_from_this(), &worker, id)));
+        return;
+    }
+}
+
+void pool_core::grace_expired(worker_handle& worker, std::uint64_t id) {
+    if (worker.state == worker_handle::phase::exited || worker.reaped) return;
+    const bool held = std::any_of(worker.assigned.begin(), worker.assigned.end(),
+                                  [id](const work_item* item) { return item->id == id; });
+    if (!held) return; // it stopped in time
+    killed_for_cancel_.fetch_add(1, std::memory_order_relaxed);
+    kill_worker(worker, "nothing more: its cancelled task had not returned after cancel_grace (" +
+                            std::to_string(options_.cancel_grace.count()) + " ms)");
 }
 
 bool pool_core::await(work_item& item, std::coroutine_handle<> awaiting) {
     std::lock_guard lock{mutex_};
     if (is_final(item.state())) return false;
+    if (item.awaiter && item.awaiter != awaiting) {
+        throw std::logic_error("coproc: a future is already awaited by another coroutine; one awaiter at a time");
+    }
     item.awaiter = awaiting;
     return true;
+}
+
+void pool_core::forget(work_item& item, std::coroutine_handle<> awaiting) noexcept {
+    std::lock_guard lock{mutex_};
+    if (item.awaiter == awaiting) item.awaiter = {};
 }
 
 void pool_core::add_callback(work_item& item, std::function<void()> callback) {
@@ -451,39 +649,47 @@ void pool_core::add_callback(work_item& item, std::function<void()> callback) {
     callback();
 }
 
-void pool_core::complete(work_item* item, work_state state, std::exception_ptr error) noexcept {
-    std::coroutine_handle<> awaiter;
-    std::vector<std::function<void()>> callbacks;
+bool pool_core::complete(work_item* item, work_state state, std::exception_ptr error) noexcept {
+    completion done;
     {
         std::lock_guard lock{mutex_};
-        if (is_final(item->state())) return;
-        item->error = std::move(error);
-        awaiter = std::exchange(item->awaiter, {});
-        callbacks.swap(item->callbacks);
-        item->arguments = {};
-        item->set_state(state); // release: publishes value and error
+        if (!finalize_locked(*item, state, std::move(error), done)) return false;
     }
-    switch (state) {
+    deliver(done);
+    return true;
+}
+
+bool pool_core::finalize_locked(work_item& item, work_state state, std::exception_ptr error, completion& done) noexcept {
+    if (is_final(item.state())) return false;
+    item.error = std::move(error);
+    done.state = state;
+    done.awaiter = std::exchange(item.awaiter, {});
+    done.callbacks.swap(item.callbacks);
+    done.deadline_stop = std::move(item.deadline_stop);
+    item.arguments = {};
+    item.set_state(state); // release: publishes value and error
+    return true;
+}
+
+void pool_core::deliver(completion& done) noexcept {
+    switch (done.state) {
     case work_state::finished: completed_.fetch_add(1, std::memory_order_relaxed); break;
     case work_state::failed: failed_.fetch_add(1, std::memory_order_relaxed); break;
     default: cancelled_.fetch_add(1, std::memory_order_relaxed); break;
     }
-    if (blocked_waiters.load(std::memory_order_acquire) > 0) {
+    if (done.deadline_stop) done.deadline_stop->request_stop();
+    // Pairs with the seq_cst increment in wait_work_item: either the waiter
+    // sees the final state, or this sees the waiter and notifies it.
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (blocked_waiters.load(std::memory_order_relaxed) > 0) {
         // Lock-unlock orders the state change before a waiter's predicate check.
         { std::lock_guard lock{waiters_mutex}; }
         waiters_cv.notify_all();
     }
-    if (awaiter) schedule_operation{loop}.await_suspend(awaiter);
-    for (auto& callback : callbacks) {
-        if (loop.is_loop_thread()) {
-            try {
-                callback();
-            } catch (...) {
-            }
-        } else {
-            loop.post(std::move(callback));
-        }
-    }
+    if (done.awaiter) schedule_operation{loop}.await_suspend(done.awaiter);
+    // Posted, never run inline: a callback may do anything, even destroy the
+    // pool, and must not do it in the middle of the pool's own bookkeeping.
+    for (auto& callback : done.callbacks) loop.post(std::move(callback));
 }
 
 // --- dispatch (loop thread)
@@ -582,19 +788,27 @@ void pool_core::dispatch() {
 }
 
 void pool_core::fail_all_pending(const std::exception_ptr& error) noexcept {
+    end_all_pending(work_state::failed, error);
+    wake_waiters();
+}
+
+void pool_core::end_all_pending(work_state state, const std::exception_ptr& error) noexcept {
     std::deque<work_item*> pending;
+    std::vector<completion> done;
     {
+        // One critical section decides and records every transition, so a
+        // concurrent cancel() from another thread cannot also count one.
         std::lock_guard lock{mutex_};
         pending.swap(pending_);
-    }
-    for (work_item* item : pending) {
-        if (item->state() == work_state::pending) {
+        done.reserve(pending.size());
+        for (work_item* item : pending) {
+            if (item->state() != work_state::pending) continue;
             queued_.fetch_sub(1, std::memory_order_relaxed);
-            complete(item, work_state::failed, error);
+            finalize_locked(*item, state, error, done.emplace_back());
         }
-        item->release();
     }
-    wake_waiters();
+    for (auto& completion : done) deliver(completion);
+    for (work_item* item : pending) item->release();
 }
 
 void pool_core::send_bye(worker_handle& worker) {
@@ -606,13 +820,13 @@ void pool_core::send_bye(worker_handle& worker) {
 void pool_core::start_writer(worker_handle& worker) {
     worker.writing = true;
     ++worker.coroutines;
-    loop.spawn(write_worker(shared_from_this(), &worker));
+    loop.spawn(shielded(write_worker(shared_from_this(), &worker)));
 }
 
 void pool_core::start_idle_timer(worker_handle& worker) {
     worker.idle_timer = true;
     ++worker.coroutines;
-    loop.spawn(idle_timer(shared_from_this(), &worker, worker.generation));
+    loop.spawn(shielded(idle_timer(shared_from_this(), &worker, worker.generation)));
 }
 
 void pool_core::idle_timer_fired(worker_handle& worker, std::uint64_t generation) {
@@ -682,11 +896,12 @@ void pool_core::spawn_worker() {
     worker.pid = pid;
     worker.socket = fds[0];
     worker.pidfd = pidfd;
-    worker.coroutines = 2;
+    worker.coroutines = 3;
     workers_started_.fetch_add(1, std::memory_order_relaxed);
     workers_alive_.fetch_add(1, std::memory_order_relaxed);
-    loop.spawn(read_worker(shared_from_this(), &worker));
-    loop.spawn(watch_worker(shared_from_this(), &worker));
+    loop.spawn(shielded(read_worker(shared_from_this(), &worker)));
+    loop.spawn(shielded(watch_worker(shared_from_this(), &worker)));
+    loop.spawn(shielded(hello_timer(shared_from_this(), &worker)));
 }
 
 // --- frames from a worker (loop thread)
@@ -765,23 +980,48 @@ void pool_core::handle_frames(worker_handle& worker, std::span<const std::byte> 
         }
         worker.assigned.erase(position);
         in_workers_.fetch_sub(1, std::memory_order_relaxed);
+        if (is_final(item->state())) {
+            // Cancelled meanwhile: whatever it answered is discarded.
+            item->release();
+            dispatch();
+            continue;
+        }
         if (kind == wire::frame_kind::result) {
+            std::string problem;
             try {
                 item->store_result(payload);
-                complete(item, work_state::finished, nullptr);
             } catch (const std::exception& e) {
+                problem = e.what();
+            } catch (...) {
+                problem = "an exception of unknown type";
+            }
+            if (problem.empty()) {
+                complete(item, work_state::finished, nullptr);
+            } else {
                 complete(item, work_state::failed,
                          std::make_exception_ptr(error("coproc: the result of " + std::string(item->function_name) +
                                                        " from worker " + std::to_string(worker.pid) +
-                                                       " could not be decoded: " + e.what())));
+                                                       " could not be decoded: " + problem)));
             }
         } else {
             std::exception_ptr remote;
+            std::string problem;
             try {
                 remote = decode_exception(payload, worker.pid, item->function_name);
             } catch (const std::exception& e) {
+                problem = e.what();
+            } catch (...) {
+                problem = "an exception of unknown type";
+            }
+            if (!remote) {
+                complete(item, work_state::failed,
+                         std::make_exception_ptr(worker_died(worker.pid, SIGKILL, -1, std::string(item->function_name),
+                                                             "coproc: worker " + std::to_string(worker.pid) + " running " +
+                                                                 std::string(item->function_name) +
+                                                                 " sent an undecodable ERROR frame and was killed by the pool: " +
+                                                                 problem)));
                 item->release();
-                throw protocol_violation(std::string("an undecodable ERROR frame: ") + e.what());
+                throw protocol_violation("an undecodable ERROR frame: " + problem);
             }
             complete(item, work_state::failed, remote);
         }
@@ -816,9 +1056,10 @@ void pool_core::initializer_failed(worker_handle& worker, std::exception_ptr cau
     }
 }
 
-void pool_core::kill_worker(worker_handle& worker, const std::string& reason) noexcept {
+void pool_core::kill_worker(worker_handle& worker, const std::string& reason, bool violation) noexcept {
     if (worker.state == worker_handle::phase::exited || worker.reaped) return;
     worker.kill_reason = reason;
+    worker.violated = worker.violated || violation;
     ::kill(worker.pid, SIGKILL);
 }
 
@@ -837,7 +1078,7 @@ void pool_core::on_reader_done(worker_handle& worker) {
 }
 
 void pool_core::on_worker_exit(worker_handle& worker) {
-    worker.idle_stop.request_stop();
+    worker.lifetime_stop.request_stop();
     const ::siginfo_t& info = worker.exit_info;
     const bool was_initializing = worker.state == worker_handle::phase::initializing;
     const bool was_starting = worker.state == worker_handle::phase::starting || was_initializing;
@@ -864,9 +1105,11 @@ void pool_core::on_worker_exit(worker_handle& worker) {
             item->release();
             continue;
         }
-        if (item->state() == work_state::dispatched) {
-            // Sent but never started (no START frame before EOF): it did not
-            // run, so it goes back to the queue as it was.
+        if (item->state() == work_state::dispatched && !worker.violated && item->requeues < max_requeues) {
+            // Sent but never started (no START frame before EOF, and every
+            // frame was read): it did not run, so it goes back to the queue.
+            // Capped, so that a task no worker can even start fails in the end.
+            ++item->requeues;
             requeue.push_back(item); // keeps its reference
             continue;
         }
@@ -930,19 +1173,13 @@ void pool_core::release_coroutine(worker_handle& worker) noexcept {
 // --- shutdown support (loop thread)
 
 void pool_core::close(bool cancel_pending) {
-    std::deque<work_item*> cancelled;
     {
         std::lock_guard lock{mutex_};
         closed_ = true;
-        if (cancel_pending) cancelled.swap(pending_);
     }
-    const auto reason = std::make_exception_ptr(cancelled_error("coproc: cancelled by shutdown(cancel_futures)"));
-    for (work_item* item : cancelled) {
-        if (item->state() == work_state::pending) {
-            queued_.fetch_sub(1, std::memory_order_relaxed);
-            complete(item, work_state::cancelled, reason);
-        }
-        item->release();
+    if (cancel_pending) {
+        end_all_pending(work_state::cancelled,
+                        std::make_exception_ptr(cancelled_error("coproc: cancelled by shutdown(cancel_futures)")));
     }
     dispatch();
 }
@@ -960,6 +1197,17 @@ void pool_core::wake_waiters() {
 }
 
 void pool_core::signal_workers(int signal) noexcept {
+    if (signal == SIGKILL) {
+        // kill_workers: what is running ends cancelled, not failed.
+        for (auto& worker : workers_) {
+            for (work_item* item : worker->assigned) {
+                if (item->state() == work_state::running) {
+                    complete(item, work_state::cancelled,
+                             std::make_exception_ptr(cancelled_error("coproc: cancelled by kill_workers")));
+                }
+            }
+        }
+    }
     for (auto& worker : workers_) {
         if (worker->state != worker_handle::phase::exited && !worker->reaped) ::kill(worker->pid, signal);
     }
@@ -974,6 +1222,7 @@ pool_stats pool_core::stats() const {
     result.tasks_completed = completed_.load(std::memory_order_relaxed);
     result.tasks_failed = failed_.load(std::memory_order_relaxed);
     result.tasks_cancelled = cancelled_.load(std::memory_order_relaxed);
+    result.workers_killed_for_cancel = killed_for_cancel_.load(std::memory_order_relaxed);
     return result;
 }
 
@@ -989,6 +1238,10 @@ std::vector<int> pool_core::worker_pids() const {
 
 bool pool_has_room(const pool_core& core) noexcept { return core.has_room(); }
 
+bool pool_destroyed(const pool_core& core) noexcept { return core.destroyed; }
+
+std::shared_ptr<pool_core> pool_core_of(const process_pool& pool) noexcept { return pool.core_; }
+
 void pool_wait_for_room(pool_core& core, std::coroutine_handle<> awaiting) { core.add_waiter(awaiting); }
 
 bool await_work_item(work_item& item, std::coroutine_handle<> awaiting) {
@@ -996,9 +1249,16 @@ bool await_work_item(work_item& item, std::coroutine_handle<> awaiting) {
     return item.pool->await(item, awaiting);
 }
 
-bool cancel_work_item(work_item& item) {
+void forget_awaiter(work_item& item, std::coroutine_handle<> awaiting) noexcept {
+    // A final item holds no awaiter any more (it was taken when it ended),
+    // and its pool may be gone.
+    if (is_final(item.state())) return;
+    item.pool->forget(item, awaiting);
+}
+
+bool cancel_work_item(work_item& item, bool force) {
     if (is_final(item.state())) return false;
-    return item.pool->cancel(item);
+    return item.pool->cancel(item, force);
 }
 
 void add_work_item_callback(work_item& item, std::function<void()> callback) {
@@ -1014,7 +1274,7 @@ bool wait_work_item(work_item& item, std::chrono::nanoseconds timeout) {
     if (event_loop* current = event_loop::current(); current != nullptr && item.pool != nullptr && &item.pool->loop == current) {
         throw std::logic_error("coproc: future::get called on the pool's loop thread, which would never return; co_await the future instead");
     }
-    blocked_waiters.fetch_add(1, std::memory_order_acq_rel);
+    blocked_waiters.fetch_add(1, std::memory_order_seq_cst);
     std::unique_lock lock{waiters_mutex};
     const auto final = [&] { return is_final(item.state()); };
     bool done = true;

@@ -40,7 +40,7 @@ namespace wire = detail::wire;
 
 constexpr const char* worker_flag = "--coproc-worker";
 constexpr int parent_socket = 3;
-constexpr std::size_t max_call_frame = std::size_t{1} << 31;
+constexpr std::size_t max_call_frame = wire::max_payload;
 
 [[noreturn]] void quit(int status) {
     std::fflush(nullptr);
@@ -134,9 +134,32 @@ private:
         }
     }
 
+    // CANCEL: a task still queued is dropped without running and answered
+    // with a cancelled_error; the running one has its stop token stopped and
+    // answers when its function returns. An id not held here (its answer is
+    // already on the way) is ignored.
     void cancel(std::uint64_t work_id) {
-        std::lock_guard lock{queue_mutex_};
-        if (running_id_ == work_id) running_stop_.request_stop();
+        bool dropped = false;
+        {
+            std::lock_guard lock{queue_mutex_};
+            if (running_id_ == work_id) {
+                running_stop_.request_stop();
+                return;
+            }
+            for (auto it = queue_.begin(); it != queue_.end(); ++it) {
+                if (it->work_id == work_id) {
+                    queue_.erase(it);
+                    dropped = true;
+                    break;
+                }
+            }
+        }
+        if (!dropped) return;
+        std::vector<std::byte> reply;
+        const auto offset = wire::begin_frame(reply, wire::frame_kind::error, work_id);
+        detail::encode_exception(std::make_exception_ptr(cancelled_error("coproc: cancelled before it started")), reply);
+        wire::finish_frame(reply, offset);
+        send(reply);
     }
 
     void run_calls() {
@@ -194,7 +217,7 @@ private:
             const auto offset = wire::begin_frame(reply, wire::frame_kind::result, task.work_id);
             invoke(arguments, reply, std::move(token));
             if ((task.flags & wire::frame_flag::initializer) != 0) reply.resize(offset + wire::header_size); // value unused
-            wire::finish_frame(reply, offset);
+            wire::finish_frame(reply, offset); // a result too large for a frame throws: an ERROR instead
         } catch (...) {
             reply.clear(); // drop whatever part of the result was encoded
             const auto offset = wire::begin_frame(reply, wire::frame_kind::error, task.work_id);

@@ -105,6 +105,23 @@ void throw_standard(std::string type, std::string message) {
 
 void throw_custom(std::string message) { throw custom_failure(message); }
 
+int cooperative_wait(int milliseconds, std::string marker, std::stop_token token) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds{milliseconds};
+    while (std::chrono::steady_clock::now() < deadline) {
+        if (token.stop_requested()) {
+            std::ofstream{marker} << "stopped\n";
+            return -1;
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds{1});
+    }
+    return milliseconds;
+}
+
+int busy_forever() {
+    volatile unsigned long spin = 0;
+    for (;;) spin = spin + 1;
+}
+
 int crash_segfault() {
     std::raise(SIGSEGV);
     return 0;
@@ -145,6 +162,12 @@ void send_garbage_frame() {
 
 void send_oversized_frame() {
     coproc::detail::wire::frame_header header{0xFFFFFFF0u, 4, 0, 1};
+    [[maybe_unused]] auto written = ::write(3, &header, sizeof header);
+    hang_forever();
+}
+
+void send_frame_for_unknown_work() {
+    coproc::detail::wire::frame_header header{0, 4, 0, 0xDEADBEEFu};
     [[maybe_unused]] auto written = ::write(3, &header, sizeof header);
     hang_forever();
 }

@@ -39,6 +39,11 @@ std::string initialized_label();
 void failing_initializer(std::string message);
 int crashing_initializer();
 
+// Cancellation: a task that honours its stop token (and records that it
+// saw the stop in `marker`), and one that ignores it.
+int cooperative_wait(int milliseconds, std::string marker, std::stop_token token);
+int busy_forever();
+
 // Failures.
 void throw_standard(std::string type, std::string message);
 struct custom_failure : std::runtime_error {
@@ -55,6 +60,7 @@ int write_pid_and_hang(std::string path);
 int crash_once(std::string marker, int value);
 void send_garbage_frame();
 void send_oversized_frame();
+void send_frame_for_unknown_work();
 
 // A value that serializes in the worker but cannot be read back in the
 // parent, and its mirror that cannot be written in the worker.

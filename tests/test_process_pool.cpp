@@ -351,9 +351,9 @@ TEST_CASE("idle_timeout: idle workers exit, and workers start again on demand") 
     leak_check leaks;
     {
         coproc::event_loop loop;
-        coproc::process_pool pool{loop, {.max_workers = 1, .idle_timeout = 100ms}};
+        coproc::process_pool pool{loop, {.max_workers = 1, .idle_timeout = 300ms}};
         const int first = run_bounded(loop, await_future(pool.submit<worker_pid>()));
-        CHECK(run_bounded(loop, workers_alive_after(&loop, &pool, 800ms)) == 0);
+        CHECK(run_bounded(loop, workers_alive_after(&loop, &pool, 1500ms)) == 0);
         const int second = run_bounded(loop, await_future(pool.submit<worker_pid>()));
         CHECK(second != first);
         CHECK(pool.stats().workers_started == 2);
@@ -506,6 +506,12 @@ TEST_CASE("a worker that sends a malformed or oversized frame is killed; its tas
             FAIL("no exception");
         } catch (const coproc::worker_died& e) {
             CHECK(contains(e.what(), "max_frame_size"));
+        }
+        try {
+            run_bounded(loop, await_future(pool.submit<send_frame_for_unknown_work>()));
+            FAIL("no exception");
+        } catch (const coproc::worker_died& e) {
+            CHECK(contains(e.what(), "which it does not hold"));
         }
         CHECK(run_bounded(loop, submit_square(&pool, 4)) == 16);
     }
@@ -869,6 +875,54 @@ TEST_CASE("a worker exits when its parent dies") {
     CHECK(gone);
 }
 
+TEST_CASE("a worker program that runs but never says HELLO is killed after start_timeout; three break the pool") {
+    const char* program = std::getenv("COPROC_TEST_WORKER_PROGRAM");
+    REQUIRE(program != nullptr);
+    leak_check leaks;
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 1,
+                                         .worker_executable = program,
+                                         .environment = {{"COPROC_TEST_SILENT_WORKER", "1"}},
+                                         .start_timeout = 100ms}};
+        try {
+            run_bounded(loop, submit_square(&pool, 2), 20s);
+            FAIL("no exception");
+        } catch (const coproc::broken_process_pool& e) {
+            CHECK(contains(e.what(), "exited before saying HELLO"));
+            CHECK(contains(e.what(), "did not say HELLO within 100 ms"));
+        }
+    }
+    leaks.verify();
+}
+
+TEST_CASE("a worker whose main forgot run_worker_if_requested cannot start pools of its own") {
+    const char* program = std::getenv("COPROC_TEST_WORKER_PROGRAM");
+    REQUIRE(program != nullptr);
+    leak_check leaks;
+    const std::string stderr_text = capture_stderr([&] {
+        coproc::event_loop loop;
+        coproc::process_pool pool{
+            loop, {.max_workers = 1, .worker_executable = program, .environment = {{"COPROC_TEST_FORGETFUL_WORKER", "1"}}}};
+        CHECK_THROWS_AS(run_bounded(loop, submit_square(&pool, 2), 20s), coproc::broken_process_pool);
+    });
+    CHECK(contains(stderr_text, "must call coproc::run_worker_if_requested"));
+    leaks.verify();
+}
+
+TEST_CASE("event_loop::stop() cancels the tasks awaiting the pool but leaves the pool serving") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1, .cancel_grace = 200ms}};
+    CHECK(run_bounded(loop, submit_square(&pool, 2)) == 4); // a live worker
+    std::thread stopper([&] {
+        std::this_thread::sleep_for(50ms);
+        loop.stop();
+    });
+    CHECK_THROWS_AS(run_bounded(loop, await_future(pool.submit<sleep_then>(5000, 1))), coproc::cancelled_error);
+    stopper.join();
+    CHECK(run_bounded(loop, submit_square(&pool, 3)) == 9);
+}
+
 TEST_CASE("a missing worker program breaks the pool with an error naming it") {
     coproc::event_loop loop;
     coproc::process_pool pool{loop, {.max_workers = 1, .worker_executable = "/nonexistent/coproc-worker"}};
@@ -916,7 +970,7 @@ TEST_CASE("crash_policy::break_pool reproduces CPython: one crash breaks the poo
     leaks.verify();
 }
 
-TEST_CASE("terminate_workers and kill_workers fail the running tasks; the pool replaces the workers") {
+TEST_CASE("terminate_workers fails the running task, kill_workers cancels it; the pool replaces the workers") {
     coproc::event_loop loop;
     coproc::process_pool pool{loop, {.max_workers = 1}};
     auto hanging = pool.submit<hang_forever>();
@@ -929,13 +983,10 @@ TEST_CASE("terminate_workers and kill_workers fail the running tasks; the pool r
     }
     CHECK(run_bounded(loop, submit_square(&pool, 8)) == 64);
 
+    // kill_workers cancels what is running: the future ends cancelled.
     auto hanging_again = pool.submit<hang_forever>();
     run_bounded(loop, wait_then_kill(&loop, &pool, &hanging_again));
-    try {
-        run_bounded(loop, await_future(std::move(hanging_again)));
-        FAIL("no exception");
-    } catch (const coproc::worker_died& e) {
-        CHECK(e.signal() == SIGKILL);
-    }
+    CHECK(hanging_again.cancelled());
+    CHECK_THROWS_AS(run_bounded(loop, await_future(std::move(hanging_again))), coproc::cancelled_error);
     CHECK(run_bounded(loop, submit_square(&pool, 9)) == 81);
 }

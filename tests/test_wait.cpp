@@ -31,8 +31,14 @@ TEST_CASE("as_completed yields each future once, in the order they finish") {
     // prefetch 1: the third task waits for a free worker instead of being
     // queued behind the slow one, so the finishing order is known.
     coproc::process_pool pool{loop, {.max_workers = 2, .prefetch = 1}};
+    // Both workers up first, so that no start-up delay can reorder the race.
+    std::vector<future<int>> warm_up;
+    warm_up.push_back(pool.submit<sleep_then>(100, 0));
+    warm_up.push_back(pool.submit<sleep_then>(100, 0));
+    run_bounded(loop, wait_for(&warm_up, coproc::return_when::all_completed));
+    REQUIRE(pool.stats().workers_alive == 2);
     std::vector<future<int>> futures;
-    futures.push_back(pool.submit<sleep_then>(300, 0));
+    futures.push_back(pool.submit<sleep_then>(1000, 0));
     futures.push_back(pool.submit<sleep_then>(1, 1));
     futures.push_back(pool.submit<sleep_then>(2, 2));
     const auto order = run_bounded(loop, completion_order(&futures));

@@ -6,6 +6,7 @@
 #include <coproc/coproc.hpp>
 
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <unistd.h>
 
@@ -18,6 +19,16 @@ coproc::task<int> first_worker_pid(coproc::process_pool* pool) { co_return co_aw
 } // namespace
 
 int main(int argc, char** argv) {
+    // Misbehaving workers, for the tests of the pool's defences.
+    if (std::getenv("COPROC_TEST_SILENT_WORKER") != nullptr) {
+        for (;;) ::pause(); // alive, but never says HELLO
+    }
+    if (std::getenv("COPROC_TEST_FORGETFUL_WORKER") != nullptr) {
+        // main "forgot" run_worker_if_requested and goes on to make a pool.
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop};
+        return 0;
+    }
     coproc::run_worker_if_requested(argc, argv);
     if (argc == 2 && std::strcmp(argv[1], "--orphan-test") == 0) {
         // Helper for the parent-death test: become a pool's parent, print

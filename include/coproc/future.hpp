@@ -12,6 +12,7 @@
 // coproc::broken_process_pool, or coproc::cancelled_error.
 #pragma once
 
+#include <coproc/detail/promise_base.hpp>
 #include <coproc/detail/work_item.hpp>
 #include <coproc/error.hpp>
 
@@ -20,6 +21,8 @@
 #include <exception>
 #include <functional>
 #include <memory>
+#include <optional>
+#include <stop_token>
 #include <stdexcept>
 #include <type_traits>
 #include <utility>
@@ -51,10 +54,17 @@ public:
     // The task's id in its pool.
     [[nodiscard]] std::uint64_t id() const { return checked().id; }
 
-    // Cancels the task. A pending task is removed from the queue and never
-    // runs: this always succeeds. Returns false when the task already left
-    // the parent (dispatched or running) or is final. Thread-safe.
-    bool cancel() { return detail::cancel_work_item(checked()); }
+    // Cancels the task, whatever its state; returns false only when it had
+    // already ended (its result stays). Thread-safe.
+    //  - pending: removed from the queue; it never runs;
+    //  - dispatched (sent, not started): the worker drops it unrun;
+    //  - running: the worker stops the task's std::stop_token; a task that
+    //    has not returned after process_pool_options::cancel_grace has its
+    //    worker killed and replaced. With `force`, the worker is killed at
+    //    once.
+    // The future ends cancelled at once (awaiting it throws
+    // cancelled_error); a result that arrives later is discarded.
+    bool cancel(bool force = false) { return detail::cancel_work_item(checked(), force); }
 
     // True once the task ended cancelled.
     [[nodiscard]] bool cancelled() const { return checked().state() == detail::work_state::cancelled; }
@@ -72,7 +82,8 @@ public:
     }
 
     // Calls `callback(*this-like future)` on the pool's loop thread once the
-    // task is final, or at once (on the calling thread) if it already is.
+    // task is final (posted to the loop, never run inside the pool's own
+    // bookkeeping), or at once, on the calling thread, if it already is.
     void add_done_callback(std::function<void(const future&)> callback) {
         auto* item = &checked();
         item->retain();
@@ -98,17 +109,62 @@ public:
     }
 
     // Awaiting suspends until the task is final, resuming on the pool's
-    // event loop thread; await it from a coroutine that loop runs.
-    auto operator co_await() & noexcept { return awaiter<false>{&checked()}; }
-    auto operator co_await() && noexcept { return awaiter<true>{&checked()}; }
+    // event loop thread; await it from a coroutine that loop runs. A stop of
+    // the awaiting coroutine's token (coproc::with_timeout, when_any, ...)
+    // cancels the task, as cancel() does.
+    // One coroutine at a time may await a future (a second throws
+    // std::logic_error).
+    auto operator co_await() & { return awaiter<false>{&checked()}; }
+    auto operator co_await() && { return awaiter<true>{&checked()}; }
 
 private:
+    // Cancels the task when the awaiter's stop token is stopped.
+    struct cancel_task {
+        detail::typed_work_item<T>* item;
+        void operator()() const noexcept {
+            try {
+                detail::cancel_work_item(*item);
+            } catch (...) {
+                // Out of memory while queueing the cancellation: the task runs on.
+            }
+        }
+    };
+
     template <bool Move>
     struct awaiter {
         detail::typed_work_item<T>* item;
+        std::optional<std::stop_callback<cancel_task>> on_stop{};
+        std::coroutine_handle<> registered{}; // set while the item holds our handle
+
+        awaiter(detail::typed_work_item<T>* work) noexcept : item(work) {}
+        awaiter(awaiter&& other) noexcept : item(other.item) {}
+        // A coroutine destroyed while suspended here (its loop shut down)
+        // must not stay registered with a task that may still finish.
+        ~awaiter() {
+            on_stop.reset();
+            if (registered) detail::forget_awaiter(*item, registered);
+        }
+
         bool await_ready() const noexcept { return detail::is_final(item->state()); }
-        bool await_suspend(std::coroutine_handle<> awaiting) { return detail::await_work_item(*item, awaiting); }
-        T await_resume() { return take<Move>(*item); }
+        template <class P>
+        bool await_suspend(std::coroutine_handle<P> awaiting) {
+            std::stop_token token = detail::stop_token_of(awaiting);
+            if (token.stop_requested()) {
+                detail::cancel_work_item(*item);
+                return false;
+            }
+            if (!detail::await_work_item(*item, awaiting)) return false;
+            registered = awaiting;
+            // Registered after the awaiter: a stop requested meanwhile runs
+            // the callback at once, which cancels and so resumes it.
+            if (token.stop_possible()) on_stop.emplace(std::move(token), cancel_task{item});
+            return true;
+        }
+        T await_resume() {
+            on_stop.reset();
+            registered = {};
+            return take<Move>(*item);
+        }
     };
 
     template <bool Move>

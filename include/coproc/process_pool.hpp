@@ -47,11 +47,14 @@
 
 namespace coproc {
 
+class process_pool;
 namespace detail {
 class pool_core;
 template <auto F>
 class chunk_window;
 bool pool_has_room(const pool_core& core) noexcept;
+bool pool_destroyed(const pool_core& core) noexcept;
+std::shared_ptr<pool_core> pool_core_of(const process_pool& pool) noexcept;
 void pool_wait_for_room(pool_core& core, std::coroutine_handle<> awaiting);
 }
 
@@ -111,6 +114,12 @@ struct process_pool_options {
     unsigned prefetch = 2;
     // A frame from a worker larger than this kills the worker.
     std::size_t max_frame_size = std::size_t{256} << 20;
+    // A worker that has not said HELLO this long after it was started is
+    // killed; three such starts in a row break the pool.
+    std::chrono::milliseconds start_timeout{10'000};
+    // How long a cancelled running task may take to return (it should
+    // honour its std::stop_token) before its worker is killed and replaced.
+    std::chrono::milliseconds cancel_grace{1000};
     // Tasks waiting in the parent for a worker, at most; 0: no bound. When
     // reached, submit throws queue_full, try_submit returns nothing and
     // co_await submit_async waits for room: memory stays bounded.
@@ -122,6 +131,10 @@ struct submit_options {
     // Times the task is run again, on a fresh worker, when the worker running
     // it dies. 0: its future fails with worker_died at once.
     unsigned max_retries = 0;
+    // A deadline from submit: when it expires first, the task is cancelled
+    // (in whatever state it is) and its future ends with timeout_error.
+    // Zero: none.
+    std::chrono::milliseconds timeout{0};
 };
 
 struct shutdown_options {
@@ -147,6 +160,7 @@ struct pool_stats {
     std::size_t tasks_completed = 0; // ended with a value
     std::size_t tasks_failed = 0;    // ended with an exception (cancellations excluded)
     std::size_t tasks_cancelled = 0;
+    std::size_t workers_killed_for_cancel = 0; // cancelled tasks that outlived cancel_grace, or cancel(true)
 };
 
 class process_pool {
@@ -224,8 +238,10 @@ public:
     // thread it throws std::logic_error (it could never return).
     void shutdown_blocking(shutdown_options opts = {});
 
-    // Sends SIGTERM / SIGKILL to every worker. Their tasks fail with
-    // worker_died; the pool replaces the workers while it has work.
+    // Sends SIGTERM / SIGKILL to every worker. With terminate_workers their
+    // running tasks fail with worker_died; kill_workers cancels them first
+    // (they end cancelled). Tasks sent but not started are requeued. The pool
+    // replaces the workers while it has work.
     void terminate_workers();
     void kill_workers();
 
@@ -249,15 +265,26 @@ private:
     std::optional<future<R>> submit_encoded(std::uint16_t frame_flags, submit_options options, bool throw_when_full,
                                             const Payload&... payload);
 
-    // map: F over a chunk of argument tuples, as one task.
+    // map: F over a chunk of argument tuples, as one task; false (nothing
+    // submitted) when the queue is full.
     template <auto F>
-    void submit_chunk(std::vector<typename detail::remote<F>::arguments> chunk,
+    bool submit_chunk(const std::vector<typename detail::remote<F>::arguments>& chunk,
                       std::deque<future<std::vector<typename detail::remote<F>::result>>>& into);
+
+    friend std::shared_ptr<detail::pool_core> detail::pool_core_of(const process_pool& pool) noexcept;
 
     std::shared_ptr<detail::pool_core> core_;
 };
 
 namespace detail {
+
+// Suspends until the pool's queue has room (or the pool is gone).
+struct pool_room {
+    pool_core* core;
+    bool await_ready() const noexcept { return pool_has_room(*core); }
+    void await_suspend(std::coroutine_handle<> awaiting) { pool_wait_for_room(*core, awaiting); }
+    void await_resume() const noexcept {}
+};
 
 // One element of a map's input as F's argument tuple: the element itself as
 // F's only argument, or a tuple's members as F's arguments.
@@ -295,17 +322,25 @@ public:
     using arguments = typename remote<F>::arguments;
     using value = typename remote<F>::result;
 
-    chunk_window(process_pool* pool, std::vector<std::vector<arguments>> chunks, std::size_t buffersize)
-        : pool_(pool), chunks_(std::move(chunks)), window_(buffersize == 0 ? chunks_.size() : buffersize) {
-        refill();
-    }
+    chunk_window(process_pool* pool, std::shared_ptr<pool_core> core, std::vector<std::vector<arguments>> chunks,
+                 std::size_t buffersize)
+        : pool_(pool), core_(std::move(core)), chunks_(std::move(chunks)),
+          window_(buffersize == 0 ? chunks_.size() : buffersize) {}
     chunk_window(const chunk_window&) = delete;
     chunk_window& operator=(const chunk_window&) = delete;
     ~chunk_window() {
         for (auto& pending : in_flight_) pending.cancel();
     }
 
-    [[nodiscard]] bool empty() const noexcept { return in_flight_.empty(); }
+    // True once every chunk's future has been taken.
+    [[nodiscard]] bool finished() const noexcept { return in_flight_.empty() && next_ == chunks_.size(); }
+    // True when no chunk is in flight although some remain: the pool's queue
+    // was full; wait for room (pool_room) and refill.
+    [[nodiscard]] bool starved() const noexcept { return in_flight_.empty() && next_ < chunks_.size(); }
+    [[nodiscard]] pool_core* core() const noexcept { return core_.get(); }
+    // Submits chunks until the window is full or the pool's queue is.
+    // Throws pool_closed once the pool object is gone.
+    void refill();
     // The next chunk's future; the window refills behind it.
     future<std::vector<value>> take() {
         auto next = std::move(in_flight_.front());
@@ -315,9 +350,8 @@ public:
     }
 
 private:
-    void refill();
-
     process_pool* pool_;
+    std::shared_ptr<pool_core> core_; // outlives pool_: tells whether it still exists
     std::vector<std::vector<arguments>> chunks_;
     std::size_t window_;
     std::size_t next_ = 0;
@@ -330,10 +364,16 @@ task<std::vector<typename remote<F>::result>> collect_map(process_pool* pool,
                                                            std::size_t buffersize) {
     std::size_t total = 0;
     for (const auto& chunk : chunks) total += chunk.size();
-    chunk_window<F> window{pool, std::move(chunks), buffersize};
+    chunk_window<F> window{pool, pool_core_of(*pool), std::move(chunks), buffersize};
     std::vector<typename remote<F>::result> results;
     results.reserve(total);
-    while (!window.empty()) {
+    window.refill();
+    while (!window.finished()) {
+        if (window.starved()) {
+            co_await pool_room{window.core()};
+            window.refill();
+            continue;
+        }
         auto values = co_await window.take();
         for (auto& value : values) results.push_back(std::move(value));
     }
@@ -344,8 +384,14 @@ template <auto F>
 async_generator<typename remote<F>::result> stream_map(process_pool* pool,
                                                        std::vector<std::vector<typename remote<F>::arguments>> chunks,
                                                        std::size_t buffersize) {
-    chunk_window<F> window{pool, std::move(chunks), buffersize};
-    while (!window.empty()) {
+    chunk_window<F> window{pool, pool_core_of(*pool), std::move(chunks), buffersize};
+    window.refill();
+    while (!window.finished()) {
+        if (window.starved()) {
+            co_await pool_room{window.core()};
+            window.refill();
+            continue;
+        }
         auto values = co_await window.take();
         for (auto& value : values) co_yield std::move(value);
     }
@@ -355,7 +401,11 @@ async_generator<typename remote<F>::result> stream_map(process_pool* pool,
 
 template <auto F>
 void detail::chunk_window<F>::refill() {
-    while (next_ < chunks_.size() && in_flight_.size() < window_) pool_->submit_chunk<F>(std::move(chunks_[next_++]), in_flight_);
+    if (pool_destroyed(*core_)) throw pool_closed();
+    while (next_ < chunks_.size() && in_flight_.size() < window_) {
+        if (!pool_->submit_chunk<F>(chunks_[next_], in_flight_)) break; // the queue is full
+        ++next_;
+    }
 }
 
 template <auto F, std::ranges::input_range Range>
@@ -386,6 +436,7 @@ std::optional<future<R>> process_pool::submit_encoded(std::uint16_t frame_flags,
     item->function_name = remote::name;
     item->frame_flags = frame_flags;
     item->retries_left = options.max_retries;
+    if (options.timeout.count() > 0) item->deadline = std::chrono::steady_clock::now() + options.timeout;
     bool failed = false;
     if (!unique) {
         item->error = std::make_exception_ptr(error(detail::describe_ambiguous_function(remote::name)));
@@ -393,7 +444,13 @@ std::optional<future<R>> process_pool::submit_encoded(std::uint16_t frame_flags,
     } else {
         try {
             detail::encode_into(item->arguments, payload...);
+            if (item->arguments.size() + sizeof item->function_id > detail::wire::max_payload) {
+                throw std::length_error("coproc: the arguments of " + std::string(remote::name) + " take " +
+                                        std::to_string(item->arguments.size()) +
+                                        " bytes serialized, more than the 2 GiB a frame can carry");
+            }
         } catch (...) {
+            item->arguments = {};
             item->error = std::current_exception();
             failed = true;
         }
@@ -431,21 +488,15 @@ std::optional<future<typename detail::remote<F>::result>> process_pool::try_subm
     return submit_encoded<remote, typename remote::result>(0, {}, false, arguments{std::forward<Args>(args)...});
 }
 
-namespace detail {
-// Suspends until the pool's queue has room (or the pool is gone).
-struct pool_room {
-    pool_core* core;
-    bool await_ready() const noexcept { return pool_has_room(*core); }
-    void await_suspend(std::coroutine_handle<> awaiting) { pool_wait_for_room(*core, awaiting); }
-    void await_resume() const noexcept {}
-};
-} // namespace detail
-
 template <auto F, class... Args>
 task<future<typename detail::remote<F>::result>> process_pool::submit_async(Args... args) {
+    // The core outlives this pool object: after a wait, check that the pool
+    // still exists before touching it again.
+    const std::shared_ptr<detail::pool_core> core = core_;
     for (;;) {
         if (auto submitted = try_submit<F>(args...)) co_return std::move(*submitted);
-        co_await detail::pool_room{core_.get()};
+        co_await detail::pool_room{core.get()};
+        if (detail::pool_destroyed(*core)) throw pool_closed();
     }
 }
 
@@ -459,10 +510,13 @@ future<typename detail::remote<F>::result> process_pool::submit_with(submit_opti
 }
 
 template <auto F>
-void process_pool::submit_chunk(std::vector<typename detail::remote<F>::arguments> chunk,
+bool process_pool::submit_chunk(const std::vector<typename detail::remote<F>::arguments>& chunk,
                                 std::deque<future<std::vector<typename detail::remote<F>::result>>>& into) {
-    into.push_back(*submit_encoded<detail::remote<F>, std::vector<typename detail::remote<F>::result>>(
-        detail::wire::frame_flag::chunk, {}, true, chunk));
+    auto submitted = submit_encoded<detail::remote<F>, std::vector<typename detail::remote<F>::result>>(
+        detail::wire::frame_flag::chunk, {}, false, chunk);
+    if (!submitted) return false;
+    into.push_back(std::move(*submitted));
+    return true;
 }
 
 } // namespace coproc

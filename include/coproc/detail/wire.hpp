@@ -22,6 +22,8 @@
 #include <cstdint>
 #include <cstring>
 #include <span>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 namespace coproc::detail::wire {
@@ -69,9 +71,20 @@ inline std::size_t begin_frame(std::vector<std::byte>& out, frame_kind kind, std
     return offset;
 }
 
-// Writes the payload length of the frame begun at `offset`.
+// The largest payload a frame can carry, and the largest a worker accepts.
+inline constexpr std::size_t max_payload = std::size_t{1} << 31;
+
+// Writes the payload length of the frame begun at `offset`; throws
+// std::length_error (leaving `out` as it was before begin_frame) when the
+// payload is larger than a frame can carry.
 inline void finish_frame(std::vector<std::byte>& out, std::size_t offset) {
-    const auto length = static_cast<std::uint32_t>(out.size() - offset - header_size);
+    const std::size_t payload = out.size() - offset - header_size;
+    if (payload > max_payload) {
+        out.resize(offset);
+        throw std::length_error("coproc: a frame payload of " + std::to_string(payload) +
+                                " bytes exceeds the 2 GiB a frame can carry");
+    }
+    const auto length = static_cast<std::uint32_t>(payload);
     std::memcpy(out.data() + offset, &length, sizeof length);
 }
 

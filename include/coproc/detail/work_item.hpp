@@ -28,6 +28,7 @@
 #include <functional>
 #include <optional>
 #include <span>
+#include <stop_token>
 #include <string_view>
 #include <vector>
 
@@ -65,14 +66,20 @@ public:
     std::uint16_t frame_flags = 0; // wire::frame_flag bits of its CALL frame
     std::string_view function_name;
     std::vector<std::byte> arguments; // encoded; freed once the task is final
-    pool_core* pool = nullptr;        // null once final
+    pool_core* pool = nullptr;        // its pool; not used once the item is final
     unsigned retries_left = 0;
+    unsigned requeues = 0; // sent to a worker that died before starting it
+    // submit_options::timeout, as a time point; zero: none.
+    std::chrono::steady_clock::time_point deadline{};
 
     // Guarded by the pool's mutex until the state is final.
     std::exception_ptr error;
     std::coroutine_handle<> awaiter{};
     std::vector<std::function<void()>> callbacks;
     int worker_pid = 0;
+    // Present when the item has a deadline: stopped when the item ends, so
+    // that its deadline timer lets go of it at once.
+    std::optional<std::stop_source> deadline_stop;
 
 private:
     std::atomic<std::uint32_t> references_{1};
@@ -99,10 +106,16 @@ public:
 // --- called by future<T> (src/process_pool.cpp)
 
 // Registers `awaiting` to be resumed on the pool's loop when `item` is
-// final; false when it already is (then nothing is registered).
+// final; false when it already is (then nothing is registered). Throws
+// std::logic_error when another coroutine already awaits the item.
 bool await_work_item(work_item& item, std::coroutine_handle<> awaiting);
-// Cancels a pending item (it never runs); false in any other state.
-bool cancel_work_item(work_item& item);
+// Unregisters `awaiting` (its coroutine is being destroyed unresumed).
+void forget_awaiter(work_item& item, std::coroutine_handle<> awaiting) noexcept;
+// Cancels the item in any state but a final one: a pending item never runs;
+// a dispatched or running one ends cancelled at once while its worker is
+// told to stop it (and killed if it does not stop within the grace period,
+// or at once with `force`). False when the item is already final.
+bool cancel_work_item(work_item& item, bool force = false);
 // Adds a callback run on the pool's loop thread when the item is final, or
 // runs it at once when it already is.
 void add_work_item_callback(work_item& item, std::function<void()> callback);
