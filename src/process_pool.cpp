@@ -200,6 +200,14 @@ private:
     bool complete(work_item* item, work_state state, std::exception_ptr error) noexcept;
     bool finalize_locked(work_item& item, work_state state, std::exception_ptr error, completion& done) noexcept;
     void deliver(completion& done) noexcept;
+    // Stops counting the item as running in a worker; idempotent, so that
+    // whichever of cancel, the worker's answer, its death or destroy comes
+    // first counts it once. Called with mutex_ held.
+    void uncount_locked(work_item& item) noexcept {
+        if (!item.in_worker) return;
+        item.in_worker = false;
+        in_workers_.fetch_sub(1, std::memory_order_relaxed);
+    }
     void spawn_worker();
     void start_writer(worker_handle& worker);
     void start_idle_timer(worker_handle& worker);
@@ -291,6 +299,25 @@ task<void> write_worker(std::shared_ptr<pool_core> core, worker_handle* worker) 
 }
 
 task<void> watch_worker(std::shared_ptr<pool_core> core, worker_handle* worker) {
+    if (worker->pidfd < 0) {
+        // No pidfd: poll for the exit every 2 ms (never blocking the loop).
+        while (!core->destroyed) {
+            ::siginfo_t info{};
+            const int result = ::waitid(P_PID, static_cast<::id_t>(worker->pid), &info, WEXITED | WNOHANG);
+            if (result == 0 && info.si_pid != 0) {
+                core->on_reaped(*worker, info);
+                break;
+            }
+            if (result < 0 && errno != EINTR) break;
+            try {
+                co_await core->loop.sleep_for(std::chrono::milliseconds{2});
+            } catch (...) {
+                break;
+            }
+        }
+        core->release_coroutine(*worker);
+        co_return;
+    }
     // A pidfd polls readable once its process has exited; waitid with
     // WNOHANG then reaps it without ever blocking the loop thread.
     while (!core->destroyed && worker->pidfd >= 0) {
@@ -478,15 +505,19 @@ void pool_core::destroy() noexcept {
             ::kill(worker->pid, SIGKILL);
             ::siginfo_t info{};
             // SIGKILL cannot be caught: this returns as soon as the kernel has torn the process down.
-            while (::waitid(static_cast<::idtype_t>(P_PIDFD), static_cast<::id_t>(worker->pidfd), &info, WEXITED) < 0 &&
-                   errno == EINTR) {
+            const auto idtype = worker->pidfd >= 0 ? static_cast<::idtype_t>(P_PIDFD) : P_PID;
+            const auto id = static_cast<::id_t>(worker->pidfd >= 0 ? worker->pidfd : worker->pid);
+            while (::waitid(idtype, id, &info, WEXITED) < 0 && errno == EINTR) {
             }
             worker->state = worker_handle::phase::exited;
             workers_alive_.fetch_sub(1, std::memory_order_relaxed);
         }
         for (work_item* item : worker->assigned) {
-            in_workers_.fetch_sub(1, std::memory_order_relaxed);
-            if (!is_final(item->state())) complete(item, work_state::cancelled, reason);
+            {
+                std::lock_guard lock{mutex_};
+                uncount_locked(*item);
+            }
+            complete(item, work_state::cancelled, reason); // no-op when already final
             item->release();
         }
         worker->assigned.clear();
@@ -565,7 +596,11 @@ bool pool_core::cancel(work_item& item, bool force, std::exception_ptr reason) {
         std::lock_guard lock{mutex_};
         before = item.state();
         if (is_final(before)) return false;
-        if (before == work_state::pending) queued_.fetch_sub(1, std::memory_order_relaxed);
+        if (before == work_state::pending) {
+            queued_.fetch_sub(1, std::memory_order_relaxed);
+        } else {
+            uncount_locked(item); // the worker's late answer or death does not count it again
+        }
         if (!reason) {
             reason = std::make_exception_ptr(cancelled_error(before == work_state::pending
                                                                  ? "coproc: the task was cancelled before it ran"
@@ -741,6 +776,7 @@ void pool_core::dispatch() {
             pending_.pop_front();
             queued_.fetch_sub(1, std::memory_order_relaxed);
             in_workers_.fetch_add(1, std::memory_order_relaxed);
+            item->in_worker = true;
             item->worker_pid = target->pid;
             item->set_state(work_state::dispatched);
             target->assigned.push_back(item);
@@ -884,14 +920,9 @@ void pool_core::spawn_worker() {
         ::close(fds[0]);
         throw broken_process_pool("coproc: cannot start the worker program '" + executable_ + "': " + std::strerror(result));
     }
+    // Without pidfd_open (a tool or sandbox that hides it, such as
+    // valgrind 3.19), watch_worker falls back to polling waitid.
     const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
-    if (pidfd < 0) {
-        const int error = errno;
-        ::kill(pid, SIGKILL);
-        ::waitpid(pid, nullptr, 0);
-        ::close(fds[0]);
-        throw std::system_error(error, std::system_category(), "coproc: pidfd_open for a worker (Linux 5.3 or newer)");
-    }
     auto& worker = *workers_.emplace_back(std::make_unique<worker_handle>());
     worker.pid = pid;
     worker.socket = fds[0];
@@ -979,8 +1010,13 @@ void pool_core::handle_frames(worker_handle& worker, std::span<const std::byte> 
             continue;
         }
         worker.assigned.erase(position);
-        in_workers_.fetch_sub(1, std::memory_order_relaxed);
-        if (is_final(item->state())) {
+        bool already_final;
+        {
+            std::lock_guard lock{mutex_};
+            uncount_locked(*item);
+            already_final = is_final(item->state());
+        }
+        if (already_final) {
             // Cancelled meanwhile: whatever it answered is discarded.
             item->release();
             dispatch();
@@ -1098,7 +1134,14 @@ void pool_core::on_worker_exit(worker_handle& worker) {
     }
     std::deque<work_item*> requeue;
     for (work_item* item : worker.assigned) {
-        in_workers_.fetch_sub(1, std::memory_order_relaxed);
+        {
+            std::lock_guard lock{mutex_};
+            uncount_locked(*item);
+        }
+        if (is_final(item->state())) {
+            item->release(); // cancelled while here
+            continue;
+        }
         if (already_broken) {
             // The pool broke (its initializer failed): that is the reason.
             complete(item, work_state::failed, already_broken);
@@ -1130,6 +1173,10 @@ void pool_core::on_worker_exit(worker_handle& worker) {
     if (!requeue.empty()) {
         std::lock_guard lock{mutex_};
         for (auto it = requeue.rbegin(); it != requeue.rend(); ++it) {
+            if (is_final((*it)->state())) {
+                (*it)->release(); // cancelled from another thread meanwhile
+                continue;
+            }
             (*it)->set_state(work_state::pending);
             pending_.push_front(*it);
             queued_.fetch_add(1, std::memory_order_relaxed);
@@ -1202,8 +1249,11 @@ void pool_core::signal_workers(int signal) noexcept {
         for (auto& worker : workers_) {
             for (work_item* item : worker->assigned) {
                 if (item->state() == work_state::running) {
-                    complete(item, work_state::cancelled,
-                             std::make_exception_ptr(cancelled_error("coproc: cancelled by kill_workers")));
+                    try {
+                        cancel(*item, false, std::make_exception_ptr(cancelled_error("coproc: cancelled by kill_workers")));
+                    } catch (...) {
+                        // Out of memory queueing the follow-up: the kill below still ends it.
+                    }
                 }
             }
         }

@@ -7,6 +7,13 @@
 #include <doctest/doctest.h>
 
 #include <chrono>
+#include <cstddef>
+#include <iterator>
+#include <linux/audit.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <cstdio>
 #include <cstddef>
 #include <dirent.h>
@@ -19,6 +26,32 @@
 #include <utility>
 
 namespace test_support {
+
+#if defined(__x86_64__)
+inline constexpr unsigned this_audit_arch = AUDIT_ARCH_X86_64;
+#elif defined(__aarch64__)
+inline constexpr unsigned this_audit_arch = AUDIT_ARCH_AARCH64;
+#else
+#error "add this architecture's AUDIT_ARCH value"
+#endif
+
+// Makes system call `number` fail with `error` on the calling thread only
+// (seccomp filters are per thread; threads and processes it starts later
+// inherit it). Used to produce "the kernel or a sandbox denies X" for real.
+inline void deny_syscall(long number, int error) {
+    ::sock_filter filter[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(::seccomp_data, arch)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, this_audit_arch, 1, 0),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(::seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, static_cast<unsigned>(number), 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (static_cast<unsigned>(error) & SECCOMP_RET_DATA)),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    ::sock_fprog program{static_cast<unsigned short>(std::size(filter)), filter};
+    REQUIRE(::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0);
+    REQUIRE(::syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &program) == 0);
+}
 
 using namespace std::chrono_literals;
 

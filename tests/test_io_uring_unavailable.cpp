@@ -19,30 +19,6 @@
 
 namespace {
 
-#if defined(__x86_64__)
-constexpr unsigned this_arch = AUDIT_ARCH_X86_64;
-#elif defined(__aarch64__)
-constexpr unsigned this_arch = AUDIT_ARCH_AARCH64;
-#else
-#error "add this architecture's AUDIT_ARCH value"
-#endif
-
-// Makes io_uring_setup fail with `error` on the calling thread only.
-void deny_io_uring_setup(int error) {
-    ::sock_filter filter[] = {
-        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(::seccomp_data, arch)),
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, this_arch, 1, 0),
-        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
-        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(::seccomp_data, nr)),
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_io_uring_setup, 0, 1),
-        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (static_cast<unsigned>(error) & SECCOMP_RET_DATA)),
-        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
-    };
-    ::sock_fprog program{static_cast<unsigned short>(std::size(filter)), filter};
-    REQUIRE(::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0);
-    REQUIRE(::syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &program) == 0);
-}
-
 struct attempt {
     bool threw_unavailable = false;
     int cause = 0;
@@ -52,7 +28,7 @@ struct attempt {
 attempt construct_loop_under_filter(int error) {
     attempt result;
     std::thread sandboxed([&] {
-        deny_io_uring_setup(error);
+        test_support::deny_syscall(__NR_io_uring_setup, error);
         try {
             coproc::event_loop loop;
         } catch (const coproc::io_uring_unavailable& unavailable) {

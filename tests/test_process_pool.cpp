@@ -923,6 +923,28 @@ TEST_CASE("event_loop::stop() cancels the tasks awaiting the pool but leaves the
     CHECK(run_bounded(loop, submit_square(&pool, 3)) == 9);
 }
 
+TEST_CASE("without pidfd_open (hidden by a sandbox or tool) the pool still sees workers exit and reaps them") {
+    leak_check leaks;
+    std::vector<outcome> outcomes;
+    std::thread sandboxed([&] {
+        deny_syscall(SYS_pidfd_open, ENOSYS); // this thread and the workers it starts
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 1}};
+        std::vector<future<int>> futures;
+        futures.push_back(pool.submit<square>(5));
+        futures.push_back(pool.submit<crash_exit>(4));
+        futures.push_back(pool.submit<square>(6));
+        outcomes = run_bounded(loop, settle_all(std::move(futures)));
+    });
+    sandboxed.join();
+    REQUIRE(outcomes.size() == 3);
+    CHECK(outcomes[0].value == 25);
+    CHECK(outcomes[1].error == "worker_died");
+    CHECK(contains(outcomes[1].what, "exited with code 4"));
+    CHECK(outcomes[2].value == 36);
+    leaks.verify();
+}
+
 TEST_CASE("a missing worker program breaks the pool with an error naming it") {
     coproc::event_loop loop;
     coproc::process_pool pool{loop, {.max_workers = 1, .worker_executable = "/nonexistent/coproc-worker"}};

@@ -69,6 +69,7 @@ public:
     pool_core* pool = nullptr;        // its pool; not used once the item is final
     unsigned retries_left = 0;
     unsigned requeues = 0; // sent to a worker that died before starting it
+    bool in_worker = false; // counted in stats().tasks_running (pool mutex)
     // submit_options::timeout, as a time point; zero: none.
     std::chrono::steady_clock::time_point deadline{};
 

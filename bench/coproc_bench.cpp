@@ -1,0 +1,211 @@
+// coproc's side of the benchmarks. One workload per run, so that the
+// harness (bench/harness.py) can interleave it with the anchors; prints one
+// JSON object on stdout.
+//
+//   coproc_bench [--quick] WORKLOAD [N]
+//
+// Workloads (no-op tasks unless said), with 2 workers:
+//   latency       sequential submit + await of a no-op: p50/p99 round trip (us)
+//   throughput    many concurrent no-op submits, all awaited: tasks/s
+//   map           map over N integers, chunksize 1000: items/s
+//   echo          a 64 MiB byte buffer to a worker and back: GiB/s
+//   startup       pool construction to first result, and shutdown (ms)
+//   cpu           a CPU-heavy function on 2 workers against inline: speedup
+//   memory        parent heap bytes per queued future, 1,000,000 queued
+//   roundtrips N  N sequential no-op round trips (run under callgrind by the
+//                 harness to count instructions per round trip)
+#include <coproc/coproc.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <climits>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <malloc.h>
+#include <string>
+#include <vector>
+
+namespace {
+
+using clock_type = std::chrono::steady_clock;
+
+void noop() {}
+std::int64_t identity(std::int64_t x) { return x; }
+std::string echo(std::string bytes) { return bytes; }
+
+long count_primes(long from, long to) {
+    long count = 0;
+    for (long n = from < 2 ? 2 : from; n < to; ++n) {
+        bool prime = true;
+        for (long d = 2; d * d <= n; ++d) {
+            if (n % d == 0) {
+                prime = false;
+                break;
+            }
+        }
+        count += prime;
+    }
+    return count;
+}
+
+double seconds_since(clock_type::time_point start) { return std::chrono::duration<double>(clock_type::now() - start).count(); }
+
+std::string worker_path;
+
+coproc::process_pool_options pool_options() { return {.max_workers = 2, .worker_executable = worker_path}; }
+
+coproc::task<std::vector<double>> measure_latency(coproc::process_pool* pool, int rounds) {
+    co_await pool->submit<noop>(); // workers up
+    co_await pool->submit<noop>();
+    std::vector<double> micros;
+    micros.reserve(static_cast<std::size_t>(rounds));
+    for (int i = 0; i < rounds; ++i) {
+        const auto start = clock_type::now();
+        co_await pool->submit<noop>();
+        micros.push_back(seconds_since(start) * 1e6);
+    }
+    co_return micros;
+}
+
+coproc::task<double> measure_throughput(coproc::process_pool* pool, int tasks) {
+    std::vector<coproc::future<void>> warm;
+    for (int i = 0; i < 4; ++i) warm.push_back(pool->submit<noop>());
+    for (auto& pending : warm) co_await std::move(pending);
+    const auto start = clock_type::now();
+    std::vector<coproc::future<void>> futures;
+    futures.reserve(static_cast<std::size_t>(tasks));
+    for (int i = 0; i < tasks; ++i) futures.push_back(pool->submit<noop>());
+    for (auto& pending : futures) co_await std::move(pending);
+    co_return tasks / seconds_since(start);
+}
+
+coproc::task<double> measure_map(coproc::process_pool* pool, std::int64_t items) {
+    co_await pool->submit<noop>();
+    std::vector<std::int64_t> inputs(static_cast<std::size_t>(items));
+    for (std::int64_t i = 0; i < items; ++i) inputs[static_cast<std::size_t>(i)] = i;
+    const auto start = clock_type::now();
+    const auto results = co_await pool->map<identity>(inputs, {.chunksize = 1000});
+    const double rate = static_cast<double>(items) / seconds_since(start);
+    if (results.size() != inputs.size() || results.back() != inputs.back()) co_return -1;
+    co_return rate;
+}
+
+coproc::task<double> measure_echo(coproc::process_pool* pool, std::size_t bytes) {
+    co_await pool->submit<noop>();
+    std::string buffer(bytes, 'x');
+    const auto start = clock_type::now();
+    const std::string back = co_await pool->submit<echo>(std::move(buffer));
+    const double seconds = seconds_since(start);
+    if (back.size() != bytes) co_return -1;
+    co_return static_cast<double>(bytes) / seconds / double(1 << 30);
+}
+
+coproc::task<void> first_result(coproc::process_pool* pool, double* first_ms, clock_type::time_point start) {
+    co_await pool->submit<noop>();
+    *first_ms = seconds_since(start) * 1e3;
+    co_await pool->shutdown();
+}
+
+coproc::task<std::vector<long>> primes_in_pool(coproc::process_pool* pool, std::vector<std::pair<long, long>> ranges) {
+    std::vector<coproc::future<long>> futures;
+    for (const auto& [from, to] : ranges) futures.push_back(pool->submit<count_primes>(from, to));
+    std::vector<long> counts;
+    for (auto& pending : futures) counts.push_back(co_await std::move(pending));
+    co_return counts;
+}
+
+coproc::task<void> round_trips(coproc::process_pool* pool, int rounds) {
+    for (int i = 0; i < rounds; ++i) co_await pool->submit<noop>();
+}
+
+double percentile(std::vector<double> values, double p) {
+    std::sort(values.begin(), values.end());
+    const auto index = static_cast<std::size_t>(p * static_cast<double>(values.size() - 1));
+    return values[index];
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+    coproc::run_worker_if_requested(argc, argv);
+    char resolved[PATH_MAX];
+    worker_path = ::realpath(argv[0], resolved) != nullptr ? resolved : argv[0];
+    int arg = 1;
+    const bool quick = argc > arg && std::strcmp(argv[arg], "--quick") == 0;
+    if (quick) ++arg;
+    if (argc <= arg) {
+        std::fprintf(stderr, "usage: coproc_bench [--quick] WORKLOAD [N]\n");
+        return 2;
+    }
+    const std::string workload = argv[arg];
+    coproc::event_loop loop;
+
+    if (workload == "latency") {
+        coproc::process_pool pool{loop, pool_options()};
+        const auto micros = loop.run(measure_latency(&pool, quick ? 200 : 20'000));
+        std::printf("{\"p50_us\": %.3f, \"p99_us\": %.3f}\n", percentile(micros, 0.5), percentile(micros, 0.99));
+    } else if (workload == "throughput") {
+        coproc::process_pool pool{loop, pool_options()};
+        std::printf("{\"tasks_per_s\": %.1f}\n", loop.run(measure_throughput(&pool, quick ? 2'000 : 500'000)));
+    } else if (workload == "map") {
+        coproc::process_pool pool{loop, pool_options()};
+        std::printf("{\"items_per_s\": %.1f}\n", loop.run(measure_map(&pool, quick ? 100'000 : 10'000'000)));
+    } else if (workload == "echo") {
+        coproc::process_pool pool{loop, {.max_workers = 2, .worker_executable = worker_path, .max_frame_size = std::size_t{1} << 30}};
+        std::printf("{\"gib_per_s\": %.3f}\n", loop.run(measure_echo(&pool, quick ? (1u << 20) : (64u << 20))));
+    } else if (workload == "startup") {
+        // Pool construction to first result, and to the end of shutdown()
+        // (every worker exited and reaped).
+        std::vector<double> firsts;
+        std::vector<double> totals;
+        for (int i = 0; i < (quick ? 2 : 20); ++i) {
+            const auto start = clock_type::now();
+            double first_ms = 0;
+            {
+                coproc::process_pool pool{loop, pool_options()};
+                loop.run(first_result(&pool, &first_ms, start));
+            }
+            firsts.push_back(first_ms);
+            totals.push_back(seconds_since(start) * 1e3);
+        }
+        std::printf("{\"first_result_ms\": %.3f, \"start_to_shutdown_ms\": %.3f}\n", percentile(firsts, 0.5),
+                    percentile(totals, 0.5));
+    } else if (workload == "cpu") {
+        const long limit = quick ? 100'000 : 3'000'000;
+        std::vector<std::pair<long, long>> ranges;
+        for (long i = 0; i < 64; ++i) ranges.emplace_back(limit * i / 64, limit * (i + 1) / 64);
+        auto start = clock_type::now();
+        std::vector<long> inline_counts;
+        for (const auto& [from, to] : ranges) inline_counts.push_back(count_primes(from, to));
+        const double inline_s = seconds_since(start);
+        coproc::process_pool pool{loop, pool_options()};
+        loop.run(round_trips(&pool, 2)); // the workers are running before the clock starts
+        start = clock_type::now();
+        const auto counts = loop.run(primes_in_pool(&pool, ranges));
+        const double pool_s = seconds_since(start);
+        std::printf("{\"speedup\": %.3f, \"inline_s\": %.3f, \"pool_s\": %.3f, \"match\": %s}\n", inline_s / pool_s, inline_s,
+                    pool_s, counts == inline_counts ? "true" : "false");
+    } else if (workload == "memory") {
+        const int queued = quick ? 10'000 : 1'000'000;
+        coproc::process_pool pool{loop, pool_options()};
+        std::vector<coproc::future<void>> futures;
+        futures.reserve(static_cast<std::size_t>(queued));
+        const auto before = ::mallinfo2().uordblks;
+        for (int i = 0; i < queued; ++i) futures.push_back(pool.submit<noop>()); // the loop is not running: all stay queued
+        const auto after = ::mallinfo2().uordblks;
+        std::printf("{\"bytes_per_future\": %.1f, \"queued\": %zu}\n", static_cast<double>(after - before) / queued,
+                    pool.stats().tasks_queued);
+        for (auto& pending : futures) pending.cancel();
+    } else if (workload == "roundtrips") {
+        const int rounds = argc > arg + 1 ? std::atoi(argv[arg + 1]) : 1000;
+        coproc::process_pool pool{loop, pool_options()};
+        loop.run(round_trips(&pool, rounds));
+        std::printf("{\"rounds\": %d}\n", rounds);
+    } else {
+        std::fprintf(stderr, "unknown workload %s\n", workload.c_str());
+        return 2;
+    }
+    return 0;
+}

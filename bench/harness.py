@@ -1,0 +1,255 @@
+#!/usr/bin/python3
+"""Runs every benchmark workload for every system, interleaved, and writes
+RESULTS.md, results.json and plot.png into the output directory.
+
+    harness.py --build DIR --out DIR [--smoke] [--rounds N]
+
+Systems: the plain socket-pair programs (the physical limit), coproc,
+Python's ProcessPoolExecutor and loky's reusable executor (when joblib is
+installed). Each (workload, system) pair runs --rounds times, in rotation,
+and the median is reported. --smoke runs tiny sizes once: it checks the
+harness, not speed, and its figures mean nothing.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PYTHON = "/usr/bin/python3"  # Debian's python3: the anchor users would have
+
+# (workload, metric, unit, higher is better)
+WORKLOADS = [
+    ("latency", "p50_us", "us", False),
+    ("latency", "p99_us", "us", False),
+    ("throughput", "tasks_per_s", "tasks/s", True),
+    ("map", "items_per_s", "items/s", True),
+    ("echo", "gib_per_s", "GiB/s", True),
+    ("startup", "first_result_ms", "ms", False),
+    ("startup", "start_to_shutdown_ms", "ms", False),
+    ("cpu", "speedup", "x", True),
+    ("memory", "bytes_per_future", "bytes", False),
+    ("instructions", "per_round_trip", "instructions", False),
+]
+
+# The plain programs' counterpart of each workload.
+PLAIN = {"latency": "latency", "throughput": "pipelined", "echo": "bulk"}
+PLAIN_METRIC = {"tasks_per_s": "messages_per_s"}
+
+
+def loky_available():
+    return subprocess.run([PYTHON, "-c", "import joblib.externals.loky"], capture_output=True).returncode == 0
+
+
+def run_json(command, timeout=900):
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({completed.returncode}): {completed.stderr[-2000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def callgrind_instructions(bench, rounds, smoke):
+    """Instructions the parent spends per no-op round trip: the difference of
+    two callgrind runs with different round counts, divided by the difference."""
+    if shutil.which("valgrind") is None:
+        return None
+    totals = []
+    counts = (50, 150) if smoke else (500, 2500)
+    for count in counts:
+        out = os.path.join("/tmp", f"coproc-callgrind-{os.getpid()}-{count}.out")
+        completed = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", bench, "roundtrips", str(count)],
+                                   capture_output=True, text=True, timeout=900)
+        if completed.returncode != 0:
+            raise RuntimeError(f"callgrind failed: {completed.stderr[-2000:]}")
+        with open(out) as profile:
+            summary = [line for line in profile if line.startswith("summary:") or line.startswith("totals:")]
+        os.remove(out)
+        totals.append(int(summary[-1].split()[1]))
+    return {"per_round_trip": (totals[1] - totals[0]) / (counts[1] - counts[0])}
+
+
+def machine():
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count(), "kernel": platform.release(), "cpu": model,
+            "date": datetime.date.today().isoformat()}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--build", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3)
+    options = parser.parse_args()
+    rounds = 1 if options.smoke else options.rounds
+    quick = ["--quick"] if options.smoke else []
+    coproc_bench = os.path.join(options.build, "bench", "coproc_bench")
+    plain = os.path.join(options.build, "bench", "plain_socketpair")
+    python_bench = os.path.join(HERE, "python_bench.py")
+    systems = ["plain", "coproc", "python"] + (["loky"] if loky_available() else [])
+    if "loky" not in systems:
+        print("loky: joblib is not installed (Debian package python3-joblib); its column is skipped")
+
+    samples = {}  # (workload, system) -> list of result dicts
+
+    def record(workload, system, result):
+        samples.setdefault((workload, system), []).append(result)
+
+    workload_names = ["latency", "throughput", "map", "echo", "startup", "cpu", "memory"]
+    for round_index in range(rounds):
+        for workload in workload_names:
+            for system in systems:
+                if system == "plain":
+                    if workload not in PLAIN:
+                        continue
+                    result = run_json([plain] + quick + [PLAIN[workload]])
+                    for ours, theirs in PLAIN_METRIC.items():
+                        if theirs in result:
+                            result[ours] = result[theirs]
+                elif system == "coproc":
+                    result = run_json([coproc_bench] + quick + [workload])
+                else:
+                    if workload == "memory":
+                        continue
+                    kind = "cpython" if system == "python" else "loky"
+                    result = run_json([PYTHON, python_bench] + quick + [kind, workload])
+                record(workload, system, result)
+                print(f"round {round_index + 1}/{rounds} {workload:10} {system:7} {json.dumps(result)}", flush=True)
+    instructions = callgrind_instructions(coproc_bench, 0, options.smoke)
+    if instructions is not None:
+        record("instructions", "coproc", instructions)
+        print(f"instructions coproc {json.dumps(instructions)}")
+    else:
+        print("instructions: valgrind is not installed; skipped")
+
+    # Medians per metric.
+    table = {}
+    for workload, metric, unit, higher in WORKLOADS:
+        for system in systems:
+            values = [sample[metric] for sample in samples.get((workload, system), []) if metric in sample]
+            if values:
+                table.setdefault(metric, {})[system] = statistics.median(values)
+    report = {"machine": machine(), "smoke": options.smoke, "rounds": rounds, "systems": systems, "medians": table,
+              "samples": {f"{w}/{s}": v for (w, s), v in samples.items()}}
+    report["targets"] = targets(table)
+    os.makedirs(options.out, exist_ok=True)
+    with open(os.path.join(options.out, "results.json"), "w") as out:
+        json.dump(report, out, indent=2)
+    plot(table, systems, options.out)
+    write_markdown(report, options.out)
+    print(f"wrote {options.out}/RESULTS.md, results.json and plot.png")
+    return 0
+
+
+def get(table, metric, system):
+    return table.get(metric, {}).get(system)
+
+
+def ratio(a, b):
+    return a / b if a is not None and b not in (None, 0) else None
+
+
+def targets(table):
+    t = []
+
+    def add(name, value, met, detail):
+        t.append({"target": name, "value": value, "met": bool(met) if value is not None else None, "detail": detail})
+
+    r = ratio(get(table, "p50_us", "coproc"), get(table, "p50_us", "plain"))
+    add("round-trip p50 at most 1.5x the plain socketpair ping-pong", r, r is not None and r <= 1.5, "coproc/plain p50")
+    r = ratio(get(table, "tasks_per_s", "coproc"), get(table, "tasks_per_s", "plain"))
+    add("concurrent-submit throughput at least half the plain pipelined rate", r, r is not None and r >= 0.5, "coproc/plain")
+    r = ratio(get(table, "tasks_per_s", "coproc"), get(table, "tasks_per_s", "python"))
+    add("concurrent-submit throughput at least 20x Python's", r, r is not None and r >= 20, "coproc/python")
+    r = ratio(get(table, "items_per_s", "coproc"), get(table, "items_per_s", "python"))
+    add("map with chunksize 1000 at least 5x Python's", r, r is not None and r >= 5, "coproc/python")
+    r = ratio(get(table, "gib_per_s", "coproc"), get(table, "gib_per_s", "plain"))
+    add("64 MiB echo at least as fast as the plain bulk copy", r, r is not None and r >= 1, "coproc/plain")
+    v = get(table, "first_result_ms", "coproc")
+    add("start to first result under 5 ms", v, v is not None and v < 5, "ms")
+    v = get(table, "speedup", "coproc")
+    add("CPU-heavy speedup on 2 workers at least 1.9x", v, v is not None and v >= 1.9, "x")
+    v = get(table, "bytes_per_future", "coproc")
+    add("under 512 bytes of parent memory per queued future", v, v is not None and v < 512, "bytes")
+    return t
+
+
+def fmt(value):
+    if value is None:
+        return "-"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.3f}"
+
+
+def write_markdown(report, out):
+    table, systems, m = report["medians"], report["systems"], report["machine"]
+    lines = ["# Benchmark results", ""]
+    if report["smoke"]:
+        lines += ["**Smoke run: tiny sizes, one round. These figures check the harness and mean nothing.**", ""]
+    lines += [f"Machine: {m['nproc']} CPUs ({m['cpu']}), Linux {m['kernel']}; date {m['date']}; "
+              f"medians of {report['rounds']} interleaved rounds. Command: `bench/run`.", "",
+              "![latency and throughput per system](plot.png)", "",
+              "| metric | unit | " + " | ".join(systems) + " | coproc/limit | coproc/Python |",
+              "|---|---|" + "---|" * len(systems) + "---|---|"]
+    for workload, metric, unit, higher in WORKLOADS:
+        if metric not in table:
+            continue
+        row = [fmt(table[metric].get(s)) for s in systems]
+        limit = ratio(table[metric].get("coproc"), table[metric].get("plain"))
+        python = ratio(table[metric].get("coproc"), table[metric].get("python"))
+        lines.append(f"| {workload} {metric} | {unit} | " + " | ".join(row) + f" | {fmt(limit)} | {fmt(python)} |")
+    lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    for target in report["targets"]:
+        met = "-" if target["met"] is None else ("yes" if target["met"] else "**no**")
+        lines.append(f"| {target['target']} | {fmt(target['value'])} ({target['detail']}) | {met} |")
+    lines += ["", "Why a target is missed, and what would close the gap: see bench/README.md.", ""]
+    with open(os.path.join(out, "RESULTS.md"), "w") as md:
+        md.write("\n".join(lines))
+
+
+def plot(table, systems, out):
+    if shutil.which("gnuplot") is None:
+        print("plot: gnuplot is not installed (Debian package gnuplot-nox); no plot")
+        return
+    data = os.path.join(out, "plot.dat")
+    with open(data, "w") as f:
+        f.write("system p50_us tasks_per_s\n")
+        for s in systems:
+            f.write(f"{s} {table.get('p50_us', {}).get(s, 0)} {table.get('tasks_per_s', {}).get(s, 0)}\n")
+    script = f"""
+set terminal pngcairo size 1000,420 noenhanced
+set output '{os.path.join(out, "plot.png")}'
+set multiplot layout 1,2
+set style data histograms
+set style fill solid 0.8
+set boxwidth 0.8
+set grid ytics
+set logscale y
+set title 'round-trip latency p50 (us, lower is better)'
+plot '{data}' using 2:xtic(1) title ''
+set title 'concurrent no-op throughput (tasks/s, higher is better)'
+plot '{data}' using 3:xtic(1) title ''
+unset multiplot
+"""
+    subprocess.run(["gnuplot"], input=script, text=True, check=True, timeout=120)
+    os.remove(data)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
