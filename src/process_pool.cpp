@@ -49,6 +49,7 @@
 #include <stdexcept>
 #include <string>
 #include <system_error>
+#include <unordered_map>
 
 extern char** environ;
 
@@ -132,6 +133,7 @@ struct worker_handle {
     // `lifetime_stop` ends this worker's timers early (idle, cancel grace):
     // the worker exited, or the pool is gone.
     std::uint64_t generation = 0;
+
     bool idle_timer = false;
     std::stop_source lifetime_stop;
     ::siginfo_t exit_info{};
@@ -151,6 +153,7 @@ public:
     void start_deadline_timer(work_item* item);
     [[nodiscard]] bool has_room() const noexcept;
     void dispatch();
+    [[nodiscard]] std::size_t depth(const work_item& item) const noexcept;
     void destroy() noexcept;
     void close(bool cancel_pending);
     void signal_workers(int signal) noexcept;
@@ -231,6 +234,9 @@ private:
     std::list<std::unique_ptr<worker_handle>> workers_; // loop thread
     std::vector<std::coroutine_handle<>> waiters_;      // loop thread
     int startup_failures_ = 0;
+    // Moving average run time (START to answer, microseconds) per function
+    // (and call kind): sets the prefetch depth (loop thread).
+    std::unordered_map<std::uint64_t, double> run_us_;
 
     std::atomic<std::size_t> workers_alive_{0};
     std::atomic<std::size_t> workers_started_{0};
@@ -462,6 +468,7 @@ pool_core::pool_core(event_loop& event_loop, process_pool_options opts)
                                     std::to_string(*options_.max_workers));
     }
     if (options_.prefetch == 0) throw std::invalid_argument("coproc: process_pool_options::prefetch must be positive");
+    if (options_.max_prefetch < options_.prefetch) options_.max_prefetch = options_.prefetch;
     if (started_as_worker()) {
         // A worker whose main did not call run_worker_if_requested first
         // would start pools of its own, and so on without end.
@@ -737,6 +744,18 @@ void pool_core::deliver(completion& done) noexcept {
 //    fewer than `prefetch` tasks, so a short task does not queue behind a
 //    long one while another worker could take it;
 //  - workers are started while pending tasks outnumber starting workers.
+// How many tasks a worker may hold when the next is `item`: prefetch,
+// raised towards max_prefetch while tasks of its function are short (about
+// 1 ms of queued work). A function never measured gets prefetch.
+std::size_t pool_core::depth(const work_item& item) const noexcept {
+    const auto found = run_us_.find(item.function_id ^ item.frame_flags);
+    if (found == run_us_.end() || found->second <= 0) return options_.prefetch;
+    constexpr double queued_work_us = 1000;
+    const double wanted = queued_work_us / found->second;
+    return static_cast<std::size_t>(std::clamp(wanted, static_cast<double>(options_.prefetch),
+                                               static_cast<double>(options_.max_prefetch)));
+}
+
 void pool_core::dispatch() {
     std::size_t live = 0;
     std::size_t starting = 0;
@@ -768,7 +787,7 @@ void pool_core::dispatch() {
             }
             if (target == nullptr && queued_.load(std::memory_order_relaxed) > starting) {
                 for (worker_handle* worker : ready) {
-                    if (worker->state != worker_handle::phase::ready || worker->assigned.size() >= options_.prefetch) continue;
+                    if (worker->state != worker_handle::phase::ready || worker->assigned.size() >= depth(*item)) continue;
                     if (target == nullptr || worker->assigned.size() < target->assigned.size()) target = worker;
                 }
             }
@@ -1005,9 +1024,16 @@ void pool_core::handle_frames(worker_handle& worker, std::span<const std::byte> 
         }
         work_item* item = *position;
         if (kind == wire::frame_kind::start) {
+            item->started = std::chrono::steady_clock::now();
             std::lock_guard lock{mutex_};
             if (item->state() == work_state::dispatched) item->set_state(work_state::running);
             continue;
+        }
+        if (item->started != std::chrono::steady_clock::time_point{}) {
+            const double run_us =
+                std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - item->started).count();
+            double& average = run_us_[item->function_id ^ item->frame_flags];
+            average = average <= 0 ? run_us : 0.8 * average + 0.2 * run_us;
         }
         worker.assigned.erase(position);
         bool already_final;

@@ -162,30 +162,45 @@ private:
         send(reply);
     }
 
+    // Runs queued calls one at a time. The RESULT (or ERROR) of a call is
+    // held back while another call is already queued, and goes out in one
+    // send with that call's START: one system call per task instead of two
+    // when the parent keeps the queue full. START itself is never delayed
+    // past the start of its task, so a worker that dies mid-task has always
+    // told the parent the task started (no task is run twice).
     void run_calls() {
+        std::vector<std::byte> held; // the last RESULT/ERROR, not yet sent
         for (;;) {
             call next;
             {
                 std::unique_lock lock{queue_mutex_};
+                if (queue_.empty() && !held.empty()) {
+                    lock.unlock();
+                    send(held); // nothing to pair it with: send it now
+                    held.clear();
+                    lock.lock();
+                }
                 queue_changed_.wait(lock, [this] { return !queue_.empty() || bye_; });
-                if (queue_.empty()) return;
+                if (queue_.empty()) break;
                 next = std::move(queue_.front());
                 queue_.pop_front();
                 running_id_ = next.work_id;
                 running_stop_ = std::stop_source{};
             }
-            run(next);
+            held = run(next, std::move(held));
             std::lock_guard lock{queue_mutex_};
             running_id_ = 0;
         }
+        if (!held.empty()) send(held);
     }
 
-    void run(const call& task) {
+    // Sends `held` together with this task's START, runs the task, and
+    // returns its RESULT or ERROR frame for the caller to send.
+    std::vector<std::byte> run(const call& task, std::vector<std::byte> held) {
         if ((task.flags & wire::frame_flag::initializer) == 0) {
-            std::vector<std::byte> start;
-            wire::finish_frame(start, wire::begin_frame(start, wire::frame_kind::start, task.work_id));
-            send(start);
+            wire::finish_frame(held, wire::begin_frame(held, wire::frame_kind::start, task.work_id));
         }
+        if (!held.empty()) send(held);
 
         std::vector<std::byte> reply;
         std::uint64_t function_id = 0;
@@ -204,8 +219,7 @@ private:
                 detail::encode_ambiguous_function(function->name, reply);
             }
             wire::finish_frame(reply, offset);
-            send(reply);
-            return;
+            return reply;
         }
         const detail::invoker invoke = (task.flags & wire::frame_flag::chunk) != 0 ? function->invoke_chunk : function->invoke;
         std::stop_token token;
@@ -224,7 +238,7 @@ private:
             detail::encode_exception(std::current_exception(), reply);
             wire::finish_frame(reply, offset);
         }
-        send(reply);
+        return reply;
     }
 
     int fd_;

@@ -94,6 +94,19 @@ task<int> submit_square(coproc::process_pool* pool, int x) { co_return co_await 
 
 task<void> void_task(coproc::process_pool* pool, int milliseconds) { co_await pool->submit<sleep_ms>(milliseconds); }
 
+// Submits `count` tasks of `milliseconds` each and returns the most tasks
+// that were ever in the worker at once (dispatched or running).
+task<std::size_t> most_in_worker(coproc::event_loop* loop, coproc::process_pool* pool, int count, int milliseconds) {
+    std::vector<future<int>> futures;
+    for (int i = 0; i < count; ++i) futures.push_back(pool->submit<sleep_then>(milliseconds, i));
+    std::size_t most = 0;
+    while (pool->stats().tasks_completed < static_cast<std::size_t>(count)) {
+        most = std::max(most, pool->stats().tasks_running);
+        co_await loop->schedule();
+    }
+    co_return most;
+}
+
 task<std::size_t> workers_alive_after(coproc::event_loop* loop, coproc::process_pool* pool, std::chrono::milliseconds wait) {
     co_await loop->sleep_for(wait);
     co_return pool->stats().workers_alive;
@@ -412,6 +425,22 @@ TEST_CASE("an initializer that crashes its workers breaks the pool instead of re
         }
     }
     leaks.verify();
+}
+
+TEST_CASE("prefetch adapts: short tasks are pipelined deeper than prefetch, long ones are not, and a fixed depth stays fixed") {
+    coproc::event_loop loop;
+    {
+        coproc::process_pool pool{loop, {.max_workers = 1, .prefetch = 2}};
+        CHECK(run_bounded(loop, most_in_worker(&loop, &pool, 2000, 0), 30s) > 2);
+    }
+    {
+        coproc::process_pool pool{loop, {.max_workers = 1, .prefetch = 2, .max_prefetch = 2}};
+        CHECK(run_bounded(loop, most_in_worker(&loop, &pool, 2000, 0), 30s) <= 2);
+    }
+    {
+        coproc::process_pool pool{loop, {.max_workers = 1, .prefetch = 2}};
+        CHECK(run_bounded(loop, most_in_worker(&loop, &pool, 12, 20), 30s) <= 2); // 20 ms tasks
+    }
 }
 
 TEST_CASE("max_retries reruns a task whose worker died on a fresh worker; without it the task fails") {

@@ -109,9 +109,14 @@ struct process_pool_options {
     std::vector<std::pair<std::string, std::string>> environment{};
     // What a worker's death does to the pool.
     crash_policy on_worker_crash = crash_policy::isolate;
-    // CALL frames in flight per worker: the worker holds the next tasks
-    // while it runs one, so it never waits for the parent.
+    // CALL frames in flight per worker, at least: the worker holds the next
+    // tasks while it runs one, so it never waits for the parent.
     unsigned prefetch = 2;
+    // ... and at most. Between the two, each worker's depth adapts to how
+    // long its tasks run: about 1 ms of queued work, so that short tasks are
+    // pipelined deeply (throughput) while long ones stay spread over the
+    // workers (balance). Equal to prefetch: a fixed depth.
+    unsigned max_prefetch = 64;
     // A frame from a worker larger than this kills the worker.
     std::size_t max_frame_size = std::size_t{256} << 20;
     // A worker that has not said HELLO this long after it was started is

@@ -70,6 +70,7 @@ public:
     unsigned retries_left = 0;
     unsigned requeues = 0; // sent to a worker that died before starting it
     bool in_worker = false; // counted in stats().tasks_running (pool mutex)
+    std::chrono::steady_clock::time_point started{}; // when its START arrived (loop thread)
     // submit_options::timeout, as a time point; zero: none.
     std::chrono::steady_clock::time_point deadline{};
 
