@@ -363,6 +363,17 @@ private:
     std::deque<future<std::vector<value>>> in_flight_;
 };
 
+// The next chunk's values, in input order; when the pool's queue was full
+// and nothing is in flight, first waits for room and refills.
+template <auto F>
+task<std::vector<typename remote<F>::result>> next_chunk_values(chunk_window<F>* window) {
+    while (window->starved()) {
+        co_await pool_room{window->core()};
+        window->refill();
+    }
+    co_return co_await window->take();
+}
+
 template <auto F>
 task<std::vector<typename remote<F>::result>> collect_map(process_pool* pool,
                                                            std::vector<std::vector<typename remote<F>::arguments>> chunks,
@@ -374,12 +385,7 @@ task<std::vector<typename remote<F>::result>> collect_map(process_pool* pool,
     results.reserve(total);
     window.refill();
     while (!window.finished()) {
-        if (window.starved()) {
-            co_await pool_room{window.core()};
-            window.refill();
-            continue;
-        }
-        auto values = co_await window.take();
+        auto values = co_await next_chunk_values(&window);
         for (auto& value : values) results.push_back(std::move(value));
     }
     co_return results;
@@ -392,12 +398,7 @@ async_generator<typename remote<F>::result> stream_map(process_pool* pool,
     chunk_window<F> window{pool, pool_core_of(*pool), std::move(chunks), buffersize};
     window.refill();
     while (!window.finished()) {
-        if (window.starved()) {
-            co_await pool_room{window.core()};
-            window.refill();
-            continue;
-        }
-        auto values = co_await window.take();
+        auto values = co_await next_chunk_values(&window);
         for (auto& value : values) co_yield std::move(value);
     }
 }

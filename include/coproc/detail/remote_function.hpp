@@ -53,33 +53,27 @@ constexpr std::string_view pretty_type_of() noexcept {
     return __PRETTY_FUNCTION__;
 }
 
-// The function's name as the compiler spells the template argument, for
-// messages ("simulate", "physics::simulate").
+// What a __PRETTY_FUNCTION__ spells after `marker` ("F = ", "T = "), up to
+// the next ';' or ']': the compiler's spelling of a template argument.
+constexpr std::string_view spelled_after(std::string_view pretty, std::string_view marker) noexcept {
+    const std::size_t at = pretty.find(marker);
+    if (at == std::string_view::npos) return pretty;
+    const std::string_view rest = pretty.substr(at + marker.size());
+    return rest.substr(0, rest.find_first_of(";]"));
+}
+
+// The function's name as the compiler spells it, for messages ("simulate",
+// "physics::simulate").
 template <auto F>
 constexpr std::string_view display_name_of() noexcept {
-    constexpr std::string_view pretty = pretty_name_of<F>();
-    constexpr std::size_t marker = pretty.find("F = ");
-    if constexpr (marker == std::string_view::npos) {
-        return pretty;
-    } else {
-        constexpr std::string_view rest = pretty.substr(marker + 4);
-        constexpr std::size_t end = rest.find_first_of(";]");
-        constexpr std::string_view name = rest.substr(0, end);
-        return name.starts_with('&') ? name.substr(1) : name;
-    }
+    constexpr std::string_view name = spelled_after(pretty_name_of<F>(), "F = ");
+    return name.starts_with('&') ? name.substr(1) : name;
 }
 
 // The type's name as the compiler spells it, for messages.
 template <class T>
 constexpr std::string_view display_type_name_of() noexcept {
-    constexpr std::string_view pretty = pretty_type_of<T>();
-    constexpr std::size_t marker = pretty.find("T = ");
-    if constexpr (marker == std::string_view::npos) {
-        return pretty;
-    } else {
-        constexpr std::string_view rest = pretty.substr(marker + 4);
-        return rest.substr(0, rest.find_first_of(";]"));
-    }
+    return spelled_after(pretty_type_of<T>(), "T = ");
 }
 
 template <class Signature>
