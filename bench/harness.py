@@ -53,7 +53,7 @@ def run_json(command, timeout=900):
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def callgrind_instructions(bench, rounds, smoke):
+def callgrind_instructions(bench, smoke):
     """Instructions the parent spends per no-op round trip: the difference of
     two callgrind runs with different round counts, divided by the difference."""
     if shutil.which("valgrind") is None:
@@ -128,7 +128,7 @@ def main():
                     result = run_json([PYTHON, python_bench] + quick + [kind, workload])
                 record(workload, system, result)
                 print(f"round {round_index + 1}/{rounds} {workload:10} {system:7} {json.dumps(result)}", flush=True)
-    instructions = callgrind_instructions(coproc_bench, 0, options.smoke)
+    instructions = callgrind_instructions(coproc_bench, options.smoke)
     if instructions is not None:
         record("instructions", "coproc", instructions)
         print(f"instructions coproc {json.dumps(instructions)}")

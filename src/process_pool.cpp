@@ -786,8 +786,9 @@ void pool_core::dispatch() {
                 }
             }
             if (target == nullptr && queued_.load(std::memory_order_relaxed) > starting) {
+                const std::size_t allowed = depth(*item);
                 for (worker_handle* worker : ready) {
-                    if (worker->state != worker_handle::phase::ready || worker->assigned.size() >= depth(*item)) continue;
+                    if (worker->state != worker_handle::phase::ready || worker->assigned.size() >= allowed) continue;
                     if (target == nullptr || worker->assigned.size() < target->assigned.size()) target = worker;
                 }
             }

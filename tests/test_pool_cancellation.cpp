@@ -90,7 +90,9 @@ TEST_CASE("cancel of a dispatched task that has not started: the worker drops it
     auto blocker = pool.submit<sleep_then>(150, 1);
     auto victim = pool.submit<touch_file>(marker.path());
     run_bounded(loop, until_running(&loop, &blocker));
-    CHECK_FALSE(victim.running()); // sent along, queued behind the blocker
+    REQUIRE(pool.stats().tasks_running == 2); // the victim is in the worker, queued behind the blocker
+    REQUIRE(pool.stats().tasks_queued == 0);
+    CHECK_FALSE(victim.running());
     CHECK(victim.cancel());
     CHECK(victim.cancelled());
     CHECK(run_bounded(loop, await_future(std::move(blocker))) == 1);
