@@ -32,10 +32,12 @@
 #include <spawn.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <climits>
 #include <atomic>
 #include <cerrno>
 #include <condition_variable>
@@ -43,8 +45,9 @@
 #include <cstdio>
 #include <cstring>
 #include <deque>
-#include <list>
 #include <future>
+#include <list>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -65,6 +68,9 @@ constexpr int worker_socket_in_child = 3;
 constexpr int startup_failures_allowed = 3;
 // Times a task sent to a worker that died before starting it is requeued.
 constexpr unsigned max_requeues = 3;
+// Encoded arguments at least this large are shared with the outbox rather
+// than copied into it.
+constexpr std::size_t share_arguments_from = 64 * 1024;
 
 // Blocking get(): one mutex and condition variable for every pool, so that a
 // waiting thread never needs the pool to still exist.
@@ -98,6 +104,26 @@ bool started_as_worker() {
     return first + 1 < size && std::strcmp(buffer + first + 1, "--coproc-worker") == 0;
 }
 
+// Adds glibc.malloc.hugetlb=1 to GLIBC_TUNABLES in `environment`, unless
+// that tunable is set there already.
+void add_huge_page_tunable(std::vector<std::string>& environment) {
+    constexpr std::string_view variable = "GLIBC_TUNABLES=";
+    constexpr std::string_view tunable = "glibc.malloc.hugetlb";
+    for (auto& entry : environment) {
+        if (!entry.starts_with(variable)) continue;
+        const std::string_view list = std::string_view{entry}.substr(variable.size());
+        for (std::size_t at = 0; at <= list.size();) {
+            const std::size_t end = std::min(list.find(':', at), list.size());
+            if (list.substr(at, end - at).starts_with(std::string(tunable) + "=")) return;
+            at = end + 1;
+        }
+        entry += list.empty() ? "" : ":";
+        entry += std::string(tunable) + "=1";
+        return;
+    }
+    environment.push_back(std::string(variable) + std::string(tunable) + "=1");
+}
+
 std::string describe_exit(const ::siginfo_t& info) {
     if (info.si_code == CLD_EXITED) return "exited with code " + std::to_string(info.si_status);
     std::string text = "was killed by signal " + std::to_string(info.si_status);
@@ -106,6 +132,56 @@ std::string describe_exit(const ::siginfo_t& info) {
 }
 
 } // namespace
+
+// Frames queued for a worker. Large CALL arguments are not copied in: the
+// outbox shares the item's encoded arguments, and write_worker sends them
+// from where they are (sendmsg, one iovec per part).
+struct outbox {
+    byte_buffer bytes;
+    struct attachment {
+        std::size_t offset; // goes on the wire right after bytes[0, offset)
+        std::shared_ptr<const byte_buffer> data;
+    };
+    std::vector<attachment> attachments;
+
+    [[nodiscard]] bool empty() const noexcept { return bytes.empty() && attachments.empty(); }
+
+    void add_frame(wire::frame_kind kind, std::uint64_t work_id) {
+        wire::finish_frame(bytes, wire::begin_frame(bytes, kind, work_id));
+    }
+
+    // A CALL frame: the function id, then the arguments, either `arguments`
+    // (copied) or `shared` (referred to) when set.
+    void add_call(std::uint64_t work_id, std::uint16_t flags, std::uint64_t function_id, const byte_buffer& arguments,
+                  const std::shared_ptr<const byte_buffer>& shared) {
+        const auto offset = wire::begin_frame(bytes, wire::frame_kind::call, work_id, flags);
+        bytes.append(&function_id, sizeof function_id);
+        if (shared) {
+            wire::finish_frame(bytes, offset, shared->size());
+            attachments.push_back({bytes.size(), shared});
+        } else {
+            bytes.append(arguments.data(), arguments.size());
+            wire::finish_frame(bytes, offset);
+        }
+    }
+
+    // The parts in wire order.
+    [[nodiscard]] std::vector<::iovec> parts() const {
+        std::vector<::iovec> parts;
+        parts.reserve(2 * attachments.size() + 1);
+        std::size_t done = 0;
+        auto add = [&parts](const std::byte* data, std::size_t size) {
+            if (size > 0) parts.push_back({const_cast<std::byte*>(data), size});
+        };
+        for (const auto& attached : attachments) {
+            add(bytes.data() + done, attached.offset - done);
+            add(attached.data->data(), attached.data->size());
+            done = attached.offset;
+        }
+        add(bytes.data() + done, bytes.size() - done);
+        return parts;
+    }
+};
 
 struct worker_handle {
     enum class phase { starting, initializing, ready, retiring, exited };
@@ -116,7 +192,7 @@ struct worker_handle {
     phase state = phase::starting;
     std::deque<work_item*> assigned; // retained, in dispatch order
     std::size_t dispatched_total = 0;
-    std::vector<std::byte> outbox;
+    outbox queued; // frames not yet handed to write_worker
     bool writing = false;
     bool bye_sent = false;
     std::string kill_reason; // why the parent killed it, if it did
@@ -251,7 +327,8 @@ private:
 namespace {
 
 task<void> read_worker(std::shared_ptr<pool_core> core, worker_handle* worker) {
-    std::vector<std::byte> buffer(64 * 1024);
+    constexpr std::size_t usual_size = 64 * 1024;
+    byte_buffer buffer(usual_size);
     std::size_t filled = 0;
     try {
         // Until EOF, even after the process was reaped: frames it sent
@@ -272,6 +349,11 @@ task<void> read_worker(std::shared_ptr<pool_core> core, worker_handle* worker) {
                 // was checked against the limit by handle_frames).
                 const auto needed = wire::header_size + wire::read_header(buffer.data()).length;
                 if (needed > buffer.size()) buffer.resize(needed);
+            } else if (buffer.size() > usual_size) {
+                // A large frame is done with: give its memory back.
+                buffer.resize(filled);
+                buffer.shrink_to(usual_size);
+                buffer.resize(usual_size);
             }
         }
     } catch (const protocol_violation& violation) {
@@ -289,12 +371,24 @@ task<void> read_worker(std::shared_ptr<pool_core> core, worker_handle* worker) {
 
 task<void> write_worker(std::shared_ptr<pool_core> core, worker_handle* worker) {
     try {
-        while (!worker->outbox.empty() && !core->destroyed && worker->state != worker_handle::phase::exited) {
-            std::vector<std::byte> batch;
-            batch.swap(worker->outbox);
-            std::size_t sent = 0;
-            while (sent < batch.size() && !core->destroyed && worker->state != worker_handle::phase::exited) {
-                sent += co_await core->loop.send(worker->socket, std::span{batch}.subspan(sent));
+        while (!worker->queued.empty() && !core->destroyed && worker->state != worker_handle::phase::exited) {
+            outbox batch;
+            std::swap(batch, worker->queued);
+            std::vector<::iovec> parts = batch.parts();
+            std::size_t next = 0; // the first part not completely sent
+            while (next < parts.size() && !core->destroyed && worker->state != worker_handle::phase::exited) {
+                ::msghdr message{};
+                message.msg_iov = parts.data() + next;
+                message.msg_iovlen = std::min<std::size_t>(parts.size() - next, IOV_MAX);
+                std::size_t sent = co_await core->loop.sendmsg(worker->socket, &message);
+                while (sent > 0) {
+                    ::iovec& part = parts[next];
+                    const std::size_t taken = std::min(sent, part.iov_len);
+                    part.iov_base = static_cast<std::byte*>(part.iov_base) + taken;
+                    part.iov_len -= taken;
+                    sent -= taken;
+                    if (part.iov_len == 0) ++next;
+                }
             }
         }
     } catch (...) {
@@ -491,6 +585,7 @@ pool_core::pool_core(event_loop& event_loop, process_pool_options opts)
     }
     for (const auto& [name, value] : options_.environment) environment_storage_.push_back(name + "=" + value);
     environment_storage_.push_back("COPROC_PARENT_PID=" + std::to_string(::getpid()));
+    if (options_.huge_pages) add_huge_page_tunable(environment_storage_);
 }
 
 pool_core::~pool_core() {
@@ -565,6 +660,9 @@ bool pool_core::has_room() const noexcept {
 }
 
 bool pool_core::submit(work_item* item, bool encoding_failed, bool throw_when_full) {
+    if (!encoding_failed && item->arguments.size() >= share_arguments_from) {
+        item->shared_arguments = std::make_shared<const byte_buffer>(std::move(item->arguments));
+    }
     bool post_dispatch = false;
     {
         std::lock_guard lock{mutex_};
@@ -647,7 +745,7 @@ void pool_core::cancel_in_worker(std::uint64_t id, int pid, bool kill_now) {
             kill_worker(worker, "nothing more: its task was cancelled with force");
             return;
         }
-        wire::finish_frame(worker.outbox, wire::begin_frame(worker.outbox, wire::frame_kind::cancel, id));
+        worker.queued.add_frame(wire::frame_kind::cancel, id);
         if (!worker.writing) start_writer(worker);
         ++worker.coroutines;
         loop.spawn(shielded(cancel_grace_timer(shared_from_this(), &worker, id)));
@@ -709,6 +807,7 @@ bool pool_core::finalize_locked(work_item& item, work_state state, std::exceptio
     done.callbacks.swap(item.callbacks);
     done.deadline_stop = std::move(item.deadline_stop);
     item.arguments = {};
+    item.shared_arguments.reset();
     item.set_state(state); // release: publishes value and error
     return true;
 }
@@ -801,11 +900,7 @@ void pool_core::dispatch() {
             item->set_state(work_state::dispatched);
             target->assigned.push_back(item);
             ++target->generation;
-            const auto offset = wire::begin_frame(target->outbox, wire::frame_kind::call, item->id, item->frame_flags);
-            const auto* function_id = reinterpret_cast<const std::byte*>(&item->function_id);
-            target->outbox.insert(target->outbox.end(), function_id, function_id + sizeof item->function_id);
-            target->outbox.insert(target->outbox.end(), item->arguments.begin(), item->arguments.end());
-            wire::finish_frame(target->outbox, offset);
+            target->queued.add_call(item->id, item->frame_flags, item->function_id, item->arguments, item->shared_arguments);
             if (options_.max_tasks_per_child > 0 && ++target->dispatched_total >= options_.max_tasks_per_child) {
                 target->state = worker_handle::phase::retiring;
             }
@@ -819,7 +914,7 @@ void pool_core::dispatch() {
         const bool drained = worker->assigned.empty() && (worker->state == worker_handle::phase::retiring ||
                                                           (closing && demand == 0 && worker->state == worker_handle::phase::ready));
         if (drained && !worker->bye_sent) send_bye(*worker);
-        if (!worker->outbox.empty() && !worker->writing) start_writer(*worker);
+        if (!worker->queued.empty() && !worker->writing) start_writer(*worker);
         if (options_.idle_timeout.count() > 0 && worker->state == worker_handle::phase::ready && !worker->reaped &&
             worker->assigned.empty() && !worker->idle_timer && !destroyed) {
             start_idle_timer(*worker);
@@ -868,7 +963,7 @@ void pool_core::end_all_pending(work_state state, const std::exception_ptr& erro
 }
 
 void pool_core::send_bye(worker_handle& worker) {
-    wire::finish_frame(worker.outbox, wire::begin_frame(worker.outbox, wire::frame_kind::bye, 0));
+    worker.queued.add_frame(wire::frame_kind::bye, 0);
     worker.bye_sent = true;
     worker.state = worker_handle::phase::retiring;
 }
@@ -985,11 +1080,8 @@ void pool_core::handle_frames(worker_handle& worker, std::span<const std::byte> 
             if (pid != worker.pid) throw protocol_violation("a HELLO with pid " + std::to_string(pid));
             if (options_.initializer) {
                 worker.state = worker_handle::phase::initializing;
-                const auto offset = wire::begin_frame(worker.outbox, wire::frame_kind::call, 0, wire::frame_flag::initializer);
-                const auto* function_id = reinterpret_cast<const std::byte*>(&options_.initializer.function_id);
-                worker.outbox.insert(worker.outbox.end(), function_id, function_id + sizeof options_.initializer.function_id);
-                worker.outbox.insert(worker.outbox.end(), options_.initializer.arguments.begin(), options_.initializer.arguments.end());
-                wire::finish_frame(worker.outbox, offset);
+                worker.queued.add_call(0, wire::frame_flag::initializer, options_.initializer.function_id,
+                                       options_.initializer.arguments, nullptr);
                 if (!worker.writing) start_writer(worker);
                 continue;
             }

@@ -118,7 +118,7 @@ const exception_entry* find_exception(std::uint64_t id) {
     const auto found = reg.exceptions_by_id.find(id);
     return found == reg.exceptions_by_id.end() ? nullptr : &found->second;
 }
-std::string as_string(const std::vector<std::byte>& bytes) {
+std::string as_string(const byte_buffer& bytes) {
     return std::string(reinterpret_cast<const char*>(bytes.data()), bytes.size());
 }
 } // namespace
@@ -135,7 +135,7 @@ const remote_function_entry* find_remote_function(std::uint64_t id) noexcept {
     return found == reg.entries.end() ? nullptr : &found->second;
 }
 
-void encode_exception(std::exception_ptr error, std::vector<std::byte>& out) {
+void encode_exception(std::exception_ptr error, byte_buffer& out) {
     std::uint8_t code = static_cast<std::uint8_t>(exception_code::unknown);
     std::string type_name = "an exception of unknown type";
     std::string what;
@@ -157,7 +157,7 @@ void encode_exception(std::exception_ptr error, std::vector<std::byte>& out) {
         what = e.what();
         if (const exception_entry* registered = find_exception(typeid(e))) {
             try {
-                std::vector<std::byte> state;
+                byte_buffer state;
                 registered->encode(e, state);
                 code = static_cast<std::uint8_t>(exception_code::registered);
                 registered_id = registered->id;
@@ -171,14 +171,14 @@ void encode_exception(std::exception_ptr error, std::vector<std::byte>& out) {
     encode_into(out, code, type_name, what, error_value, category, registered_id, registered_state);
 }
 
-void encode_ambiguous_function(std::string_view name, std::vector<std::byte>& out) {
+void encode_ambiguous_function(std::string_view name, byte_buffer& out) {
     const auto code = static_cast<std::uint8_t>(exception_code::unknown_function);
     const std::string type_name = "ambiguous function";
     const std::string what = "two different functions named like " + std::string(name) + " share an id in the worker";
     encode_into(out, code, type_name, what, std::int32_t{0}, std::string{}, std::uint64_t{0}, std::string{});
 }
 
-void encode_unknown_function(std::uint64_t function_id, std::vector<std::byte>& out) {
+void encode_unknown_function(std::uint64_t function_id, byte_buffer& out) {
     const auto code = static_cast<std::uint8_t>(exception_code::unknown_function);
     const std::string type_name = "unknown function";
     const std::string what = "no function with id " + std::to_string(function_id) + " is registered in the worker";

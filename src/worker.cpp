@@ -64,18 +64,18 @@ private:
     struct call {
         std::uint64_t work_id;
         std::uint16_t flags;
-        std::vector<std::byte> payload;
+        detail::byte_buffer payload;
     };
 
     void send_hello() {
-        std::vector<std::byte> frame;
+        detail::byte_buffer frame;
         const auto offset = wire::begin_frame(frame, wire::frame_kind::hello, 0);
         detail::encode_into(frame, wire::protocol_version, static_cast<std::int32_t>(::getpid()));
         wire::finish_frame(frame, offset);
         send(frame);
     }
 
-    void send(const std::vector<std::byte>& frame) {
+    void send(const detail::byte_buffer& frame) {
         std::lock_guard lock{write_mutex_};
         std::size_t sent = 0;
         while (sent < frame.size()) {
@@ -108,7 +108,7 @@ private:
                              static_cast<int>(::getpid()), header.length);
                 quit(3);
             }
-            std::vector<std::byte> payload(header.length);
+            detail::byte_buffer payload(header.length);
             if (!read_exact(payload.data(), payload.size())) quit(0);
             switch (static_cast<wire::frame_kind>(header.kind)) {
             case wire::frame_kind::call: {
@@ -155,7 +155,7 @@ private:
             }
         }
         if (!dropped) return;
-        std::vector<std::byte> reply;
+        detail::byte_buffer reply;
         const auto offset = wire::begin_frame(reply, wire::frame_kind::error, work_id);
         detail::encode_exception(std::make_exception_ptr(cancelled_error("coproc: cancelled before it started")), reply);
         wire::finish_frame(reply, offset);
@@ -169,7 +169,7 @@ private:
     // past the start of its task, so a worker that dies mid-task has always
     // told the parent the task started (no task is run twice).
     void run_calls() {
-        std::vector<std::byte> held; // the last RESULT/ERROR, not yet sent
+        detail::byte_buffer held; // the last RESULT/ERROR, not yet sent
         for (;;) {
             call next;
             {
@@ -196,13 +196,13 @@ private:
 
     // Sends `held` together with this task's START, runs the task, and
     // returns its RESULT or ERROR frame for the caller to send.
-    std::vector<std::byte> run(const call& task, std::vector<std::byte> held) {
+    detail::byte_buffer run(const call& task, detail::byte_buffer held) {
         if ((task.flags & wire::frame_flag::initializer) == 0) {
             wire::finish_frame(held, wire::begin_frame(held, wire::frame_kind::start, task.work_id));
         }
         if (!held.empty()) send(held);
 
-        std::vector<std::byte> reply;
+        detail::byte_buffer reply;
         std::uint64_t function_id = 0;
         if (task.payload.size() < sizeof function_id) {
             std::fprintf(stderr, "coproc worker %d: CALL frame too short\n", static_cast<int>(::getpid()));

@@ -2,6 +2,7 @@
 
 #include <coproc/detail/wire.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <cstring>
@@ -21,6 +22,58 @@ COPROC_REGISTER_EXCEPTION(pool_test::quota_exceeded);
 namespace pool_test {
 
 void exceed_quota(std::string who, int limit) { throw quota_exceeded(std::move(who), limit); }
+
+std::string pattern(std::size_t size, int seed) {
+    std::string data(size, '\0');
+    std::uint32_t state = static_cast<std::uint32_t>(seed) * 2654435761U + 1;
+    for (char& byte : data) {
+        state = state * 1664525U + 1013904223U;
+        byte = static_cast<char>(state >> 24);
+    }
+    return data;
+}
+
+std::string reverse_complement(std::string data) {
+    std::reverse(data.begin(), data.end());
+    for (char& byte : data) byte = static_cast<char>(~byte);
+    return data;
+}
+
+std::string transparent_huge_page_mode() {
+    std::ifstream file{"/sys/kernel/mm/transparent_hugepage/enabled"};
+    std::string line;
+    if (!std::getline(file, line)) return "unavailable";
+    const auto open = line.find('[');
+    const auto close = line.find(']');
+    if (open == std::string::npos || close == std::string::npos || close < open) return "unavailable";
+    return line.substr(open + 1, close - open - 1);
+}
+
+bool huge_page_eligible(const void* address) {
+    const auto wanted = reinterpret_cast<std::uintptr_t>(address);
+    std::ifstream smaps{"/proc/self/smaps"};
+    std::string line;
+    bool inside = false;
+    while (std::getline(smaps, line)) {
+        unsigned long start = 0;
+        unsigned long end = 0;
+        if (std::sscanf(line.c_str(), "%lx-%lx ", &start, &end) == 2 && line.find(':') > line.find(' ')) {
+            inside = start <= wanted && wanted < end;
+            continue;
+        }
+        if (inside && line.starts_with("THPeligible:")) return line.find('1') != std::string::npos;
+    }
+    return false;
+}
+
+bool malloc_block_huge_page_eligible(std::size_t size) {
+    void* block = std::malloc(size);
+    if (block == nullptr) throw std::bad_alloc();
+    std::memset(block, 1, size);
+    const bool eligible = huge_page_eligible(block);
+    std::free(block);
+    return eligible;
+}
 
 
 int square(int x) { return x * x; }

@@ -117,4 +117,17 @@ struct quota_exceeded : std::exception {
 };
 void exceed_quota(std::string who, int limit);
 
+// Large payloads: `size` bytes of a pseudo-random pattern chosen by `seed`,
+// and the input reversed with every byte complemented.
+std::string pattern(std::size_t size, int seed);
+std::string reverse_complement(std::string data);
+
+// Transparent huge pages: the kernel's mode ("always", "madvise", "never",
+// or "unavailable"); whether the mapping holding `address` may be backed by
+// huge pages (THPeligible in /proc/self/smaps); and, run in a worker,
+// whether a malloc block of `size` bytes may be.
+std::string transparent_huge_page_mode();
+bool huge_page_eligible(const void* address);
+bool malloc_block_huge_page_eligible(std::size_t size);
+
 } // namespace pool_test

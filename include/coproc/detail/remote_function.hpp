@@ -131,7 +131,7 @@ inline constexpr bool all_serializable = all_serializable_impl<Tuple, std::make_
 // Runs a function in the worker: decodes its arguments from `arguments`,
 // calls it with `token` where it takes one, and appends its encoded result to
 // `result`. Throws whatever decoding, the function or encoding throws.
-using invoker = void (*)(std::span<const std::byte> arguments, std::vector<std::byte>& result, std::stop_token token);
+using invoker = void (*)(std::span<const std::byte> arguments, byte_buffer& result, std::stop_token token);
 
 struct remote_function_entry {
     std::uint64_t id;
@@ -171,7 +171,7 @@ struct remote {
     static constexpr std::string_view name = display_name_of<F>();
     static constexpr std::uint64_t id = fnv1a(pretty_name_of<F>()) ^ (fnv1a(pretty_type_of<decltype(F)>()) * 31);
 
-    static void invoke(std::span<const std::byte> encoded, std::vector<std::byte>& out, std::stop_token token) {
+    static void invoke(std::span<const std::byte> encoded, byte_buffer& out, std::stop_token token) {
         arguments values;
         decode_from(encoded, values);
         if constexpr (std::is_void_v<result>) {
@@ -183,7 +183,7 @@ struct remote {
     }
 
     // map: F over each argument tuple of a chunk, the results in order.
-    static void invoke_chunk(std::span<const std::byte> encoded, std::vector<std::byte>& out, std::stop_token token) {
+    static void invoke_chunk(std::span<const std::byte> encoded, byte_buffer& out, std::stop_token token) {
         std::vector<arguments> chunk;
         decode_from(encoded, chunk);
         if constexpr (std::is_void_v<result>) {
@@ -240,7 +240,7 @@ struct remote_object {
     static constexpr std::uint64_t id =
         fnv1a(pretty_type_of<T>()) ^ (fnv1a(pretty_type_of<decltype(&T::operator())>()) * 31);
 
-    static void invoke(std::span<const std::byte> encoded, std::vector<std::byte>& out, std::stop_token token) {
+    static void invoke(std::span<const std::byte> encoded, byte_buffer& out, std::stop_token token) {
         T object{};
         arguments values;
         decode_from(encoded, object, values);
@@ -274,7 +274,7 @@ private:
 // A user exception type registered to travel as itself
 // (COPROC_REGISTER_EXCEPTION): the worker serializes it, the parent rebuilds
 // and rethrows the same type.
-using exception_encoder = void (*)(const std::exception& error, std::vector<std::byte>& out);
+using exception_encoder = void (*)(const std::exception& error, byte_buffer& out);
 using exception_decoder = std::exception_ptr (*)(std::span<const std::byte> state);
 bool register_remote_exception(const std::type_info& type, std::uint64_t id, exception_encoder encode,
                                exception_decoder decode) noexcept;
@@ -290,7 +290,7 @@ struct remote_exception {
                   "(its what() must come from that state)");
     static constexpr std::uint64_t id = fnv1a(pretty_type_of<E>());
 
-    static void encode(const std::exception& error, std::vector<std::byte>& out) {
+    static void encode(const std::exception& error, byte_buffer& out) {
         encode_into(out, static_cast<const E&>(error));
     }
     static std::exception_ptr decode(std::span<const std::byte> state) {
@@ -302,12 +302,12 @@ struct remote_exception {
 };
 
 // Appends the ERROR payload for the exception in `error` (worker side).
-void encode_exception(std::exception_ptr error, std::vector<std::byte>& out);
+void encode_exception(std::exception_ptr error, byte_buffer& out);
 
 // Appends the ERROR payload saying the worker has no function `function_id`,
 // or cannot tell which of several functions it names.
-void encode_unknown_function(std::uint64_t function_id, std::vector<std::byte>& out);
-void encode_ambiguous_function(std::string_view name, std::vector<std::byte>& out);
+void encode_unknown_function(std::uint64_t function_id, byte_buffer& out);
+void encode_ambiguous_function(std::string_view name, byte_buffer& out);
 
 // The message of the error a submit fails with when F's id is ambiguous.
 std::string describe_ambiguous_function(std::string_view name);

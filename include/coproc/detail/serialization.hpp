@@ -1,6 +1,8 @@
 // coproc/detail/serialization.hpp - cereal binary archives over byte
-// vectors, and the compile-time check that a type can travel.
+// buffers, and the compile-time check that a type can travel.
 #pragma once
+
+#include <coproc/detail/byte_buffer.hpp>
 
 #include <cereal/archives/binary.hpp>
 #include <cereal/types/array.hpp>
@@ -33,12 +35,11 @@ namespace coproc::detail {
 // directly in the frame being built.
 class vector_streambuf final : public std::streambuf {
 public:
-    explicit vector_streambuf(std::vector<std::byte>& out) noexcept : out_(&out) {}
+    explicit vector_streambuf(byte_buffer& out) noexcept : out_(&out) {}
 
 protected:
     std::streamsize xsputn(const char* data, std::streamsize count) override {
-        const auto* bytes = reinterpret_cast<const std::byte*>(data);
-        out_->insert(out_->end(), bytes, bytes + count);
+        out_->append(data, static_cast<std::size_t>(count));
         return count;
     }
     int_type overflow(int_type ch) override {
@@ -48,7 +49,7 @@ protected:
     }
 
 private:
-    std::vector<std::byte>* out_;
+    byte_buffer* out_;
 };
 
 // A read-only streambuf over a byte span.
@@ -67,7 +68,7 @@ concept serializable = cereal::traits::is_output_serializable<T, cereal::BinaryO
 
 // Appends the binary encoding of `values...` to `out`.
 template <class... T>
-void encode_into(std::vector<std::byte>& out, const T&... values) {
+void encode_into(byte_buffer& out, const T&... values) {
     vector_streambuf buffer{out};
     std::ostream stream{&buffer};
     cereal::BinaryOutputArchive archive{stream};

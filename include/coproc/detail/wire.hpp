@@ -18,6 +18,8 @@
 //   BYE     parent -> worker  (none): finish what was sent, then exit
 #pragma once
 
+#include <coproc/detail/byte_buffer.hpp>
+
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -62,7 +64,7 @@ inline constexpr std::size_t header_size = sizeof(frame_header);
 
 // Appends a header for a payload that the caller appends next; returns the
 // header's offset so that finish_frame can fill in the length.
-inline std::size_t begin_frame(std::vector<std::byte>& out, frame_kind kind, std::uint64_t work_id,
+inline std::size_t begin_frame(byte_buffer& out, frame_kind kind, std::uint64_t work_id,
                                std::uint16_t flags = 0) {
     const std::size_t offset = out.size();
     const frame_header header{0, static_cast<std::uint16_t>(kind), flags, work_id};
@@ -74,11 +76,12 @@ inline std::size_t begin_frame(std::vector<std::byte>& out, frame_kind kind, std
 // The largest payload a frame can carry, and the largest a worker accepts.
 inline constexpr std::size_t max_payload = std::size_t{1} << 31;
 
-// Writes the payload length of the frame begun at `offset`; throws
-// std::length_error (leaving `out` as it was before begin_frame) when the
-// payload is larger than a frame can carry.
-inline void finish_frame(std::vector<std::byte>& out, std::size_t offset) {
-    const std::size_t payload = out.size() - offset - header_size;
+// Writes the payload length of the frame begun at `offset`: the bytes
+// appended since, plus `elsewhere` more that the sender sends from another
+// buffer right after them. Throws std::length_error (leaving `out` as it was
+// before begin_frame) when the payload is larger than a frame can carry.
+inline void finish_frame(byte_buffer& out, std::size_t offset, std::size_t elsewhere = 0) {
+    const std::size_t payload = out.size() - offset - header_size + elsewhere;
     if (payload > max_payload) {
         out.resize(offset);
         throw std::length_error("coproc: a frame payload of " + std::to_string(payload) +

@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <exception>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <span>
 #include <stop_token>
@@ -65,7 +66,10 @@ public:
     std::uint64_t function_id = 0;
     std::uint16_t frame_flags = 0; // wire::frame_flag bits of its CALL frame
     std::string_view function_name;
-    std::vector<std::byte> arguments; // encoded; freed once the task is final
+    // Encoded, and freed once the task is final. Large ones move to
+    // `shared_arguments`, which a worker's outbox shares instead of copying.
+    byte_buffer arguments;
+    std::shared_ptr<const byte_buffer> shared_arguments;
     pool_core* pool = nullptr;        // its pool; not used once the item is final
     unsigned retries_left = 0;
     unsigned requeues = 0; // sent to a worker that died before starting it
