@@ -230,6 +230,7 @@ public:
     [[nodiscard]] bool has_room() const noexcept;
     void dispatch();
     [[nodiscard]] std::size_t depth(const work_item& item) const noexcept;
+    [[nodiscard]] std::size_t prefetch_allowed(const work_item& item, std::size_t starting) const noexcept;
     void destroy() noexcept;
     void close(bool cancel_pending);
     void signal_workers(int signal) noexcept;
@@ -374,6 +375,14 @@ task<void> write_worker(std::shared_ptr<pool_core> core, worker_handle* worker) 
         while (!worker->queued.empty() && !core->destroyed && worker->state != worker_handle::phase::exited) {
             outbox batch;
             std::swap(batch, worker->queued);
+            if (batch.attachments.empty()) {
+                // The usual case: one buffer, plain send.
+                std::size_t sent = 0;
+                while (sent < batch.bytes.size() && !core->destroyed && worker->state != worker_handle::phase::exited) {
+                    sent += co_await core->loop.send(worker->socket, std::span{batch.bytes}.subspan(sent));
+                }
+                continue;
+            }
             std::vector<::iovec> parts = batch.parts();
             std::size_t next = 0; // the first part not completely sent
             while (next < parts.size() && !core->destroyed && worker->state != worker_handle::phase::exited) {
@@ -855,6 +864,18 @@ std::size_t pool_core::depth(const work_item& item) const noexcept {
                                                static_cast<double>(options_.max_prefetch)));
 }
 
+// The depth for `item` now: depth(), but while a worker is starting only
+// `prefetch` (tasks measured as short at first must not all go to the ready
+// worker, leaving the new one idle when later tasks run longer), and never
+// more than an even share of the outstanding tasks per worker.
+std::size_t pool_core::prefetch_allowed(const work_item& item, std::size_t starting) const noexcept {
+    if (starting > 0) return options_.prefetch;
+    const std::size_t outstanding = queued_.load(std::memory_order_relaxed) + in_workers_.load(std::memory_order_relaxed);
+    const std::size_t workers = static_cast<std::size_t>(max_workers_);
+    const std::size_t share = (outstanding + workers - 1) / workers;
+    return std::min(depth(item), std::max<std::size_t>(options_.prefetch, share));
+}
+
 void pool_core::dispatch() {
     std::size_t live = 0;
     std::size_t starting = 0;
@@ -885,7 +906,7 @@ void pool_core::dispatch() {
                 }
             }
             if (target == nullptr && queued_.load(std::memory_order_relaxed) > starting) {
-                const std::size_t allowed = depth(*item);
+                const std::size_t allowed = prefetch_allowed(*item, starting);
                 for (worker_handle* worker : ready) {
                     if (worker->state != worker_handle::phase::ready || worker->assigned.size() >= allowed) continue;
                     if (target == nullptr || worker->assigned.size() < target->assigned.size()) target = worker;

@@ -117,6 +117,11 @@ int sleep_then(int milliseconds, int value) {
     return value;
 }
 
+int sleep_then_pid(int milliseconds) {
+    sleep_ms(milliseconds);
+    return static_cast<int>(::getpid());
+}
+
 std::string environment_variable(std::string name) {
     const char* value = std::getenv(name.c_str());
     return value == nullptr ? "<unset>" : value;

@@ -27,6 +27,7 @@ std::string greet(std::string name, int times);
 int worker_pid();
 void sleep_ms(int milliseconds);
 int sleep_then(int milliseconds, int value);
+int sleep_then_pid(int milliseconds); // returns the worker's pid
 std::string environment_variable(std::string name);
 std::vector<int> open_descriptors();
 void write_to_stderr(std::string text);

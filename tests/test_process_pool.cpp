@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <map>
 #include <fcntl.h>
 #include <poll.h>
 #include <sched.h>
@@ -441,6 +442,20 @@ TEST_CASE("prefetch adapts: short tasks are pipelined deeper than prefetch, long
         coproc::process_pool pool{loop, {.max_workers = 1, .prefetch = 2}};
         CHECK(run_bounded(loop, most_in_worker(&loop, &pool, 12, 20), 30s) <= 2); // 20 ms tasks
     }
+}
+
+TEST_CASE("a burst whose first tasks are short is shared with a worker still starting, not all prefetched to the ready one") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 2}};
+    CHECK(run_bounded(loop, await_future(pool.submit<square>(2))) == 4);
+    REQUIRE(pool.stats().workers_started == 1); // one worker ready; the second starts with the burst
+    std::vector<future<int>> futures;
+    for (int i = 0; i < 40; ++i) futures.push_back(pool.submit<sleep_then_pid>(i < 6 ? 0 : 10));
+    const auto pids = run_bounded(loop, await_all(std::move(futures)), 30s);
+    std::map<int, int> tasks_per_worker;
+    for (const int pid : pids) ++tasks_per_worker[pid];
+    REQUIRE(tasks_per_worker.size() == 2);
+    for (const auto& [pid, count] : tasks_per_worker) CHECK(count >= 10);
 }
 
 TEST_CASE("max_retries reruns a task whose worker died on a fresh worker; without it the task fails") {

@@ -122,7 +122,9 @@ struct process_pool_options {
     // ... and at most. Between the two, each worker's depth adapts to how
     // long its tasks run: about 1 ms of queued work, so that short tasks are
     // pipelined deeply (throughput) while long ones stay spread over the
-    // workers (balance). Equal to prefetch: a fixed depth.
+    // workers (balance). While a worker is starting the depth stays at
+    // prefetch, and a worker never holds more than an even share of the
+    // outstanding tasks. Equal to prefetch: a fixed depth.
     unsigned max_prefetch = 64;
     // A frame from a worker larger than this kills the worker.
     std::size_t max_frame_size = std::size_t{256} << 20;
