@@ -8,7 +8,10 @@
 //   latency       sequential submit + await of a no-op: p50/p99 round trip (us)
 //   throughput    many concurrent no-op submits, all awaited: tasks/s
 //   map           map over N integers, chunksize 1000: items/s
-//   echo          a 64 MiB byte buffer to a worker and back: GiB/s
+//   echo          a 64 MiB byte buffer to a worker and back: GiB/s of the
+//                 first echo in a fresh pool, and the median of 5 more; and,
+//                 timed alone, encoding it into a frame buffer and decoding
+//                 it into a new std::string (ms)
 //   startup       pool construction to first result, and shutdown (ms)
 //   cpu           a CPU-heavy function on 2 workers against inline: speedup
 //   memory        parent heap bytes per queued future, 1,000,000 queued
@@ -24,6 +27,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <malloc.h>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -101,14 +105,31 @@ coproc::task<double> measure_map(coproc::process_pool* pool, std::int64_t items)
     co_return rate;
 }
 
-coproc::task<double> measure_echo(coproc::process_pool* pool, std::size_t bytes) {
+template <class Body>
+double median_ms(Body body) {
+    std::vector<double> times;
+    for (int i = 0; i < 5; ++i) {
+        const auto start = clock_type::now();
+        body();
+        times.push_back(seconds_since(start) * 1e3);
+    }
+    std::sort(times.begin(), times.end());
+    return times[times.size() / 2];
+}
+
+// The first echo in a fresh pool, then `repeats` more: GiB/s of each.
+coproc::task<std::vector<double>> measure_echo(coproc::process_pool* pool, std::size_t bytes, int repeats) {
     co_await pool->submit<noop>();
-    std::string buffer(bytes, 'x');
-    const auto start = clock_type::now();
-    const std::string back = co_await pool->submit<echo>(std::move(buffer));
-    const double seconds = seconds_since(start);
-    if (back.size() != bytes) co_return -1;
-    co_return static_cast<double>(bytes) / seconds / double(1 << 30);
+    std::vector<double> rates;
+    for (int i = 0; i <= repeats; ++i) {
+        std::string buffer(bytes, 'x');
+        const auto start = clock_type::now();
+        const std::string back = co_await pool->submit<echo>(std::move(buffer));
+        const double seconds = seconds_since(start);
+        if (back.size() != bytes) co_return std::vector<double>{};
+        rates.push_back(static_cast<double>(bytes) / seconds / double(1 << 30));
+    }
+    co_return rates;
 }
 
 coproc::task<void> first_result(coproc::process_pool* pool, double* first_ms, clock_type::time_point start) {
@@ -163,7 +184,26 @@ int main(int argc, char** argv) {
         std::printf("{\"items_per_s\": %.1f}\n", loop.run(measure_map(&pool, quick ? 100'000 : 10'000'000)));
     } else if (workload == "echo") {
         coproc::process_pool pool{loop, {.max_workers = 2, .worker_executable = worker_path, .max_frame_size = std::size_t{1} << 30}};
-        std::printf("{\"gib_per_s\": %.3f}\n", loop.run(measure_echo(&pool, quick ? (1u << 20) : (64u << 20))));
+        const std::size_t bytes = quick ? (1u << 20) : (64u << 20);
+        auto rates = loop.run(measure_echo(&pool, bytes, 5));
+        if (rates.empty()) return 1;
+        const double rate = rates.front();
+        rates.erase(rates.begin());
+        // Two of the echo's pieces, timed alone: serializing the buffer into
+        // a frame buffer, and deserializing it into a new std::string.
+        const std::string buffer(bytes, 'x');
+        coproc::detail::byte_buffer encoded;
+        const double encode_ms = median_ms([&] {
+            encoded = {};
+            coproc::detail::encode_into(encoded, buffer);
+        });
+        const double decode_ms = median_ms([&] {
+            std::string back;
+            coproc::detail::decode_from(std::span<const std::byte>{encoded.data(), encoded.size()}, back);
+            if (back.size() != bytes) std::exit(1);
+        });
+        std::printf("{\"gib_per_s\": %.3f, \"repeat_gib_per_s\": %.3f, \"encode_ms\": %.2f, \"decode_ms\": %.2f}\n", rate,
+                    percentile(rates, 0.5), encode_ms, decode_ms);
     } else if (workload == "startup") {
         // Pool construction to first result, and to the end of shutdown()
         // (every worker exited and reaped).

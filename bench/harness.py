@@ -30,12 +30,27 @@ WORKLOADS = [
     ("throughput", "tasks_per_s", "tasks/s", True),
     ("map", "items_per_s", "items/s", True),
     ("echo", "gib_per_s", "GiB/s", True),
+    ("echo", "repeat_gib_per_s", "GiB/s", True),
     ("startup", "first_result_ms", "ms", False),
     ("startup", "start_to_shutdown_ms", "ms", False),
     ("cpu", "speedup", "x", True),
     ("memory", "bytes_per_future", "bytes", False),
     ("instructions", "per_round_trip", "instructions", False),
 ]
+
+# memory_costs' figures (ms), and what each one is.
+COST_FIELDS = {
+    "fresh_4k_copy_ms": "copy into a new malloc block (4 KiB pages, faulted in and zeroed on first touch)",
+    "fresh_huge_copy_ms": "copy into a new mapping advised MADV_HUGEPAGE",
+    "reused_copy_ms": "copy into a buffer already touched",
+    "memfd_write_ms": "write into a new memfd (shared memory, first use)",
+    "socket_round_trip_ms": "to a peer process and back over a socket pair, buffers already touched",
+}
+# coproc_bench echo's pieces, timed alone.
+ECHO_FIELDS = {
+    "coproc_encode_ms": "coproc: serialize the std::string into a frame buffer",
+    "coproc_decode_ms": "coproc: deserialize it into a new std::string (in the parent: 4 KiB pages)",
+}
 
 # The plain programs' counterpart of each workload.
 PLAIN = {"latency": "latency", "throughput": "pipelined", "echo": "bulk"}
@@ -98,6 +113,7 @@ def main():
     quick = ["--quick"] if options.smoke else []
     coproc_bench = os.path.join(options.build, "bench", "coproc_bench")
     plain = os.path.join(options.build, "bench", "plain_socketpair")
+    memory_costs = os.path.join(options.build, "bench", "memory_costs")
     python_bench = os.path.join(HERE, "python_bench.py")
     systems = ["plain", "coproc", "python"] + (["loky"] if loky_available() else [])
     if "loky" not in systems:
@@ -128,6 +144,11 @@ def main():
                     result = run_json([PYTHON, python_bench] + quick + [kind, workload])
                 record(workload, system, result)
                 print(f"round {round_index + 1}/{rounds} {workload:10} {system:7} {json.dumps(result)}", flush=True)
+            if workload == "echo":
+                # The pieces a large echo is made of, timed without coproc.
+                result = run_json([memory_costs] + quick)
+                record("memory_costs", "plain", result)
+                print(f"round {round_index + 1}/{rounds} {'costs':10} {'plain':7} {json.dumps(result)}", flush=True)
     instructions = callgrind_instructions(coproc_bench, options.smoke)
     if instructions is not None:
         record("instructions", "coproc", instructions)
@@ -142,7 +163,17 @@ def main():
             values = [sample[metric] for sample in samples.get((workload, system), []) if metric in sample]
             if values:
                 table.setdefault(metric, {})[system] = statistics.median(values)
+    costs = {}
+    for field in COST_FIELDS:
+        values = [sample[field] for sample in samples.get(("memory_costs", "plain"), []) if field in sample]
+        if values:
+            costs[field] = statistics.median(values)
+    for field in ("encode_ms", "decode_ms"):
+        values = [sample[field] for sample in samples.get(("echo", "coproc"), []) if field in sample]
+        if values:
+            costs["coproc_" + field] = statistics.median(values)
     report = {"machine": machine(), "smoke": options.smoke, "rounds": rounds, "systems": systems, "medians": table,
+              "echo_costs": costs,
               "samples": {f"{w}/{s}": v for (w, s), v in samples.items()}}
     report["targets"] = targets(table)
     os.makedirs(options.out, exist_ok=True)
@@ -218,6 +249,15 @@ def write_markdown(report, out):
     for target in report["targets"]:
         met = "-" if target["met"] is None else ("yes" if target["met"] else "**no**")
         lines.append(f"| {target['target']} | {fmt(target['value'])} ({target['detail']}) | {met} |")
+    costs = report.get("echo_costs", {})
+    if costs:
+        size = "64 MiB" if not report["smoke"] else "the smoke size"
+        lines += ["", f"## What moving {size} costs here", "",
+                  "The pieces of the echo, each timed alone (medians; `memory_costs` and `coproc_bench echo`).", "",
+                  "| piece | ms |", "|---|---|"]
+        for field, meaning in list(COST_FIELDS.items()) + list(ECHO_FIELDS.items()):
+            if field in costs:
+                lines.append(f"| {meaning} | {fmt(costs[field])} |")
     lines += ["", "Why a target is missed, and what would close the gap: see bench/README.md.", ""]
     with open(os.path.join(out, "RESULTS.md"), "w") as md:
         md.write("\n".join(lines))
