@@ -191,7 +191,10 @@ TEST_CASE("many large and small tasks queued at once on one worker all come back
 
 TEST_CASE("a large task cancelled while its CALL is being sent leaves the stream and the next task intact") {
     coproc::event_loop loop;
-    coproc::process_pool pool{loop, {.max_workers = 1}};
+    // A long grace: should the task already run when cancelled (slow
+    // builds), the worker finishes it rather than being killed, so that a
+    // second worker can only mean a broken stream.
+    coproc::process_pool pool{loop, {.max_workers = 1, .cancel_grace = std::chrono::milliseconds{60'000}}};
     CHECK(run_bounded(loop, await_future(pool.submit<square>(3))) == 9); // the worker is ready
     auto doomed = pool.submit<reverse_complement>(pattern(32u << 20, 5));
     run_bounded(loop, until_in_workers(&loop, &pool, 1));
