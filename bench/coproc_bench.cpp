@@ -105,18 +105,6 @@ coproc::task<double> measure_map(coproc::process_pool* pool, std::int64_t items)
     co_return rate;
 }
 
-template <class Body>
-double median_ms(Body body) {
-    std::vector<double> times;
-    for (int i = 0; i < 5; ++i) {
-        const auto start = clock_type::now();
-        body();
-        times.push_back(seconds_since(start) * 1e3);
-    }
-    std::sort(times.begin(), times.end());
-    return times[times.size() / 2];
-}
-
 // The first echo in a fresh pool, then `repeats` more: GiB/s of each.
 coproc::task<std::vector<double>> measure_echo(coproc::process_pool* pool, std::size_t bytes, int repeats) {
     co_await pool->submit<noop>();
@@ -154,6 +142,18 @@ double percentile(std::vector<double> values, double p) {
     std::sort(values.begin(), values.end());
     const auto index = static_cast<std::size_t>(p * static_cast<double>(values.size() - 1));
     return values[index];
+}
+
+// The median of 5 timings of `body`, in ms.
+template <class Body>
+double median_ms(Body body) {
+    std::vector<double> times;
+    for (int i = 0; i < 5; ++i) {
+        const auto start = clock_type::now();
+        body();
+        times.push_back(seconds_since(start) * 1e3);
+    }
+    return percentile(std::move(times), 0.5);
 }
 
 } // namespace

