@@ -68,9 +68,6 @@ constexpr int worker_socket_in_child = 3;
 constexpr int startup_failures_allowed = 3;
 // Times a task sent to a worker that died before starting it is requeued.
 constexpr unsigned max_requeues = 3;
-// Encoded arguments at least this large are shared with the outbox rather
-// than copied into it.
-constexpr std::size_t share_arguments_from = 64 * 1024;
 
 // Blocking get(): one mutex and condition variable for every pool, so that a
 // waiting thread never needs the pool to still exist.
@@ -134,15 +131,11 @@ std::string describe_exit(const ::siginfo_t& info) {
 } // namespace
 
 // Frames queued for a worker. Large CALL arguments are not copied in: the
-// outbox shares the item's encoded arguments, and write_worker sends them
-// from where they are (sendmsg, one iovec per part).
+// outbox shares the item's attached parts, and write_worker sends them from
+// where they are (sendmsg, one iovec per part).
 struct outbox {
     byte_buffer bytes;
-    struct attachment {
-        std::size_t offset; // goes on the wire right after bytes[0, offset)
-        std::shared_ptr<const byte_buffer> data;
-    };
-    std::vector<attachment> attachments;
+    std::vector<attached_bytes> attachments; // offsets into `bytes`, in order
 
     [[nodiscard]] bool empty() const noexcept { return bytes.empty() && attachments.empty(); }
 
@@ -150,19 +143,20 @@ struct outbox {
         wire::finish_frame(bytes, wire::begin_frame(bytes, kind, work_id));
     }
 
-    // A CALL frame: the function id, then the arguments, either `arguments`
-    // (copied) or `shared` (referred to) when set.
+    // A CALL frame: the function id, then `arguments` (copied) with the
+    // `attached` parts (referred to) at their offsets.
     void add_call(std::uint64_t work_id, std::uint16_t flags, std::uint64_t function_id, const byte_buffer& arguments,
-                  const std::shared_ptr<const byte_buffer>& shared) {
+                  const std::vector<attached_bytes>& attached) {
         const auto offset = wire::begin_frame(bytes, wire::frame_kind::call, work_id, flags);
         bytes.append(&function_id, sizeof function_id);
-        if (shared) {
-            wire::finish_frame(bytes, offset, shared->size());
-            attachments.push_back({bytes.size(), shared});
-        } else {
-            bytes.append(arguments.data(), arguments.size());
-            wire::finish_frame(bytes, offset);
+        std::size_t done = 0;
+        for (const auto& part : attached) {
+            bytes.append(arguments.data() + done, part.offset - done);
+            attachments.push_back({bytes.size(), part.data, part.size, part.owner});
+            done = part.offset;
         }
+        bytes.append(arguments.data() + done, arguments.size() - done);
+        wire::finish_frame(bytes, offset, attached_size(attached));
     }
 
     // The parts in wire order.
@@ -175,7 +169,7 @@ struct outbox {
         };
         for (const auto& attached : attachments) {
             add(bytes.data() + done, attached.offset - done);
-            add(attached.data->data(), attached.data->size());
+            add(attached.data, attached.size);
             done = attached.offset;
         }
         add(bytes.data() + done, bytes.size() - done);
@@ -226,6 +220,7 @@ public:
     ~pool_core();
 
     bool submit(work_item* item, bool encoding_failed, bool throw_when_full);
+    static void share_arguments(work_item& item);
     void start_deadline_timer(work_item* item);
     [[nodiscard]] bool has_room() const noexcept;
     void dispatch();
@@ -670,10 +665,29 @@ bool pool_core::has_room() const noexcept {
     return closed_ || broken_ || queued_.load(std::memory_order_relaxed) < options_.max_pending;
 }
 
-bool pool_core::submit(work_item* item, bool encoding_failed, bool throw_when_full) {
-    if (!encoding_failed && item->arguments.size() >= share_arguments_from) {
-        item->shared_arguments = std::make_shared<const byte_buffer>(std::move(item->arguments));
+// Makes a large encoding shared: the bytes move into one shared buffer, cut
+// into attached parts around the parts already attached, so that every
+// worker's outbox (a requeued task is sent again) refers to them.
+void pool_core::share_arguments(work_item& item) {
+    const auto shared = std::make_shared<const byte_buffer>(std::move(item.arguments));
+    item.arguments = {};
+    std::vector<attached_bytes> parts;
+    parts.reserve(2 * item.attached.size() + 1);
+    std::size_t done = 0;
+    auto add_own = [&](std::size_t end) {
+        if (end > done) parts.push_back({0, shared->data() + done, end - done, shared});
+        done = end;
+    };
+    for (auto& part : item.attached) {
+        add_own(part.offset);
+        parts.push_back({0, part.data, part.size, std::move(part.owner)});
     }
+    add_own(shared->size());
+    item.attached = std::move(parts);
+}
+
+bool pool_core::submit(work_item* item, bool encoding_failed, bool throw_when_full) {
+    if (!encoding_failed && item->arguments.size() >= attach_from) share_arguments(*item);
     bool post_dispatch = false;
     {
         std::lock_guard lock{mutex_};
@@ -818,7 +832,7 @@ bool pool_core::finalize_locked(work_item& item, work_state state, std::exceptio
     done.callbacks.swap(item.callbacks);
     done.deadline_stop = std::move(item.deadline_stop);
     item.arguments = {};
-    item.shared_arguments.reset();
+    item.attached = {};
     item.set_state(state); // release: publishes value and error
     return true;
 }
@@ -923,7 +937,7 @@ void pool_core::dispatch() {
             item->set_state(work_state::dispatched);
             target->assigned.push_back(item);
             ++target->generation;
-            target->queued.add_call(item->id, item->frame_flags, item->function_id, item->arguments, item->shared_arguments);
+            target->queued.add_call(item->id, item->frame_flags, item->function_id, item->arguments, item->attached);
             if (options_.max_tasks_per_child > 0 && ++target->dispatched_total >= options_.max_tasks_per_child) {
                 target->state = worker_handle::phase::retiring;
             }
@@ -1104,7 +1118,7 @@ void pool_core::handle_frames(worker_handle& worker, std::span<const std::byte> 
             if (options_.initializer) {
                 worker.state = worker_handle::phase::initializing;
                 worker.queued.add_call(0, wire::frame_flag::initializer, options_.initializer.function_id,
-                                       options_.initializer.arguments, nullptr);
+                                       options_.initializer.arguments, {});
                 if (!worker.writing) start_writer(worker);
                 continue;
             }

@@ -18,9 +18,12 @@
 #include <fcntl.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <climits>
 #include <condition_variable>
 #include <csignal>
 #include <cstdio>
@@ -67,6 +70,18 @@ private:
         detail::byte_buffer payload;
     };
 
+    // Frames to send: `bytes`, with the `attached` parts (a large result,
+    // sent from where the function left it) spliced in at their offsets.
+    struct outgoing {
+        detail::byte_buffer bytes;
+        std::vector<detail::attached_bytes> attached;
+        [[nodiscard]] bool empty() const noexcept { return bytes.empty() && attached.empty(); }
+        void clear() noexcept {
+            bytes.clear();
+            attached.clear();
+        }
+    };
+
     void send_hello() {
         detail::byte_buffer frame;
         const auto offset = wire::begin_frame(frame, wire::frame_kind::hello, 0);
@@ -83,6 +98,41 @@ private:
             if (n < 0 && errno == EINTR) continue;
             if (n <= 0) quit(0); // the parent is gone
             sent += static_cast<std::size_t>(n);
+        }
+    }
+
+    void send(const outgoing& frames) {
+        if (frames.attached.empty()) {
+            send(frames.bytes);
+            return;
+        }
+        std::vector<::iovec> parts;
+        std::size_t done = 0;
+        auto add = [&parts](const std::byte* data, std::size_t size) {
+            if (size > 0) parts.push_back({const_cast<std::byte*>(data), size});
+        };
+        for (const auto& part : frames.attached) {
+            add(frames.bytes.data() + done, part.offset - done);
+            add(part.data, part.size);
+            done = part.offset;
+        }
+        add(frames.bytes.data() + done, frames.bytes.size() - done);
+        std::lock_guard lock{write_mutex_};
+        for (std::size_t next = 0; next < parts.size();) {
+            ::msghdr message{};
+            message.msg_iov = parts.data() + next;
+            message.msg_iovlen = std::min<std::size_t>(parts.size() - next, IOV_MAX);
+            ssize_t n = ::sendmsg(fd_, &message, MSG_NOSIGNAL);
+            if (n < 0 && errno == EINTR) continue;
+            if (n <= 0) quit(0); // the parent is gone
+            for (auto sent = static_cast<std::size_t>(n); sent > 0;) {
+                ::iovec& part = parts[next];
+                const std::size_t taken = std::min(sent, part.iov_len);
+                part.iov_base = static_cast<std::byte*>(part.iov_base) + taken;
+                part.iov_len -= taken;
+                sent -= taken;
+                if (part.iov_len == 0) ++next;
+            }
         }
     }
 
@@ -169,7 +219,7 @@ private:
     // past the start of its task, so a worker that dies mid-task has always
     // told the parent the task started (no task is run twice).
     void run_calls() {
-        detail::byte_buffer held; // the last RESULT/ERROR, not yet sent
+        outgoing held; // the last RESULT/ERROR, not yet sent
         for (;;) {
             call next;
             {
@@ -196,13 +246,14 @@ private:
 
     // Sends `held` together with this task's START, runs the task, and
     // returns its RESULT or ERROR frame for the caller to send.
-    detail::byte_buffer run(const call& task, detail::byte_buffer held) {
+    outgoing run(const call& task, outgoing held) {
         if ((task.flags & wire::frame_flag::initializer) == 0) {
-            wire::finish_frame(held, wire::begin_frame(held, wire::frame_kind::start, task.work_id));
+            wire::finish_frame(held.bytes, wire::begin_frame(held.bytes, wire::frame_kind::start, task.work_id));
         }
         if (!held.empty()) send(held);
+        held = {}; // frees a large result sent from where it was
 
-        detail::byte_buffer reply;
+        outgoing reply;
         std::uint64_t function_id = 0;
         if (task.payload.size() < sizeof function_id) {
             std::fprintf(stderr, "coproc worker %d: CALL frame too short\n", static_cast<int>(::getpid()));
@@ -212,13 +263,13 @@ private:
         const auto arguments = std::span{task.payload}.subspan(sizeof function_id);
         const detail::remote_function_entry* function = detail::find_remote_function(function_id);
         if (function == nullptr || function->ambiguous) {
-            const auto offset = wire::begin_frame(reply, wire::frame_kind::error, task.work_id);
+            const auto offset = wire::begin_frame(reply.bytes, wire::frame_kind::error, task.work_id);
             if (function == nullptr) {
-                detail::encode_unknown_function(function_id, reply);
+                detail::encode_unknown_function(function_id, reply.bytes);
             } else {
-                detail::encode_ambiguous_function(function->name, reply);
+                detail::encode_ambiguous_function(function->name, reply.bytes);
             }
-            wire::finish_frame(reply, offset);
+            wire::finish_frame(reply.bytes, offset);
             return reply;
         }
         const detail::invoker invoke = (task.flags & wire::frame_flag::chunk) != 0 ? function->invoke_chunk : function->invoke;
@@ -228,15 +279,19 @@ private:
             token = running_stop_.get_token();
         }
         try {
-            const auto offset = wire::begin_frame(reply, wire::frame_kind::result, task.work_id);
-            invoke(arguments, reply, std::move(token));
-            if ((task.flags & wire::frame_flag::initializer) != 0) reply.resize(offset + wire::header_size); // value unused
-            wire::finish_frame(reply, offset); // a result too large for a frame throws: an ERROR instead
+            const auto offset = wire::begin_frame(reply.bytes, wire::frame_kind::result, task.work_id);
+            invoke(arguments, reply.bytes, reply.attached, std::move(token));
+            if ((task.flags & wire::frame_flag::initializer) != 0) { // its value is not used
+                reply.bytes.resize(offset + wire::header_size);
+                reply.attached.clear();
+            }
+            // A result too large for a frame throws: an ERROR instead.
+            wire::finish_frame(reply.bytes, offset, detail::attached_size(reply.attached));
         } catch (...) {
             reply.clear(); // drop whatever part of the result was encoded
-            const auto offset = wire::begin_frame(reply, wire::frame_kind::error, task.work_id);
-            detail::encode_exception(std::current_exception(), reply);
-            wire::finish_frame(reply, offset);
+            const auto offset = wire::begin_frame(reply.bytes, wire::frame_kind::error, task.work_id);
+            detail::encode_exception(std::current_exception(), reply.bytes);
+            wire::finish_frame(reply.bytes, offset);
         }
         return reply;
     }

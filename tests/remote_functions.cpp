@@ -39,6 +39,34 @@ std::string reverse_complement(std::string data) {
     return data;
 }
 
+std::uint64_t digest_parts(std::string text, std::int32_t marker, std::vector<double> numbers, std::vector<std::byte> bytes) {
+    std::uint64_t hash = 14695981039346656037ULL;
+    auto add = [&hash](const void* data, std::size_t size) {
+        for (std::size_t i = 0; i < size; ++i) {
+            hash ^= static_cast<const unsigned char*>(data)[i];
+            hash *= 1099511628211ULL;
+        }
+    };
+    add(text.data(), text.size());
+    add(&marker, sizeof marker);
+    add(numbers.data(), numbers.size() * sizeof(double));
+    add(bytes.data(), bytes.size());
+    return hash;
+}
+
+std::uint64_t digest_lines(std::string first, std::vector<std::string> lines, std::string last) {
+    std::string all = std::move(first);
+    for (const auto& line : lines) all += line;
+    all += last;
+    return digest_parts(std::move(all), 0, {}, {});
+}
+
+std::tuple<std::string, std::int32_t, std::vector<std::int64_t>> make_parts(std::size_t size, int seed) {
+    std::vector<std::int64_t> numbers(size / 8);
+    for (std::size_t i = 0; i < numbers.size(); ++i) numbers[i] = seed + static_cast<std::int64_t>(i);
+    return {pattern(size, seed), seed, std::move(numbers)};
+}
+
 std::string transparent_huge_page_mode() {
     std::ifstream file{"/sys/kernel/mm/transparent_hugepage/enabled"};
     std::string line;

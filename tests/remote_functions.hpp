@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <stop_token>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace pool_test {
@@ -122,6 +123,14 @@ void exceed_quota(std::string who, int limit);
 // and the input reversed with every byte complemented.
 std::string pattern(std::size_t size, int seed);
 std::string reverse_complement(std::string data);
+// Several arguments of a call, large and small, in one digest (FNV-1a over
+// all their bytes, in order).
+std::uint64_t digest_parts(std::string text, std::int32_t marker, std::vector<double> numbers, std::vector<std::byte> bytes);
+// The same over a block, a vector of strings (not a block), and a block.
+std::uint64_t digest_lines(std::string first, std::vector<std::string> lines, std::string last);
+// A result with large blocks inside a tuple: pattern(size, seed), seed, and
+// `size` / 8 numbers counting up from seed.
+std::tuple<std::string, std::int32_t, std::vector<std::int64_t>> make_parts(std::size_t size, int seed);
 
 // Transparent huge pages: the kernel's mode ("always", "madvise", "never",
 // or "unavailable"); whether the mapping holding `address` may be backed by

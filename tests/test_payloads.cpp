@@ -6,16 +6,23 @@
 #include "support.hpp"
 
 #include <coproc/detail/byte_buffer.hpp>
+#include <coproc/detail/serialization.hpp>
 
+#include <cereal/archives/binary.hpp>
+
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <numeric>
 #include <optional>
+#include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 using coproc::future;
 using coproc::task;
+using coproc::detail::attached_bytes;
 using coproc::detail::byte_buffer;
 using namespace test_support;
 using namespace pool_test;
@@ -74,6 +81,63 @@ private:
     const char* name_;
     std::optional<std::string> old_;
 };
+
+// What cereal's own binary archive writes for `value`, and what coproc's
+// encoder writes.
+template <class T>
+std::string cereal_bytes(const T& value) {
+    std::ostringstream out;
+    {
+        cereal::BinaryOutputArchive archive{out};
+        archive(value);
+    }
+    return out.str();
+}
+template <class T>
+std::string coproc_bytes(const T& value) {
+    byte_buffer out;
+    coproc::detail::encode_into(out, value);
+    return {reinterpret_cast<const char*>(out.data()), out.size()};
+}
+// Decodes a T from bytes.
+template <class T>
+T decoded(const std::string& bytes) {
+    T value{};
+    coproc::detail::decode_from(std::as_bytes(std::span{bytes.data(), bytes.size()}), value);
+    return value;
+}
+// Checks that coproc writes T exactly as cereal does, and reads back what
+// cereal wrote.
+template <class T>
+void check_like_cereal(const T& value) {
+    const std::string theirs = cereal_bytes(value);
+    CHECK(coproc_bytes(value) == theirs);
+    CHECK(decoded<T>(theirs) == value);
+}
+
+std::vector<std::byte> byte_pattern(std::size_t size, int seed) {
+    const std::string text = pattern(size, seed);
+    std::vector<std::byte> bytes(size);
+    std::memcpy(bytes.data(), text.data(), size);
+    return bytes;
+}
+
+// `head` with the attached parts spliced in: the bytes that go on the wire.
+std::string spliced(const byte_buffer& head, const std::vector<attached_bytes>& attached) {
+    std::string out;
+    std::size_t done = 0;
+    for (const auto& part : attached) {
+        out.append(reinterpret_cast<const char*>(head.data()) + done, part.offset - done);
+        out.append(reinterpret_cast<const char*>(part.data), part.size);
+        done = part.offset;
+    }
+    out.append(reinterpret_cast<const char*>(head.data()) + done, head.size() - done);
+    return out;
+}
+
+task<std::vector<int>> map_squares(coproc::process_pool* pool, std::vector<int> inputs, std::size_t chunksize) {
+    co_return co_await pool->map<square>(inputs, {.chunksize = chunksize});
+}
 
 std::string worker_tunables(coproc::process_pool_options options) {
     coproc::event_loop loop;
@@ -139,6 +203,123 @@ TEST_CASE("byte_buffer: a huge block is advised for transparent huge pages") {
     CHECK(huge_page_eligible(buffer.data() + byte_buffer::huge_block * 8));
 }
 
+TEST_CASE("block containers: coproc writes exactly cereal's bytes and reads cereal's bytes") {
+    check_like_cereal(std::string{});
+    check_like_cereal(std::string{"hello"});
+    check_like_cereal(pattern(100'000, 1));
+    check_like_cereal(std::vector<std::byte>{});
+    check_like_cereal(byte_pattern(70'000, 2)); // cereal writes these element by element
+    check_like_cereal(std::vector<unsigned char>{1, 2, 255});
+    check_like_cereal(std::vector<double>{1.5, -2.25, 1e300});
+    check_like_cereal(std::vector<std::int16_t>{-1, 2, 30'000});
+    check_like_cereal(std::vector<bool>{true, false, true}); // not a block container: cereal's path
+    check_like_cereal(std::tuple<int, std::string, std::vector<std::byte>, std::vector<std::string>>{
+        7, pattern(5'000, 3), byte_pattern(3'000, 4), {"a", pattern(70'000, 5)}});
+}
+
+TEST_CASE("block containers: a count beyond the bytes present is a decoding error, not an allocation") {
+    auto encoded = [](std::uint64_t count, std::size_t bytes_after) {
+        std::string out(sizeof count, '\0');
+        std::memcpy(out.data(), &count, sizeof count);
+        return out + std::string(bytes_after, 'x');
+    };
+    CHECK_THROWS_WITH_AS(decoded<std::string>(encoded(std::uint64_t{1} << 62, 10)),
+                         doctest::Contains("more than the 10 bytes left"), cereal::Exception);
+    CHECK_THROWS_AS(decoded<std::vector<double>>(encoded(3, 16)), cereal::Exception); // 24 bytes claimed
+    CHECK_THROWS_AS(decoded<std::vector<double>>(encoded(std::uint64_t{1} << 61, 16)), cereal::Exception); // overflows
+    CHECK_THROWS_AS(decoded<std::string>(std::string(3, '\0')), cereal::Exception); // the count itself is cut
+    CHECK(decoded<std::string>(encoded(10, 10)) == std::string(10, 'x'));
+    CHECK(decoded<std::vector<double>>(encoded(2, 16)).size() == 2);
+}
+
+TEST_CASE("block containers: a large decoded block is advised for transparent huge pages") {
+    if (transparent_huge_page_mode() != "madvise") {
+        MESSAGE("transparent huge pages are " << transparent_huge_page_mode() << " here, not madvise: nothing to check");
+        return;
+    }
+    constexpr std::size_t size = 8u << 20;
+    const std::string plain(size, 'x'); // malloc'd, not advised: the check below can fail
+    CHECK_FALSE(huge_page_eligible(plain.data() + size / 2));
+    const auto text = decoded<std::string>(cereal_bytes(pattern(size, 6)));
+    CHECK(huge_page_eligible(text.data() + size / 2));
+    const auto bytes = decoded<std::vector<std::byte>>(cereal_bytes(byte_pattern(size, 7)));
+    CHECK(huge_page_eligible(bytes.data() + size / 2));
+    CHECK(text == pattern(size, 6));
+}
+
+TEST_CASE("encode_attaching: moved block containers of 64 KiB or more are attached, spliced back they are encode_into's bytes") {
+    const std::string large = pattern(100'000, 1);
+    const std::vector<std::byte> bytes = byte_pattern(70'000, 2);
+    const std::vector<double> numbers(10'000, 0.5); // 80,000 bytes
+    const std::string just_below = pattern(coproc::detail::attach_from - 1, 3);
+    using arguments = std::tuple<std::int32_t, std::string, std::vector<std::byte>, std::string, std::vector<double>>;
+    const arguments values{5, large, bytes, just_below, numbers};
+    byte_buffer expected;
+    coproc::detail::encode_into(expected, values);
+
+    byte_buffer head;
+    std::vector<attached_bytes> attached;
+    coproc::detail::encode_attaching(head, attached, arguments{values}); // an rvalue: its large blocks move
+    REQUIRE(attached.size() == 3);
+    CHECK(attached[0].size == large.size());
+    CHECK(attached[1].size == bytes.size());
+    CHECK(attached[2].size == numbers.size() * sizeof(double));
+    CHECK(head.size() + coproc::detail::attached_size(attached) == expected.size());
+    CHECK(spliced(head, attached) == std::string(reinterpret_cast<const char*>(expected.data()), expected.size()));
+
+    byte_buffer copied;
+    std::vector<attached_bytes> none;
+    coproc::detail::encode_attaching(copied, none, values); // const: copied
+    CHECK(none.empty());
+    CHECK(copied.size() == expected.size());
+    arguments lvalue{values};
+    coproc::detail::encode_attaching(copied, none, lvalue); // an lvalue: copied too, and left as it was
+    CHECK(none.empty());
+    CHECK(lvalue == values);
+}
+
+TEST_CASE("moved and copied arguments, large and small, arrive intact; an lvalue changed right after submit is sent as it was") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1}};
+    std::string text = pattern((3u << 20) + 1, 11);
+    std::vector<double> numbers(100'000);
+    std::iota(numbers.begin(), numbers.end(), 0.5);
+    std::vector<std::byte> bytes = byte_pattern(70'000, 12);
+    const std::uint64_t expected = digest_parts(text, 42, numbers, bytes);
+    auto moved = pool.submit<digest_parts>(std::string{text}, 42, std::vector<double>{numbers}, std::vector<std::byte>{bytes});
+    auto copied = pool.submit<digest_parts>(text, 42, numbers, bytes);
+    auto small = pool.submit<digest_parts>(std::string{"tiny"}, 7, std::vector<double>{1.0}, std::vector<std::byte>(3));
+    // Nothing was sent yet (the loop has not run): the lvalues were copied at submit.
+    std::fill(text.begin(), text.end(), 'z');
+    std::fill(numbers.begin(), numbers.end(), -1.0);
+    bytes.assign(bytes.size(), std::byte{0});
+    CHECK(run_bounded(loop, await_future(std::move(moved)), 60s) == expected);
+    CHECK(run_bounded(loop, await_future(std::move(copied)), 60s) == expected);
+    CHECK(run_bounded(loop, await_future(std::move(small))) ==
+          digest_parts("tiny", 7, std::vector<double>{1.0}, std::vector<std::byte>(3)));
+    // Moved blocks around 200 KB of encoding that is not a block: that
+    // encoding is shared too, cut around the attached blocks.
+    std::vector<std::string> lines;
+    for (int i = 0; i < 2000; ++i) lines.push_back(pattern(100, i));
+    const std::uint64_t lines_digest = digest_lines(pattern(1u << 20, 13), lines, pattern(70'000, 14));
+    CHECK(run_bounded(loop, await_future(pool.submit<digest_lines>(pattern(1u << 20, 13), lines, pattern(70'000, 14))), 60s) ==
+          lines_digest);
+}
+
+TEST_CASE("large blocks inside a tuple result, and a map chunk whose results pass 64 KiB, come back intact") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1}};
+    CHECK(run_bounded(loop, await_future(pool.submit<make_parts>((3u << 20) + 5, 9)), 60s) == make_parts((3u << 20) + 5, 9));
+    CHECK(run_bounded(loop, await_future(pool.submit<make_parts>(100, 10))) == make_parts(100, 10));
+    std::vector<int> inputs(40'000);
+    std::iota(inputs.begin(), inputs.end(), 0);
+    const auto squares = run_bounded(loop, map_squares(&pool, inputs, 20'000), 60s); // 80,000 bytes of results a chunk
+    REQUIRE(squares.size() == inputs.size());
+    bool right = true;
+    for (std::size_t i = 0; i < inputs.size(); ++i) right = right && squares[i] == inputs[i] * inputs[i];
+    CHECK(right);
+}
+
 TEST_CASE("a large argument and a large result travel intact") {
     coproc::event_loop loop;
     coproc::process_pool pool{loop, {.max_workers = 1}};
@@ -198,6 +379,18 @@ TEST_CASE("a large task sent to a worker that died before starting it is requeue
     run_bounded(loop, until_in_workers(&loop, &pool, 2)); // the large one is in the same worker, not started
     pool.kill_workers();
     CHECK(run_bounded(loop, await_future(std::move(large)), 60s) == reverse_complement(data));
+    CHECK(pool.stats().workers_started == 2);
+}
+
+TEST_CASE("a moved large argument, attached rather than copied, is requeued intact when its worker dies before starting it") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1, .prefetch = 2, .max_prefetch = 2}};
+    auto blocker = pool.submit<busy_forever>();
+    auto large = pool.submit<reverse_complement>(pattern((6u << 20) + 3, 9));
+    run_bounded(loop, until_running(&loop, &blocker));
+    run_bounded(loop, until_in_workers(&loop, &pool, 2));
+    pool.kill_workers();
+    CHECK(run_bounded(loop, await_future(std::move(large)), 60s) == reverse_complement(pattern((6u << 20) + 3, 9)));
     CHECK(pool.stats().workers_started == 2);
 }
 

@@ -278,7 +278,7 @@ private:
     // remote_object<T>), `payload...` encoded as its CALL payload.
     template <class Remote, class R, class... Payload>
     std::optional<future<R>> submit_encoded(std::uint16_t frame_flags, submit_options options, bool throw_when_full,
-                                            const Payload&... payload);
+                                            Payload&&... payload);
 
     // map: F over a chunk of argument tuples, as one task; false (nothing
     // submitted) when the queue is full.
@@ -440,7 +440,7 @@ auto process_pool::map_stream(const Range& inputs, map_options opts) {
 
 template <class Remote, class R, class... Payload>
 std::optional<future<R>> process_pool::submit_encoded(std::uint16_t frame_flags, submit_options options,
-                                                      bool throw_when_full, const Payload&... payload) {
+                                                      bool throw_when_full, Payload&&... payload) {
     using remote = Remote;
     (void)remote::registered; // odr-use: registered in every process of this program
     // Checked once per function: every registration ran before main.
@@ -459,14 +459,17 @@ std::optional<future<R>> process_pool::submit_encoded(std::uint16_t frame_flags,
         failed = true;
     } else {
         try {
-            detail::encode_into(item->arguments, payload...);
-            if (item->arguments.size() + sizeof item->function_id > detail::wire::max_payload) {
+            // Moved-in strings and byte or number vectors of 64 KiB or more
+            // are kept as they are and sent from there, not copied.
+            detail::encode_attaching(item->arguments, item->attached, std::forward<Payload>(payload)...);
+            const std::size_t size = item->arguments.size() + detail::attached_size(item->attached);
+            if (size + sizeof item->function_id > detail::wire::max_payload) {
                 throw std::length_error("coproc: the arguments of " + std::string(remote::name) + " take " +
-                                        std::to_string(item->arguments.size()) +
-                                        " bytes serialized, more than the 2 GiB a frame can carry");
+                                        std::to_string(size) + " bytes serialized, more than the 2 GiB a frame can carry");
             }
         } catch (...) {
             item->arguments = {};
+            item->attached.clear();
             item->error = std::current_exception();
             failed = true;
         }

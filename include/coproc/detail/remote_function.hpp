@@ -130,8 +130,11 @@ inline constexpr bool all_serializable = all_serializable_impl<Tuple, std::make_
 
 // Runs a function in the worker: decodes its arguments from `arguments`,
 // calls it with `token` where it takes one, and appends its encoded result to
-// `result`. Throws whatever decoding, the function or encoding throws.
-using invoker = void (*)(std::span<const std::byte> arguments, byte_buffer& result, std::stop_token token);
+// `result`; a large block container in the result is moved into `attached`
+// instead (encode_attaching). Throws whatever decoding, the function or
+// encoding throws.
+using invoker = void (*)(std::span<const std::byte> arguments, byte_buffer& result,
+                         std::vector<attached_bytes>& attached, std::stop_token token);
 
 struct remote_function_entry {
     std::uint64_t id;
@@ -171,19 +174,20 @@ struct remote {
     static constexpr std::string_view name = display_name_of<F>();
     static constexpr std::uint64_t id = fnv1a(pretty_name_of<F>()) ^ (fnv1a(pretty_type_of<decltype(F)>()) * 31);
 
-    static void invoke(std::span<const std::byte> encoded, byte_buffer& out, std::stop_token token) {
+    static void invoke(std::span<const std::byte> encoded, byte_buffer& out, std::vector<attached_bytes>& attached,
+                       std::stop_token token) {
         arguments values;
         decode_from(encoded, values);
         if constexpr (std::is_void_v<result>) {
             call(std::move(values), std::move(token));
         } else {
-            const result value = call(std::move(values), std::move(token));
-            encode_into(out, value);
+            encode_attaching(out, attached, result(call(std::move(values), std::move(token))));
         }
     }
 
     // map: F over each argument tuple of a chunk, the results in order.
-    static void invoke_chunk(std::span<const std::byte> encoded, byte_buffer& out, std::stop_token token) {
+    static void invoke_chunk(std::span<const std::byte> encoded, byte_buffer& out, std::vector<attached_bytes>& attached,
+                             std::stop_token token) {
         std::vector<arguments> chunk;
         decode_from(encoded, chunk);
         if constexpr (std::is_void_v<result>) {
@@ -192,7 +196,7 @@ struct remote {
             std::vector<result> results;
             results.reserve(chunk.size());
             for (auto& values : chunk) results.push_back(call(std::move(values), token));
-            encode_into(out, results);
+            encode_attaching(out, attached, std::move(results));
         }
     }
 
@@ -240,15 +244,15 @@ struct remote_object {
     static constexpr std::uint64_t id =
         fnv1a(pretty_type_of<T>()) ^ (fnv1a(pretty_type_of<decltype(&T::operator())>()) * 31);
 
-    static void invoke(std::span<const std::byte> encoded, byte_buffer& out, std::stop_token token) {
+    static void invoke(std::span<const std::byte> encoded, byte_buffer& out, std::vector<attached_bytes>& attached,
+                       std::stop_token token) {
         T object{};
         arguments values;
         decode_from(encoded, object, values);
         if constexpr (std::is_void_v<result>) {
             call(object, std::move(values), std::move(token));
         } else {
-            const result value = call(object, std::move(values), std::move(token));
-            encode_into(out, value);
+            encode_attaching(out, attached, result(call(object, std::move(values), std::move(token))));
         }
     }
 

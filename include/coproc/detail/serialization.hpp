@@ -21,12 +21,19 @@
 #include <cereal/types/variant.hpp>
 #include <cereal/types/vector.hpp>
 
+#include <sys/mman.h>
+
 #include <cstddef>
+#include <cstdint>
 #include <cstring>
 #include <istream>
+#include <memory>
 #include <ostream>
 #include <span>
 #include <streambuf>
+#include <string>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace coproc::detail {
@@ -59,7 +66,98 @@ public:
         char* begin = const_cast<char*>(reinterpret_cast<const char*>(in.data()));
         setg(begin, begin, begin + in.size());
     }
+    // The bytes not read yet.
+    [[nodiscard]] std::span<const std::byte> rest() const noexcept {
+        return {reinterpret_cast<const std::byte*>(gptr()), static_cast<std::size_t>(egptr() - gptr())};
+    }
+    // Consumes `count` bytes of rest() (at most its size).
+    void skip(std::size_t count) noexcept { setg(eback(), gptr() + count, egptr()); }
 };
+
+// Advises MADV_HUGEPAGE for the whole 2 MiB pages inside [data, data + size):
+// memory about to be filled completely, so huge pages waste nothing, and
+// first touching it takes a fault per 2 MiB instead of per 4 KiB. Advice
+// only: where the kernel refuses, 4 KiB pages back it as before.
+inline void advise_huge_pages(const void* data, std::size_t size) noexcept {
+    constexpr std::uintptr_t huge = byte_buffer::huge_block;
+    if (size < huge) return;
+    const auto at = reinterpret_cast<std::uintptr_t>(data);
+    const std::uintptr_t begin = (at + huge - 1) & ~(huge - 1);
+    const std::uintptr_t end = (at + size) & ~(huge - 1);
+    if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+}
+
+// Contiguous containers of plain bytes or numbers: std::basic_string of a
+// one-byte character type, std::vector of an arithmetic type (not bool) or
+// of std::byte. At the top level of a call's arguments or result they are
+// encoded and decoded as one block (the bytes cereal would write: a 64-bit
+// count, then the elements), without cereal's element-wise path for
+// std::byte or its zero-filling resize on decode.
+template <class T>
+struct block_container : std::false_type {};
+template <class Char, class Traits, class Allocator>
+struct block_container<std::basic_string<Char, Traits, Allocator>> : std::bool_constant<sizeof(Char) == 1> {};
+template <class T, class Allocator>
+struct block_container<std::vector<T, Allocator>>
+    : std::bool_constant<(std::is_arithmetic_v<T> && !std::is_same_v<T, bool>) || std::is_same_v<T, std::byte>> {};
+
+template <class T>
+struct is_tuple : std::false_type {};
+template <class... T>
+struct is_tuple<std::tuple<T...>> : std::true_type {};
+
+// The count cereal's binary archives write before a container's elements.
+using wire_count = std::uint64_t;
+
+template <class T>
+void encode_value(vector_streambuf& out, cereal::BinaryOutputArchive& archive, const T& value) {
+    if constexpr (is_tuple<T>::value) {
+        std::apply([&](const auto&... element) { (encode_value(out, archive, element), ...); }, value);
+    } else if constexpr (block_container<T>::value) {
+        const wire_count count = value.size();
+        out.sputn(reinterpret_cast<const char*>(&count), sizeof count);
+        out.sputn(reinterpret_cast<const char*>(value.data()),
+                  static_cast<std::streamsize>(value.size() * sizeof(typename T::value_type)));
+    } else {
+        archive(value);
+    }
+}
+
+template <class T>
+void decode_value(span_streambuf& in, cereal::BinaryInputArchive& archive, T& value) {
+    if constexpr (is_tuple<T>::value) {
+        std::apply([&](auto&... element) { (decode_value(in, archive, element), ...); }, value);
+    } else if constexpr (block_container<T>::value) {
+        using element = typename T::value_type;
+        wire_count count = 0;
+        if (in.rest().size() < sizeof count) {
+            throw cereal::Exception("coproc: the encoding ends inside a container's element count");
+        }
+        std::memcpy(&count, in.rest().data(), sizeof count);
+        in.skip(sizeof count);
+        const std::span<const std::byte> rest = in.rest();
+        if (count > rest.size() / sizeof(element)) {
+            throw cereal::Exception("coproc: a container claims " + std::to_string(count) + " elements, more than the " +
+                                    std::to_string(rest.size()) + " bytes left in the encoding");
+        }
+        const std::size_t bytes = static_cast<std::size_t>(count) * sizeof(element);
+        value.clear();
+        value.reserve(static_cast<std::size_t>(count));
+        advise_huge_pages(value.data(), bytes);
+        if constexpr (std::is_same_v<element, char> || std::is_same_v<element, unsigned char> ||
+                      std::is_same_v<element, std::byte>) {
+            // Copied in once, no zero-filling first (these may alias bytes).
+            const auto* first = reinterpret_cast<const element*>(rest.data());
+            value.insert(value.end(), first, first + count);
+        } else {
+            value.resize(static_cast<std::size_t>(count));
+            std::memcpy(value.data(), rest.data(), bytes);
+        }
+        in.skip(bytes);
+    } else {
+        archive(value);
+    }
+}
 
 // True when cereal can write and read T with its binary archives.
 template <class T>
@@ -72,7 +170,63 @@ void encode_into(byte_buffer& out, const T&... values) {
     vector_streambuf buffer{out};
     std::ostream stream{&buffer};
     cereal::BinaryOutputArchive archive{stream};
-    archive(values...);
+    (encode_value(buffer, archive, values), ...);
+}
+
+// Bytes that go on the wire from where they are instead of being copied into
+// a frame: right after byte `offset` of the frame's own bytes. `owner` keeps
+// them alive until they are sent.
+struct attached_bytes {
+    std::size_t offset;
+    const std::byte* data;
+    std::size_t size;
+    std::shared_ptr<const void> owner;
+};
+
+// Block containers at least this large are attached, not copied, when they
+// are handed over as rvalues (a moved argument, a function's result).
+inline constexpr std::size_t attach_from = 64 * 1024;
+
+template <class T>
+void encode_value_attaching(vector_streambuf& out, byte_buffer& bytes, std::vector<attached_bytes>& attached,
+                            cereal::BinaryOutputArchive& archive, T&& value) {
+    using plain = std::remove_cvref_t<T>;
+    if constexpr (std::is_const_v<std::remove_reference_t<T>> || std::is_lvalue_reference_v<T>) {
+        encode_value(out, archive, value);
+    } else if constexpr (is_tuple<plain>::value) {
+        std::apply([&](auto&... element) { (encode_value_attaching(out, bytes, attached, archive, std::move(element)), ...); },
+                   value);
+    } else if constexpr (block_container<plain>::value) {
+        const std::size_t size = value.size() * sizeof(typename plain::value_type);
+        if (size < attach_from) {
+            encode_value(out, archive, value);
+            return;
+        }
+        const wire_count count = value.size();
+        out.sputn(reinterpret_cast<const char*>(&count), sizeof count);
+        auto owner = std::make_shared<const plain>(std::move(value));
+        attached.push_back({bytes.size(), reinterpret_cast<const std::byte*>(owner->data()), size, owner});
+    } else {
+        encode_value(out, archive, value);
+    }
+}
+
+// encode_into, except that block containers of attach_from bytes or more
+// among the rvalue `values` (and the elements of rvalue tuples) are moved
+// into `attached` rather than copied into `out`.
+template <class... T>
+void encode_attaching(byte_buffer& out, std::vector<attached_bytes>& attached, T&&... values) {
+    vector_streambuf buffer{out};
+    std::ostream stream{&buffer};
+    cereal::BinaryOutputArchive archive{stream};
+    (encode_value_attaching(buffer, out, attached, archive, std::forward<T>(values)), ...);
+}
+
+// The bytes `attached` adds to a frame.
+inline std::size_t attached_size(const std::vector<attached_bytes>& attached) noexcept {
+    std::size_t size = 0;
+    for (const auto& part : attached) size += part.size;
+    return size;
 }
 
 // Decodes `values...` from `in`; throws cereal::Exception when `in` is short
@@ -82,7 +236,7 @@ void decode_from(std::span<const std::byte> in, T&... values) {
     span_streambuf buffer{in};
     std::istream stream{&buffer};
     cereal::BinaryInputArchive archive{stream};
-    archive(values...);
+    (decode_value(buffer, archive, values), ...);
 }
 
 } // namespace coproc::detail

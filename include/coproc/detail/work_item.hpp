@@ -66,10 +66,13 @@ public:
     std::uint64_t function_id = 0;
     std::uint16_t frame_flags = 0; // wire::frame_flag bits of its CALL frame
     std::string_view function_name;
-    // Encoded, and freed once the task is final. Large ones move to
-    // `shared_arguments`, which a worker's outbox shares instead of copying.
+    // Encoded, and freed once the task is final: `arguments`, with the
+    // `attached` parts spliced in at their offsets. Moved-in block
+    // containers are attached as they are, and large encodings are turned
+    // into attached parts at submit, so a worker's outbox shares them
+    // instead of copying them.
     byte_buffer arguments;
-    std::shared_ptr<const byte_buffer> shared_arguments;
+    std::vector<attached_bytes> attached;
     pool_core* pool = nullptr;        // its pool; not used once the item is final
     unsigned retries_left = 0;
     unsigned requeues = 0; // sent to a worker that died before starting it
