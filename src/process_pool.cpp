@@ -243,6 +243,17 @@ public:
 
     // Coroutine bodies.
     void handle_frames(worker_handle& worker, std::span<const std::byte> data, std::size_t& consumed);
+    // A RESULT or ERROR for the item at `position` of worker.assigned; with
+    // `stored`, a RESULT already received into the item's value.
+    void handle_answer(worker_handle& worker, std::deque<work_item*>::iterator position, wire::frame_kind kind,
+                       std::span<const std::byte> payload, bool stored);
+    // A large RESULT received straight into its item's value (read_worker):
+    // the item (retained) and where the block's elements go, or null when
+    // the frame must go through handle_frames as usual.
+    work_item* begin_block_result(worker_handle& worker, const wire::frame_header& header,
+                                  std::span<const std::byte> start, std::span<std::byte>& target);
+    // ... and the end of it, once every byte arrived (`complete`) or not.
+    void end_block_result(worker_handle& worker, work_item* item, bool complete);
     void on_reaped(worker_handle& worker, const ::siginfo_t& info);
     void on_reader_done(worker_handle& worker);
     void on_worker_exit(worker_handle& worker);
@@ -322,6 +333,24 @@ private:
 
 namespace {
 
+// Receives the rest of a large RESULT's block straight into `target`,
+// `got` bytes of which are there already: false when the stream ended
+// first (the worker died) or the pool is going away.
+task<bool> receive_block(std::shared_ptr<pool_core> core, worker_handle* worker, std::span<std::byte> target,
+                         std::size_t got) {
+    try {
+        while (got < target.size()) {
+            if (core->destroyed) co_return false;
+            const std::size_t received = co_await core->loop.recv(worker->socket, target.subspan(got));
+            if (received == 0) co_return false;
+            got += received;
+        }
+    } catch (const std::system_error&) {
+        co_return false; // recv failed: the worker is gone
+    }
+    co_return true;
+}
+
 task<void> read_worker(std::shared_ptr<pool_core> core, worker_handle* worker) {
     constexpr std::size_t usual_size = 64 * 1024;
     byte_buffer buffer(usual_size);
@@ -341,9 +370,32 @@ task<void> read_worker(std::shared_ptr<pool_core> core, worker_handle* worker) {
                 filled -= consumed;
             }
             if (filled >= wire::header_size) {
-                // An incomplete frame: make room for all of it (its length
-                // was checked against the limit by handle_frames).
-                const auto needed = wire::header_size + wire::read_header(buffer.data()).length;
+                // An incomplete frame (its length was checked against the
+                // limit by handle_frames).
+                const auto header = wire::read_header(buffer.data());
+                const auto needed = wire::header_size + header.length;
+                const bool large_result = header.kind == static_cast<std::uint16_t>(wire::frame_kind::result) &&
+                                          needed > buffer.size() && header.length >= attach_from;
+                if (large_result && filled < wire::header_size + sizeof(wire_count)) continue; // its count is next
+                if (large_result) {
+                    // One block container: received into the value itself.
+                    const auto start = std::span{buffer}.subspan(wire::header_size, filled - wire::header_size);
+                    std::span<std::byte> target;
+                    if (work_item* item = core->begin_block_result(*worker, header, start, target)) {
+                        const std::size_t got = start.size() - sizeof(wire_count);
+                        std::memcpy(target.data(), start.data() + sizeof(wire_count), got);
+                        filled = 0;
+                        const bool complete = co_await receive_block(core, worker, target, got);
+                        if (core->destroyed) {
+                            item->release();
+                        } else {
+                            core->end_block_result(*worker, item, complete);
+                        }
+                        if (!complete) break;
+                        continue;
+                    }
+                }
+                // Otherwise, room for all of it.
                 if (needed > buffer.size()) buffer.resize(needed);
             } else if (buffer.size() > usual_size) {
                 // A large frame is done with: give its memory back.
@@ -1159,67 +1211,93 @@ void pool_core::handle_frames(worker_handle& worker, std::span<const std::byte> 
             if (item->state() == work_state::dispatched) item->set_state(work_state::running);
             continue;
         }
-        if (item->started != std::chrono::steady_clock::time_point{}) {
-            const double run_us =
-                std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - item->started).count();
-            double& average = run_us_[item->function_id ^ item->frame_flags];
-            average = average <= 0 ? run_us : 0.8 * average + 0.2 * run_us;
-        }
-        worker.assigned.erase(position);
-        bool already_final;
-        {
-            std::lock_guard lock{mutex_};
-            uncount_locked(*item);
-            already_final = is_final(item->state());
-        }
-        if (already_final) {
-            // Cancelled meanwhile: whatever it answered is discarded.
-            item->release();
-            dispatch();
-            continue;
-        }
-        if (kind == wire::frame_kind::result) {
-            std::string problem;
-            try {
-                item->store_result(payload);
-            } catch (const std::exception& e) {
-                problem = e.what();
-            } catch (...) {
-                problem = "an exception of unknown type";
-            }
-            if (problem.empty()) {
-                complete(item, work_state::finished, nullptr);
-            } else {
-                complete(item, work_state::failed,
-                         std::make_exception_ptr(error("coproc: the result of " + std::string(item->function_name) +
-                                                       " from worker " + std::to_string(worker.pid) +
-                                                       " could not be decoded: " + problem)));
-            }
-        } else {
-            std::exception_ptr remote;
-            std::string problem;
-            try {
-                remote = decode_exception(payload, worker.pid, item->function_name);
-            } catch (const std::exception& e) {
-                problem = e.what();
-            } catch (...) {
-                problem = "an exception of unknown type";
-            }
-            if (!remote) {
-                complete(item, work_state::failed,
-                         std::make_exception_ptr(worker_died(worker.pid, SIGKILL, -1, std::string(item->function_name),
-                                                             "coproc: worker " + std::to_string(worker.pid) + " running " +
-                                                                 std::string(item->function_name) +
-                                                                 " sent an undecodable ERROR frame and was killed by the pool: " +
-                                                                 problem)));
-                item->release();
-                throw protocol_violation("an undecodable ERROR frame: " + problem);
-            }
-            complete(item, work_state::failed, remote);
-        }
+        handle_answer(worker, position, kind, payload, false);
+    }
+}
+
+void pool_core::handle_answer(worker_handle& worker, std::deque<work_item*>::iterator position, wire::frame_kind kind,
+                              std::span<const std::byte> payload, bool stored) {
+    work_item* item = *position;
+    if (item->started != std::chrono::steady_clock::time_point{}) {
+        const double run_us =
+            std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - item->started).count();
+        double& average = run_us_[item->function_id ^ item->frame_flags];
+        average = average <= 0 ? run_us : 0.8 * average + 0.2 * run_us;
+    }
+    worker.assigned.erase(position);
+    bool already_final;
+    {
+        std::lock_guard lock{mutex_};
+        uncount_locked(*item);
+        already_final = is_final(item->state());
+    }
+    if (already_final) {
+        // Cancelled meanwhile: whatever it answered is discarded.
         item->release();
         dispatch();
+        return;
     }
+    if (kind == wire::frame_kind::result) {
+        std::string problem;
+        try {
+            if (!stored) item->store_result(payload);
+        } catch (const std::exception& e) {
+            problem = e.what();
+        } catch (...) {
+            problem = "an exception of unknown type";
+        }
+        if (problem.empty()) {
+            complete(item, work_state::finished, nullptr);
+        } else {
+            complete(item, work_state::failed,
+                     std::make_exception_ptr(error("coproc: the result of " + std::string(item->function_name) +
+                                                   " from worker " + std::to_string(worker.pid) +
+                                                   " could not be decoded: " + problem)));
+        }
+    } else {
+        std::exception_ptr remote;
+        std::string problem;
+        try {
+            remote = decode_exception(payload, worker.pid, item->function_name);
+        } catch (const std::exception& e) {
+            problem = e.what();
+        } catch (...) {
+            problem = "an exception of unknown type";
+        }
+        if (!remote) {
+            complete(item, work_state::failed,
+                     std::make_exception_ptr(worker_died(worker.pid, SIGKILL, -1, std::string(item->function_name),
+                                                         "coproc: worker " + std::to_string(worker.pid) + " running " +
+                                                             std::string(item->function_name) +
+                                                             " sent an undecodable ERROR frame and was killed by the pool: " +
+                                                             problem)));
+            item->release();
+            throw protocol_violation("an undecodable ERROR frame: " + problem);
+        }
+        complete(item, work_state::failed, remote);
+    }
+    item->release();
+    dispatch();
+}
+
+work_item* pool_core::begin_block_result(worker_handle& worker, const wire::frame_header& header,
+                                         std::span<const std::byte> start, std::span<std::byte>& target) {
+    const auto position = std::find_if(worker.assigned.begin(), worker.assigned.end(),
+                                       [&](const work_item* item) { return item->id == header.work_id; });
+    if (position == worker.assigned.end()) return nullptr; // handle_frames will say what is wrong
+    work_item* item = *position;
+    target = item->prepare_block_result(start, header.length);
+    if (target.empty()) return nullptr;
+    item->retain(); // the value being filled outlives whatever happens to the item meanwhile
+    return item;
+}
+
+void pool_core::end_block_result(worker_handle& worker, work_item* item, bool complete) {
+    const auto position = std::find(worker.assigned.begin(), worker.assigned.end(), item);
+    // Not complete: the worker died while sending; not held any more: the
+    // worker was killed meanwhile. Either way its death settles the item.
+    if (complete && position != worker.assigned.end()) handle_answer(worker, position, wire::frame_kind::result, {}, true);
+    item->release();
 }
 
 void pool_core::initializer_failed(worker_handle& worker, std::exception_ptr cause) {

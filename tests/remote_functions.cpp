@@ -67,6 +67,31 @@ std::tuple<std::string, std::int32_t, std::vector<std::int64_t>> make_parts(std:
     return {pattern(size, seed), seed, std::move(numbers)};
 }
 
+std::string send_block_result_by_hand(std::uint64_t work_id, std::size_t size, int pause_ms, int exit_code) {
+    const std::string data = pattern(size, 1);
+    const std::uint64_t count = size;
+    const coproc::detail::wire::frame_header header{static_cast<std::uint32_t>(sizeof count + size),
+                                                    static_cast<std::uint16_t>(coproc::detail::wire::frame_kind::result),
+                                                    0, work_id};
+    auto write_all = [](const void* bytes, std::size_t length) {
+        const auto* at = static_cast<const char*>(bytes);
+        while (length > 0) {
+            const ssize_t written = ::write(3, at, length);
+            if (written <= 0) std::_Exit(9);
+            at += written;
+            length -= static_cast<std::size_t>(written);
+        }
+    };
+    write_all(&header, sizeof header);
+    write_all(&count, sizeof count);
+    write_all(data.data(), size / 2);
+    if (exit_code >= 0) std::_Exit(exit_code);
+    std::this_thread::sleep_for(std::chrono::milliseconds{pause_ms});
+    write_all(data.data() + size / 2, size - size / 2);
+    hang_forever();
+    return {};
+}
+
 std::string transparent_huge_page_mode() {
     std::ifstream file{"/sys/kernel/mm/transparent_hugepage/enabled"};
     std::string line;

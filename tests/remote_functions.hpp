@@ -132,6 +132,13 @@ std::uint64_t digest_lines(std::string first, std::vector<std::string> lines, st
 // `size` / 8 numbers counting up from seed.
 std::tuple<std::string, std::int32_t, std::vector<std::int64_t>> make_parts(std::size_t size, int seed);
 
+// Sends by hand, for work id `work_id`, a RESULT frame holding a
+// `size`-byte string (pattern(size, 1)): its header and first half at once,
+// the rest after `pause_ms`, or never when `exit_code` >= 0 (the worker
+// exits with that code instead). Then it hangs, so that the worker's own
+// answer never follows.
+std::string send_block_result_by_hand(std::uint64_t work_id, std::size_t size, int pause_ms, int exit_code);
+
 // Transparent huge pages: the kernel's mode ("always", "madvise", "never",
 // or "unavailable"); whether the mapping holding `address` may be backed by
 // huge pages (THPeligible in /proc/self/smaps); and, run in a worker,

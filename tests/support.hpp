@@ -152,4 +152,9 @@ coproc::task<void> until_running(coproc::event_loop* loop, coproc::future<T>* pe
     while (!pending->running()) co_await loop->sleep_for(std::chrono::milliseconds{1});
 }
 
+// Lets the loop run for `duration`.
+inline coproc::task<void> pause_for(coproc::event_loop* loop, std::chrono::milliseconds duration) {
+    co_await loop->sleep_for(duration);
+}
+
 } // namespace test_support

@@ -36,8 +36,6 @@ private:
     std::filesystem::path path_;
 };
 
-task<void> pause_for(coproc::event_loop* loop, std::chrono::milliseconds duration) { co_await loop->sleep_for(duration); }
-
 // Waits until the canceller is done, then for every future to end.
 task<void> settle(coproc::event_loop* loop, std::vector<future<int>>* futures, const std::atomic<bool>* done_cancelling) {
     while (!done_cancelling->load()) co_await loop->sleep_for(1ms);

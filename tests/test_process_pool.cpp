@@ -550,6 +550,59 @@ TEST_CASE("a worker that sends a malformed or oversized frame is killed; its tas
     leaks.verify();
 }
 
+TEST_CASE("a large result cut off by its worker's death fails that task with worker_died; the pool serves on") {
+    leak_check leaks;
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 1}};
+        try {
+            // The pool's first task has work id 1.
+            run_bounded(loop, await_future(pool.submit<send_block_result_by_hand>(1, 4u << 20, 0, 7)), 30s);
+            FAIL("no exception");
+        } catch (const coproc::worker_died& e) {
+            CHECK(e.exit_code() == 7);
+        }
+        CHECK(run_bounded(loop, submit_square(&pool, 5)) == 25);
+    }
+    leaks.verify();
+}
+
+TEST_CASE("a worker terminated while a large result arrives fails that task; cancelling one that is arriving ends it cancelled") {
+    leak_check leaks;
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 1, .cancel_grace = std::chrono::milliseconds{100}}};
+        auto arriving = pool.submit<send_block_result_by_hand>(1, 8u << 20, 60'000, -1);
+        run_bounded(loop, until_running(&loop, &arriving));
+        run_bounded(loop, pause_for(&loop, 100ms)); // half of it is in, the rest is 60 s away
+        pool.terminate_workers();
+        CHECK_THROWS_AS(run_bounded(loop, await_future(std::move(arriving)), 30s), coproc::worker_died);
+        CHECK(run_bounded(loop, submit_square(&pool, 6)) == 36);
+
+        // Work id 3 (the square was 2): cancelled while half of it is in.
+        auto cancelled = pool.submit<send_block_result_by_hand>(3, 8u << 20, 60'000, -1);
+        run_bounded(loop, until_running(&loop, &cancelled));
+        run_bounded(loop, pause_for(&loop, 100ms));
+        CHECK(cancelled.cancel());
+        CHECK_THROWS_AS(run_bounded(loop, await_future(std::move(cancelled))), coproc::cancelled_error);
+        CHECK(run_bounded(loop, submit_square(&pool, 7), 30s) == 49); // on a replacement: that one was killed
+        CHECK(pool.stats().workers_started == 3);
+
+        // Work id 5: its future dropped while half of it is in, then its
+        // worker terminated. The value being filled outlives both (under
+        // AddressSanitizer, a use after free would end the test here).
+        {
+            auto dropped = pool.submit<send_block_result_by_hand>(5, 8u << 20, 60'000, -1);
+            run_bounded(loop, until_running(&loop, &dropped));
+            run_bounded(loop, pause_for(&loop, 100ms));
+        }
+        pool.terminate_workers();
+        CHECK(run_bounded(loop, submit_square(&pool, 8), 30s) == 64);
+        CHECK(pool.stats().workers_started == 4);
+    }
+    leaks.verify();
+}
+
 TEST_CASE("10,000 concurrent futures all complete with their own values") {
     coproc::event_loop loop;
     coproc::process_pool pool{loop, {.max_workers = 2}};

@@ -24,6 +24,7 @@
 #include <coroutine>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <exception>
 #include <functional>
 #include <memory>
@@ -50,6 +51,16 @@ public:
 
     // Decodes a RESULT payload into the typed value; throws on bad bytes.
     virtual void store_result(std::span<const std::byte> payload) = 0;
+    // A large RESULT received straight into the value: when the result is
+    // one block container (serialization.hpp) whose elements fill the
+    // `payload_size` bytes of payload that begin with `start` (at least its
+    // count), makes the value that size and returns where its elements go;
+    // otherwise returns an empty span and leaves the value alone.
+    virtual std::span<std::byte> prepare_block_result(std::span<const std::byte> start, std::size_t payload_size) {
+        (void)start;
+        (void)payload_size;
+        return {};
+    }
 
     void retain() noexcept { references_.fetch_add(1, std::memory_order_relaxed); }
     // The last release deletes. acq_rel: every use of the item by other
@@ -102,6 +113,23 @@ public:
         T decoded{};
         decode_from(payload, decoded);
         value.emplace(std::move(decoded));
+    }
+    std::span<std::byte> prepare_block_result(std::span<const std::byte> start, std::size_t payload_size) override {
+        if constexpr (block_container<T>::value) {
+            using element = typename T::value_type;
+            wire_count count = 0;
+            if (start.size() < sizeof count || payload_size < sizeof count) return {};
+            std::memcpy(&count, start.data(), sizeof count);
+            const std::size_t bytes = payload_size - sizeof count;
+            if (bytes % sizeof(element) != 0 || count != bytes / sizeof(element)) return {};
+            T& target = value.emplace();
+            target.reserve(static_cast<std::size_t>(count));
+            advise_huge_pages(target.data(), bytes);
+            target.resize(static_cast<std::size_t>(count));
+            return {reinterpret_cast<std::byte*>(target.data()), bytes};
+        } else {
+            return work_item::prepare_block_result(start, payload_size);
+        }
     }
     std::optional<T> value;
 };
