@@ -88,10 +88,12 @@ exception_code classify(const std::exception& error) {
 
 } // namespace
 
-bool register_remote_function(std::uint64_t id, std::string_view name, invoker invoke, invoker invoke_chunk) noexcept {
+bool register_remote_function(std::uint64_t id, std::string_view name, invoker invoke, invoker invoke_chunk,
+                              argument_preparer prepare, prepared_invoker invoke_prepared) noexcept {
     auto& reg = the_registry();
     std::lock_guard lock{reg.mutex};
-    const auto [entry, inserted] = reg.entries.try_emplace(id, remote_function_entry{id, name, invoke, invoke_chunk, false});
+    const auto [entry, inserted] = reg.entries.try_emplace(
+        id, remote_function_entry{id, name, invoke, invoke_chunk, false, prepare, invoke_prepared});
     if (!inserted && entry->second.invoke != invoke) entry->second.ambiguous = true;
     return true;
 }

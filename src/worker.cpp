@@ -67,7 +67,8 @@ private:
     struct call {
         std::uint64_t work_id;
         std::uint16_t flags;
-        detail::byte_buffer payload;
+        detail::byte_buffer payload; // the function id, then its encoded arguments...
+        detail::prepared_arguments prepared{}; // ... or, when set, those arguments received in place
     };
 
     // Frames to send: `bytes`, with the `attached` parts (a large result,
@@ -158,12 +159,17 @@ private:
                              static_cast<int>(::getpid()), header.length);
                 quit(3);
             }
-            detail::byte_buffer payload(header.length);
-            if (!read_exact(payload.data(), payload.size())) quit(0);
+            call received{header.work_id, header.flags, {}};
+            if (static_cast<wire::frame_kind>(header.kind) == wire::frame_kind::call) {
+                read_call(header, received);
+            } else {
+                received.payload.resize(header.length);
+                if (!read_exact(received.payload.data(), received.payload.size())) quit(0);
+            }
             switch (static_cast<wire::frame_kind>(header.kind)) {
             case wire::frame_kind::call: {
                 std::lock_guard lock{queue_mutex_};
-                queue_.push_back({header.work_id, header.flags, std::move(payload)});
+                queue_.push_back(std::move(received));
                 queue_changed_.notify_one();
                 break;
             }
@@ -182,6 +188,36 @@ private:
                 quit(3);
             }
         }
+    }
+
+    // Reads a CALL frame's payload. A large one for a function whose
+    // arguments are one block container is received straight into those
+    // arguments: no frame-sized buffer, no copy when decoding.
+    void read_call(const wire::frame_header& header, call& into) {
+        constexpr std::size_t head = sizeof(std::uint64_t) + sizeof(detail::wire_count); // function id, count
+        const bool plain = (header.flags & (wire::frame_flag::chunk | wire::frame_flag::initializer)) != 0;
+        if (plain || header.length < head + detail::attach_from) {
+            into.payload.resize(header.length);
+            if (!read_exact(into.payload.data(), into.payload.size())) quit(0);
+            return;
+        }
+        into.payload.resize(head);
+        if (!read_exact(into.payload.data(), head)) quit(0);
+        std::uint64_t function_id = 0;
+        detail::wire_count count = 0;
+        std::memcpy(&function_id, into.payload.data(), sizeof function_id);
+        std::memcpy(&count, into.payload.data() + sizeof function_id, sizeof count);
+        const detail::remote_function_entry* function = detail::find_remote_function(function_id);
+        if (function != nullptr && !function->ambiguous && function->prepare != nullptr) {
+            into.prepared = function->prepare(count, header.length - head);
+        }
+        if (into.prepared.values) {
+            into.payload.resize(sizeof function_id); // run() reads the function id from it
+            if (!read_exact(into.prepared.block.data(), into.prepared.block.size())) quit(0);
+            return;
+        }
+        into.payload.resize(header.length); // as usual, after the bytes read already
+        if (!read_exact(into.payload.data() + head, header.length - head)) quit(0);
     }
 
     // CANCEL: a task still queued is dropped without running and answered
@@ -280,7 +316,11 @@ private:
         }
         try {
             const auto offset = wire::begin_frame(reply.bytes, wire::frame_kind::result, task.work_id);
-            invoke(arguments, reply.bytes, reply.attached, std::move(token));
+            if (task.prepared.values) {
+                function->invoke_prepared(task.prepared.values.get(), reply.bytes, reply.attached, std::move(token));
+            } else {
+                invoke(arguments, reply.bytes, reply.attached, std::move(token));
+            }
             if ((task.flags & wire::frame_flag::initializer) != 0) { // its value is not used
                 reply.bytes.resize(offset + wire::header_size);
                 reply.attached.clear();

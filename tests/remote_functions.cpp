@@ -54,6 +54,14 @@ std::uint64_t digest_parts(std::string text, std::int32_t marker, std::vector<do
     return hash;
 }
 
+std::uint64_t digest_bytes(std::vector<std::byte> bytes) { return digest_parts({}, 0, {}, std::move(bytes)); }
+
+double sum_doubles(std::vector<double> numbers) {
+    double sum = 0;
+    for (double number : numbers) sum += number;
+    return sum;
+}
+
 std::uint64_t digest_lines(std::string first, std::vector<std::string> lines, std::string last) {
     std::string all = std::move(first);
     for (const auto& line : lines) all += line;

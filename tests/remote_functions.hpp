@@ -126,6 +126,9 @@ std::string reverse_complement(std::string data);
 // Several arguments of a call, large and small, in one digest (FNV-1a over
 // all their bytes, in order).
 std::uint64_t digest_parts(std::string text, std::int32_t marker, std::vector<double> numbers, std::vector<std::byte> bytes);
+// One block container as the only argument.
+std::uint64_t digest_bytes(std::vector<std::byte> bytes);
+double sum_doubles(std::vector<double> numbers);
 // The same over a block, a vector of strings (not a block), and a block.
 std::uint64_t digest_lines(std::string first, std::vector<std::string> lines, std::string last);
 // A result with large blocks inside a tuple: pattern(size, seed), seed, and

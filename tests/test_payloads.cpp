@@ -320,6 +320,34 @@ TEST_CASE("large blocks inside a tuple result, and a map chunk whose results pas
     CHECK(right);
 }
 
+TEST_CASE("a large argument that is the function's only one (string, bytes, numbers) arrives intact, also queued, and a queued one can be cancelled") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1, .prefetch = 4, .max_prefetch = 4}};
+    std::vector<double> numbers(1u << 20); // 8 MiB
+    std::iota(numbers.begin(), numbers.end(), 0.25);
+    const double expected_sum = sum_doubles(numbers);
+    const auto bytes = byte_pattern((5u << 20) + 3, 21);
+    const std::uint64_t expected_digest = digest_bytes(bytes);
+    // Queued behind a running task: the worker's reader takes them in while
+    // the runner is busy.
+    auto first = pool.submit<sleep_then_pid>(200);
+    auto summed = pool.submit<sum_doubles>(numbers);
+    auto cancelled = pool.submit<reverse_complement>(pattern(4u << 20, 22));
+    auto digested = pool.submit<digest_bytes>(bytes);
+    run_bounded(loop, until_in_workers(&loop, &pool, 4));
+    CHECK(cancelled.cancel());
+    CHECK(run_bounded(loop, await_future(std::move(summed)), 60s) == expected_sum);
+    CHECK_THROWS_AS(run_bounded(loop, await_future(std::move(cancelled))), coproc::cancelled_error);
+    CHECK(run_bounded(loop, await_future(std::move(digested)), 60s) == expected_digest);
+    const int pid = run_bounded(loop, await_future(std::move(first)));
+    CHECK(run_bounded(loop, await_future(pool.submit<sleep_then_pid>(0))) == pid); // the same worker throughout
+    // Just below and above the size received in place.
+    for (const std::size_t size : {std::size_t{60'000}, std::size_t{70'000}}) {
+        CHECK(run_bounded(loop, await_future(pool.submit<reverse_complement>(pattern(size, 23)))) ==
+              reverse_complement(pattern(size, 23)));
+    }
+}
+
 TEST_CASE("a large argument and a large result travel intact") {
     coproc::event_loop loop;
     coproc::process_pool pool{loop, {.max_workers = 1}};

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <exception>
 #include <functional>
+#include <memory>
 #include <span>
 #include <stop_token>
 #include <string>
@@ -136,17 +137,36 @@ inline constexpr bool all_serializable = all_serializable_impl<Tuple, std::make_
 using invoker = void (*)(std::span<const std::byte> arguments, byte_buffer& result,
                          std::vector<attached_bytes>& attached, std::stop_token token);
 
+// A function whose arguments are one block container (`std::string
+// process(std::string data)`) has them received straight into place: the
+// worker's reader makes the arguments, `block` (the container's elements)
+// is where the CALL frame's remaining bytes go, and the runner calls the
+// function on them.
+struct prepared_arguments {
+    std::shared_ptr<void> values; // the function's argument tuple; null: not prepared
+    std::span<std::byte> block;
+};
+// Makes the arguments for a block of `count` elements filling `bytes`
+// bytes; returns nothing prepared when they do not match.
+using argument_preparer = prepared_arguments (*)(std::uint64_t count, std::size_t bytes);
+using prepared_invoker = void (*)(void* values, byte_buffer& result, std::vector<attached_bytes>& attached,
+                                  std::stop_token token);
+
 struct remote_function_entry {
     std::uint64_t id;
     std::string_view name;
     invoker invoke;       // one call: arguments -> result
     invoker invoke_chunk; // map: a vector of argument tuples -> a vector of results
     bool ambiguous;       // two different functions registered this id
+    // Null unless the arguments are one block container.
+    argument_preparer prepare = nullptr;
+    prepared_invoker invoke_prepared = nullptr;
 };
 
 // The process-wide registry (src/remote_function.cpp). Registering an id
 // again with a different invoker marks the entry ambiguous.
-bool register_remote_function(std::uint64_t id, std::string_view name, invoker invoke, invoker invoke_chunk) noexcept;
+bool register_remote_function(std::uint64_t id, std::string_view name, invoker invoke, invoker invoke_chunk,
+                              argument_preparer prepare = nullptr, prepared_invoker invoke_prepared = nullptr) noexcept;
 const remote_function_entry* find_remote_function(std::uint64_t id) noexcept;
 // True when `id` names exactly the function whose invoker is `invoke`.
 bool remote_function_is_unique(std::uint64_t id, invoker invoke) noexcept;
@@ -200,7 +220,45 @@ struct remote {
         }
     }
 
-    static inline const bool registered = register_remote_function(id, name, &invoke, &invoke_chunk);
+    static constexpr bool one_block = [] {
+        if constexpr (std::tuple_size_v<arguments> == 1) {
+            return block_container<std::tuple_element_t<0, arguments>>::value;
+        } else {
+            return false;
+        }
+    }();
+
+    static prepared_arguments prepare(std::uint64_t count, std::size_t bytes) {
+        if constexpr (one_block) {
+            using block_type = std::tuple_element_t<0, arguments>;
+            using element = typename block_type::value_type;
+            if (bytes % sizeof(element) != 0 || count != bytes / sizeof(element)) return {};
+            auto values = std::make_shared<arguments>();
+            block_type& block = std::get<0>(*values);
+            block.reserve(static_cast<std::size_t>(count));
+            advise_huge_pages(block.data(), bytes);
+            block.resize(static_cast<std::size_t>(count));
+            return {values, {reinterpret_cast<std::byte*>(block.data()), bytes}};
+        } else {
+            (void)count;
+            (void)bytes;
+            return {};
+        }
+    }
+
+    static void invoke_prepared(void* prepared, byte_buffer& out, std::vector<attached_bytes>& attached,
+                                std::stop_token token) {
+        arguments& values = *static_cast<arguments*>(prepared);
+        if constexpr (std::is_void_v<result>) {
+            call(std::move(values), std::move(token));
+        } else {
+            encode_attaching(out, attached, result(call(std::move(values), std::move(token))));
+        }
+    }
+
+    static inline const bool registered =
+        register_remote_function(id, name, &invoke, &invoke_chunk, one_block ? &prepare : nullptr,
+                                 one_block ? &invoke_prepared : nullptr);
 
 private:
     static decltype(auto) call(arguments&& values, std::stop_token token) {
