@@ -27,8 +27,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <malloc.h>
+#include <map>
 #include <span>
 #include <string>
+#include <unistd.h>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -53,6 +56,10 @@ long count_primes(long from, long to) {
     }
     return count;
 }
+
+// count_primes in a worker, with the worker's pid: the harness reports how
+// the tasks were shared between the workers.
+std::pair<long, int> count_primes_where(long from, long to) { return {count_primes(from, to), static_cast<int>(::getpid())}; }
 
 double seconds_since(clock_type::time_point start) { return std::chrono::duration<double>(clock_type::now() - start).count(); }
 
@@ -126,10 +133,11 @@ coproc::task<void> first_result(coproc::process_pool* pool, double* first_ms, cl
     co_await pool->shutdown();
 }
 
-coproc::task<std::vector<long>> primes_in_pool(coproc::process_pool* pool, std::vector<std::pair<long, long>> ranges) {
-    std::vector<coproc::future<long>> futures;
-    for (const auto& [from, to] : ranges) futures.push_back(pool->submit<count_primes>(from, to));
-    std::vector<long> counts;
+coproc::task<std::vector<std::pair<long, int>>> primes_in_pool(coproc::process_pool* pool,
+                                                                std::vector<std::pair<long, long>> ranges) {
+    std::vector<coproc::future<std::pair<long, int>>> futures;
+    for (const auto& [from, to] : ranges) futures.push_back(pool->submit<count_primes_where>(from, to));
+    std::vector<std::pair<long, int>> counts;
     for (auto& pending : futures) counts.push_back(co_await std::move(pending));
     co_return counts;
 }
@@ -232,11 +240,20 @@ int main(int argc, char** argv) {
         coproc::process_pool pool{loop, pool_options()};
         loop.run(round_trips(&pool, 2)); // the workers are running before the clock starts
         start = clock_type::now();
-        const auto counts = loop.run(primes_in_pool(&pool, ranges));
+        const auto results = loop.run(primes_in_pool(&pool, ranges));
         const double pool_s = seconds_since(start);
-        std::printf("{\"speedup\": %.3f, \"inline_s\": %.3f, \"pool_s\": %.3f, \"match\": %s, \"workers\": %zu}\n",
+        std::vector<long> counts;
+        std::map<int, int> tasks_by_pid;
+        for (const auto& [count, pid] : results) {
+            counts.push_back(count);
+            ++tasks_by_pid[pid];
+        }
+        std::string shares;
+        for (const auto& [pid, tasks] : tasks_by_pid) shares += (shares.empty() ? "" : ", ") + std::to_string(tasks);
+        std::printf("{\"speedup\": %.3f, \"inline_s\": %.3f, \"pool_s\": %.3f, \"match\": %s, \"workers\": %zu, "
+                    "\"tasks_per_worker\": [%s]}\n",
                     inline_s / pool_s, inline_s, pool_s, counts == inline_counts ? "true" : "false",
-                    pool.stats().workers_started);
+                    pool.stats().workers_started, shares.c_str());
     } else if (workload == "memory") {
         const int queued = quick ? 10'000 : 1'000'000;
         coproc::process_pool pool{loop, pool_options()};

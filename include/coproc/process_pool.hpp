@@ -113,7 +113,9 @@ struct process_pool_options {
     // a worker then costs a page fault per 2 MiB instead of per 4 KiB
     // (about 4x faster for 64 MiB on the benchmark machine: memory_costs in
     // bench/RESULTS.md). Effective
-    // where the kernel's THP mode is "madvise" or "always".
+    // where the kernel's THP mode is "madvise" or "always". Whatever this
+    // option, the large strings and vectors coproc decodes or receives in
+    // place are advised for huge pages (they are filled completely).
     bool huge_pages = true;
     // What a worker's death does to the pool.
     crash_policy on_worker_crash = crash_policy::isolate;
