@@ -48,8 +48,9 @@ COST_FIELDS = {
 }
 # coproc_bench echo's pieces, timed alone.
 ECHO_FIELDS = {
-    "coproc_encode_ms": "coproc: serialize the std::string into a frame buffer",
-    "coproc_decode_ms": "coproc: deserialize it into a new std::string (in the parent: 4 KiB pages)",
+    "coproc_encode_ms": "coproc: serialize the std::string into a frame buffer (what an lvalue argument costs; "
+                        "the echo moves its argument, which is sent in place)",
+    "coproc_decode_ms": "coproc: deserialize it into a new std::string (one copy, into memory advised for huge pages)",
 }
 
 # The plain programs' counterpart of each workload.
