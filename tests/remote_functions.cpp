@@ -56,6 +56,16 @@ std::uint64_t digest_parts(std::string text, std::int32_t marker, std::vector<do
 
 std::uint64_t digest_bytes(std::vector<std::byte> bytes) { return digest_parts({}, 0, {}, std::move(bytes)); }
 
+std::size_t record_block(std::string data) {
+    std::ofstream{data.substr(0, data.find('\n'))} << "ran\n";
+    return data.size();
+}
+
+std::string echo_unless_stopped(std::string data, std::stop_token token) {
+    if (token.stop_requested()) throw std::runtime_error("stopped");
+    return data;
+}
+
 double sum_doubles(std::vector<double> numbers) {
     double sum = 0;
     for (double number : numbers) sum += number;

@@ -129,6 +129,11 @@ std::uint64_t digest_parts(std::string text, std::int32_t marker, std::vector<do
 // One block container as the only argument.
 std::uint64_t digest_bytes(std::vector<std::byte> bytes);
 double sum_doubles(std::vector<double> numbers);
+// Creates the file named by `data` up to its first newline, and returns
+// the size of `data`: a one-block call with a side effect to look for.
+std::size_t record_block(std::string data);
+// A one-block function that also takes the task's stop token.
+std::string echo_unless_stopped(std::string data, std::stop_token token);
 // The same over a block, a vector of strings (not a block), and a block.
 std::uint64_t digest_lines(std::string first, std::vector<std::string> lines, std::string last);
 // A result with large blocks inside a tuple: pattern(size, seed), seed, and

@@ -7,6 +7,7 @@
 #include <doctest/doctest.h>
 
 #include <chrono>
+#include <filesystem>
 #include <cstddef>
 #include <iterator>
 #include <linux/audit.h>
@@ -151,6 +152,21 @@ template <class T>
 coproc::task<void> until_running(coproc::event_loop* loop, coproc::future<T>* pending) {
     while (!pending->running()) co_await loop->sleep_for(std::chrono::milliseconds{1});
 }
+
+// A marker file path unique to this test process, removed on destruction.
+class marker_file {
+public:
+    explicit marker_file(const std::string& name)
+        : path_(std::filesystem::temp_directory_path() / ("coproc-" + name + "-" + std::to_string(::getpid()))) {
+        std::filesystem::remove(path_);
+    }
+    ~marker_file() { std::filesystem::remove(path_); }
+    [[nodiscard]] std::string path() const { return path_.string(); }
+    [[nodiscard]] bool exists() const { return std::filesystem::exists(path_); }
+
+private:
+    std::filesystem::path path_;
+};
 
 // Lets the loop run for `duration`.
 inline coproc::task<void> pause_for(coproc::event_loop* loop, std::chrono::milliseconds duration) {

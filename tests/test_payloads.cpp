@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <filesystem>
 #include <numeric>
 #include <optional>
 #include <sstream>
@@ -133,6 +134,10 @@ std::string spliced(const byte_buffer& head, const std::vector<attached_bytes>& 
     }
     out.append(reinterpret_cast<const char*>(head.data()) + done, head.size() - done);
     return out;
+}
+
+task<std::vector<std::string>> map_reverse_complement(coproc::process_pool* pool, std::vector<std::string> inputs) {
+    co_return co_await pool->map<reverse_complement>(inputs, {.chunksize = 2});
 }
 
 task<std::vector<int>> map_squares(coproc::process_pool* pool, std::vector<int> inputs, std::size_t chunksize) {
@@ -329,10 +334,15 @@ TEST_CASE("a large argument that is the function's only one (string, bytes, numb
     const auto bytes = byte_pattern((5u << 20) + 3, 21);
     const std::uint64_t expected_digest = digest_bytes(bytes);
     // Queued behind a running task: the worker's reader takes them in while
-    // the runner is busy.
+    // the runner is busy. The cancelled one must never run: it would leave
+    // its marker file.
+    const marker_file ran{"payloads-cancelled-block"};
+    const std::string marker = ran.path();
+    std::string marked = marker + "\n";
+    marked.resize(4u << 20, 'm');
     auto first = pool.submit<sleep_then_pid>(200);
     auto summed = pool.submit<sum_doubles>(numbers);
-    auto cancelled = pool.submit<reverse_complement>(pattern(4u << 20, 22));
+    auto cancelled = pool.submit<record_block>(std::move(marked));
     auto digested = pool.submit<digest_bytes>(bytes);
     run_bounded(loop, until_in_workers(&loop, &pool, 4));
     CHECK(cancelled.cancel());
@@ -341,11 +351,33 @@ TEST_CASE("a large argument that is the function's only one (string, bytes, numb
     CHECK(run_bounded(loop, await_future(std::move(digested)), 60s) == expected_digest);
     const int pid = run_bounded(loop, await_future(std::move(first)));
     CHECK(run_bounded(loop, await_future(pool.submit<sleep_then_pid>(0))) == pid); // the same worker throughout
+    CHECK_FALSE(ran.exists());
+    std::string recorded = marker + "\n";
+    recorded.resize(4u << 20, 'm');
+    CHECK(run_bounded(loop, await_future(pool.submit<record_block>(std::move(recorded))), 60s) == (4u << 20));
+    CHECK(ran.exists()); // the check above could fail
     // Just below and above the size received in place.
     for (const std::size_t size : {std::size_t{60'000}, std::size_t{70'000}}) {
         CHECK(run_bounded(loop, await_future(pool.submit<reverse_complement>(pattern(size, 23)))) ==
               reverse_complement(pattern(size, 23)));
     }
+}
+
+TEST_CASE("large blocks through a function taking a stop token, a callable object, and map over a one-block function") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1}};
+    const std::string data = pattern((2u << 20) + 7, 31);
+    CHECK(run_bounded(loop, await_future(pool.submit<echo_unless_stopped>(data)), 60s) == data);
+    // The object's state (a 3 MiB unit) travels in the CALL, and comes back
+    // in its 3 MiB result.
+    const scaler long_unit{2, pattern(3u << 20, 32)};
+    CHECK(run_bounded(loop, await_future(pool.submit(long_unit, 21)), 60s) == "42" + long_unit.unit);
+    // map sends chunks (a vector of argument tuples): never received in place.
+    std::vector<std::string> inputs;
+    for (int i = 0; i < 5; ++i) inputs.push_back(pattern(100'000 + static_cast<std::size_t>(i), 40 + i));
+    const auto reversed = run_bounded(loop, map_reverse_complement(&pool, inputs), 60s);
+    REQUIRE(reversed.size() == inputs.size());
+    for (std::size_t i = 0; i < inputs.size(); ++i) CHECK(reversed[i] == reverse_complement(inputs[i]));
 }
 
 TEST_CASE("a large argument and a large result travel intact") {

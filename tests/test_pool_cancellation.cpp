@@ -21,21 +21,6 @@ using namespace pool_test;
 
 namespace {
 
-// A marker file path unique to this test process, removed on destruction.
-class marker_file {
-public:
-    explicit marker_file(const std::string& name)
-        : path_(std::filesystem::temp_directory_path() / ("coproc-" + name + "-" + std::to_string(::getpid()))) {
-        std::filesystem::remove(path_);
-    }
-    ~marker_file() { std::filesystem::remove(path_); }
-    [[nodiscard]] std::string path() const { return path_.string(); }
-    [[nodiscard]] bool exists() const { return std::filesystem::exists(path_); }
-
-private:
-    std::filesystem::path path_;
-};
-
 // Waits until the canceller is done, then for every future to end.
 task<void> settle(coproc::event_loop* loop, std::vector<future<int>>* futures, const std::atomic<bool>* done_cancelling) {
     while (!done_cancelling->load()) co_await loop->sleep_for(1ms);

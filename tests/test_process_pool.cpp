@@ -589,8 +589,7 @@ TEST_CASE("a worker terminated while a large result arrives fails that task; can
         CHECK(pool.stats().workers_started == 3);
 
         // Work id 5: its future dropped while half of it is in, then its
-        // worker terminated. The value being filled outlives both (under
-        // AddressSanitizer, a use after free would end the test here).
+        // worker terminated.
         {
             auto dropped = pool.submit<send_block_result_by_hand>(5, 8u << 20, 60'000, -1);
             run_bounded(loop, until_running(&loop, &dropped));
@@ -599,6 +598,18 @@ TEST_CASE("a worker terminated while a large result arrives fails that task; can
         pool.terminate_workers();
         CHECK(run_bounded(loop, submit_square(&pool, 8), 30s) == 64);
         CHECK(pool.stats().workers_started == 4);
+
+        // A pool destroyed while half of a large result is in: the value
+        // being filled outlives the pool's own references to its item
+        // (a use after free would end the test under AddressSanitizer).
+        {
+            coproc::process_pool doomed{loop, {.max_workers = 1}};
+            auto arriving = doomed.submit<send_block_result_by_hand>(1, 8u << 20, 60'000, -1);
+            run_bounded(loop, until_running(&loop, &arriving));
+            run_bounded(loop, pause_for(&loop, 100ms));
+        }
+        run_bounded(loop, pause_for(&loop, 100ms));
+        CHECK(run_bounded(loop, submit_square(&pool, 9), 30s) == 81);
     }
     leaks.verify();
 }

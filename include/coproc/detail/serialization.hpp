@@ -89,16 +89,20 @@ inline void advise_huge_pages(const void* data, std::size_t size) noexcept {
 
 // Contiguous containers of plain bytes or numbers: std::basic_string of a
 // one-byte character type, std::vector of an arithmetic type (not bool) or
-// of std::byte. At the top level of a call's arguments or result they are
-// encoded and decoded as one block (the bytes cereal would write: a 64-bit
-// count, then the elements), without cereal's element-wise path for
-// std::byte or its zero-filling resize on decode.
+// of std::byte, with the standard allocator (a container from a user's
+// memory resource is copied as before: that memory may go away while the
+// pool still holds the container). At the top level of a call's arguments
+// or result they are encoded and decoded as one block (the bytes cereal
+// would write: its count, then the elements), without cereal's element-wise
+// path for std::byte. Decoding reserves the block and advises it for huge
+// pages before filling it; strings and byte vectors are then filled in one
+// copy, other vectors are zero-filled first (std::vector has no other way).
 template <class T>
 struct block_container : std::false_type {};
-template <class Char, class Traits, class Allocator>
-struct block_container<std::basic_string<Char, Traits, Allocator>> : std::bool_constant<sizeof(Char) == 1> {};
-template <class T, class Allocator>
-struct block_container<std::vector<T, Allocator>>
+template <class Char, class Traits>
+struct block_container<std::basic_string<Char, Traits, std::allocator<Char>>> : std::bool_constant<sizeof(Char) == 1> {};
+template <class T>
+struct block_container<std::vector<T, std::allocator<T>>>
     : std::bool_constant<(std::is_arithmetic_v<T> && !std::is_same_v<T, bool>) || std::is_same_v<T, std::byte>> {};
 
 template <class T>
@@ -107,7 +111,7 @@ template <class... T>
 struct is_tuple<std::tuple<T...>> : std::true_type {};
 
 // The count cereal's binary archives write before a container's elements.
-using wire_count = std::uint64_t;
+using wire_count = cereal::size_type;
 
 template <class T>
 void encode_value(vector_streambuf& out, cereal::BinaryOutputArchive& archive, const T& value) {
