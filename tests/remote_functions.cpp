@@ -66,6 +66,12 @@ std::string echo_unless_stopped(std::string data, std::stop_token token) {
     return data;
 }
 
+double sum_pmr_doubles(std::pmr::vector<double> numbers) {
+    double sum = 0;
+    for (double number : numbers) sum += number;
+    return sum;
+}
+
 double sum_doubles(std::vector<double> numbers) {
     double sum = 0;
     for (double number : numbers) sum += number;

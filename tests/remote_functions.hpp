@@ -6,6 +6,7 @@
 #include <cereal/cereal.hpp>
 
 #include <cstdint>
+#include <memory_resource>
 #include <stdexcept>
 #include <stop_token>
 #include <string>
@@ -132,6 +133,8 @@ double sum_doubles(std::vector<double> numbers);
 // Creates the file named by `data` up to its first newline, and returns
 // the size of `data`: a one-block call with a side effect to look for.
 std::size_t record_block(std::string data);
+// A vector from a memory resource: not a block container, copied at submit.
+double sum_pmr_doubles(std::pmr::vector<double> numbers);
 // A one-block function that also takes the task's stop token.
 std::string echo_unless_stopped(std::string data, std::stop_token token);
 // The same over a block, a vector of strings (not a block), and a block.

@@ -14,6 +14,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <filesystem>
+#include <memory>
+#include <memory_resource>
 #include <numeric>
 #include <optional>
 #include <sstream>
@@ -378,6 +380,22 @@ TEST_CASE("large blocks through a function taking a stop token, a callable objec
     const auto reversed = run_bounded(loop, map_reverse_complement(&pool, inputs), 60s);
     REQUIRE(reversed.size() == inputs.size());
     for (std::size_t i = 0; i < inputs.size(); ++i) CHECK(reversed[i] == reverse_complement(inputs[i]));
+}
+
+TEST_CASE("a large vector from a memory resource is copied at submit: its memory may go away before it is sent") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1}};
+    std::optional<future<double>> summed;
+    {
+        constexpr std::size_t arena_size = 4u << 20;
+        auto arena = std::make_unique<std::byte[]>(arena_size);
+        std::pmr::monotonic_buffer_resource resource{arena.get(), arena_size, std::pmr::null_memory_resource()};
+        std::pmr::vector<double> numbers{&resource};
+        numbers.assign(200'000, 1.5); // 1.6 MB, in the arena
+        summed = pool.submit<sum_pmr_doubles>(std::move(numbers));
+        std::memset(arena.get(), 0xFF, arena_size); // the arena is reused, then freed, before anything is sent
+    }
+    CHECK(run_bounded(loop, await_future(std::move(*summed)), 60s) == 300'000.0);
 }
 
 TEST_CASE("a large argument and a large result travel intact") {
