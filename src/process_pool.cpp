@@ -159,22 +159,6 @@ struct outbox {
         wire::finish_frame(bytes, offset, attached_size(attached));
     }
 
-    // The parts in wire order.
-    [[nodiscard]] std::vector<::iovec> parts() const {
-        std::vector<::iovec> parts;
-        parts.reserve(2 * attachments.size() + 1);
-        std::size_t done = 0;
-        auto add = [&parts](const std::byte* data, std::size_t size) {
-            if (size > 0) parts.push_back({const_cast<std::byte*>(data), size});
-        };
-        for (const auto& attached : attachments) {
-            add(bytes.data() + done, attached.offset - done);
-            add(attached.data, attached.size);
-            done = attached.offset;
-        }
-        add(bytes.data() + done, bytes.size() - done);
-        return parts;
-    }
 };
 
 struct worker_handle {
@@ -432,21 +416,13 @@ task<void> write_worker(std::shared_ptr<pool_core> core, worker_handle* worker) 
                 }
                 continue;
             }
-            std::vector<::iovec> parts = batch.parts();
+            std::vector<::iovec> parts = wire_parts(batch.bytes, batch.attachments);
             std::size_t next = 0; // the first part not completely sent
             while (next < parts.size() && !core->destroyed && worker->state != worker_handle::phase::exited) {
                 ::msghdr message{};
                 message.msg_iov = parts.data() + next;
                 message.msg_iovlen = std::min<std::size_t>(parts.size() - next, IOV_MAX);
-                std::size_t sent = co_await core->loop.sendmsg(worker->socket, &message);
-                while (sent > 0) {
-                    ::iovec& part = parts[next];
-                    const std::size_t taken = std::min(sent, part.iov_len);
-                    part.iov_base = static_cast<std::byte*>(part.iov_base) + taken;
-                    part.iov_len -= taken;
-                    sent -= taken;
-                    if (part.iov_len == 0) ++next;
-                }
+                next = consume_parts(parts, next, co_await core->loop.sendmsg(worker->socket, &message));
             }
         }
     } catch (...) {

@@ -107,33 +107,16 @@ private:
             send(frames.bytes);
             return;
         }
-        std::vector<::iovec> parts;
-        std::size_t done = 0;
-        auto add = [&parts](const std::byte* data, std::size_t size) {
-            if (size > 0) parts.push_back({const_cast<std::byte*>(data), size});
-        };
-        for (const auto& part : frames.attached) {
-            add(frames.bytes.data() + done, part.offset - done);
-            add(part.data, part.size);
-            done = part.offset;
-        }
-        add(frames.bytes.data() + done, frames.bytes.size() - done);
+        std::vector<::iovec> parts = detail::wire_parts(frames.bytes, frames.attached);
         std::lock_guard lock{write_mutex_};
         for (std::size_t next = 0; next < parts.size();) {
             ::msghdr message{};
             message.msg_iov = parts.data() + next;
             message.msg_iovlen = std::min<std::size_t>(parts.size() - next, IOV_MAX);
-            ssize_t n = ::sendmsg(fd_, &message, MSG_NOSIGNAL);
+            const ssize_t n = ::sendmsg(fd_, &message, MSG_NOSIGNAL);
             if (n < 0 && errno == EINTR) continue;
             if (n <= 0) quit(0); // the parent is gone
-            for (auto sent = static_cast<std::size_t>(n); sent > 0;) {
-                ::iovec& part = parts[next];
-                const std::size_t taken = std::min(sent, part.iov_len);
-                part.iov_base = static_cast<std::byte*>(part.iov_base) + taken;
-                part.iov_len -= taken;
-                sent -= taken;
-                if (part.iov_len == 0) ++next;
-            }
+            next = detail::consume_parts(parts, next, static_cast<std::size_t>(n));
         }
     }
 

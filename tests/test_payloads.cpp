@@ -128,13 +128,7 @@ std::vector<std::byte> byte_pattern(std::size_t size, int seed) {
 // `head` with the attached parts spliced in: the bytes that go on the wire.
 std::string spliced(const byte_buffer& head, const std::vector<attached_bytes>& attached) {
     std::string out;
-    std::size_t done = 0;
-    for (const auto& part : attached) {
-        out.append(reinterpret_cast<const char*>(head.data()) + done, part.offset - done);
-        out.append(reinterpret_cast<const char*>(part.data), part.size);
-        done = part.offset;
-    }
-    out.append(reinterpret_cast<const char*>(head.data()) + done, head.size() - done);
+    for (const ::iovec& part : coproc::detail::wire_parts(head, attached)) out.append(static_cast<const char*>(part.iov_base), part.iov_len);
     return out;
 }
 

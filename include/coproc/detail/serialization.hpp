@@ -22,7 +22,9 @@
 #include <cereal/types/vector.hpp>
 
 #include <sys/mman.h>
+#include <sys/uio.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -224,6 +226,38 @@ void encode_attaching(byte_buffer& out, std::vector<attached_bytes>& attached, T
     std::ostream stream{&buffer};
     cereal::BinaryOutputArchive archive{stream};
     (encode_value_attaching(buffer, out, attached, archive, std::forward<T>(values)), ...);
+}
+
+// `bytes` with the `attached` parts spliced in at their offsets: the iovecs
+// to send, in wire order (empty parts left out).
+inline std::vector<::iovec> wire_parts(const byte_buffer& bytes, const std::vector<attached_bytes>& attached) {
+    std::vector<::iovec> parts;
+    parts.reserve(2 * attached.size() + 1);
+    auto add = [&parts](const std::byte* data, std::size_t size) {
+        if (size > 0) parts.push_back({const_cast<std::byte*>(data), size});
+    };
+    std::size_t done = 0;
+    for (const auto& part : attached) {
+        add(bytes.data() + done, part.offset - done);
+        add(part.data, part.size);
+        done = part.offset;
+    }
+    add(bytes.data() + done, bytes.size() - done);
+    return parts;
+}
+
+// Takes `sent` bytes off parts[next...] after a partial send; returns the
+// first part not completely sent.
+inline std::size_t consume_parts(std::vector<::iovec>& parts, std::size_t next, std::size_t sent) noexcept {
+    while (sent > 0) {
+        ::iovec& part = parts[next];
+        const std::size_t taken = std::min(sent, part.iov_len);
+        part.iov_base = static_cast<std::byte*>(part.iov_base) + taken;
+        part.iov_len -= taken;
+        sent -= taken;
+        if (part.iov_len == 0) ++next;
+    }
+    return next;
 }
 
 // The bytes `attached` adds to a frame.
