@@ -198,11 +198,7 @@ struct remote {
                        std::stop_token token) {
         arguments values;
         decode_from(encoded, values);
-        if constexpr (std::is_void_v<result>) {
-            call(std::move(values), std::move(token));
-        } else {
-            encode_attaching(out, attached, result(call(std::move(values), std::move(token))));
-        }
+        invoke_prepared(&values, out, attached, std::move(token));
     }
 
     // map: F over each argument tuple of a chunk, the results in order.
@@ -230,15 +226,10 @@ struct remote {
 
     static prepared_arguments prepare(std::uint64_t count, std::size_t bytes) {
         if constexpr (one_block) {
-            using block_type = std::tuple_element_t<0, arguments>;
-            using element = typename block_type::value_type;
-            if (bytes % sizeof(element) != 0 || count != bytes / sizeof(element)) return {};
+            if (!block_fills<std::tuple_element_t<0, arguments>>(count, bytes)) return {};
             auto values = std::make_shared<arguments>();
-            block_type& block = std::get<0>(*values);
-            block.reserve(static_cast<std::size_t>(count));
-            advise_huge_pages(block.data(), bytes);
-            block.resize(static_cast<std::size_t>(count));
-            return {values, {reinterpret_cast<std::byte*>(block.data()), bytes}};
+            const std::span<std::byte> block = size_block(std::get<0>(*values), static_cast<std::size_t>(count));
+            return {std::move(values), block};
         } else {
             (void)count;
             (void)bytes;
@@ -246,6 +237,8 @@ struct remote {
         }
     }
 
+    // Calls F on arguments already made (by invoke, or by prepare and the
+    // worker's reader) and encodes its result.
     static void invoke_prepared(void* prepared, byte_buffer& out, std::vector<attached_bytes>& attached,
                                 std::stop_token token) {
         arguments& values = *static_cast<arguments*>(prepared);

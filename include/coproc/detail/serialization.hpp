@@ -115,6 +115,26 @@ struct is_tuple<std::tuple<T...>> : std::true_type {};
 // The count cereal's binary archives write before a container's elements.
 using wire_count = cereal::size_type;
 
+// True when `count` elements of the block container T take exactly
+// `bytes` bytes.
+template <class T>
+constexpr bool block_fills(wire_count count, std::size_t bytes) noexcept {
+    using element = typename T::value_type;
+    return bytes % sizeof(element) == 0 && count == bytes / sizeof(element);
+}
+
+// Makes `block` `count` elements long, its memory advised for huge pages
+// before it is first touched, and returns its bytes to be filled.
+template <class T>
+std::span<std::byte> size_block(T& block, std::size_t count) {
+    const std::size_t bytes = count * sizeof(typename T::value_type);
+    block.clear();
+    block.reserve(count);
+    advise_huge_pages(block.data(), bytes);
+    block.resize(count);
+    return {reinterpret_cast<std::byte*>(block.data()), bytes};
+}
+
 template <class T>
 void encode_value(vector_streambuf& out, cereal::BinaryOutputArchive& archive, const T& value) {
     if constexpr (is_tuple<T>::value) {
@@ -147,17 +167,16 @@ void decode_value(span_streambuf& in, cereal::BinaryInputArchive& archive, T& va
                                     std::to_string(rest.size()) + " bytes left in the encoding");
         }
         const std::size_t bytes = static_cast<std::size_t>(count) * sizeof(element);
-        value.clear();
-        value.reserve(static_cast<std::size_t>(count));
-        advise_huge_pages(value.data(), bytes);
         if constexpr (std::is_same_v<element, char> || std::is_same_v<element, unsigned char> ||
                       std::is_same_v<element, std::byte>) {
             // Copied in once, no zero-filling first (these may alias bytes).
+            value.clear();
+            value.reserve(static_cast<std::size_t>(count));
+            advise_huge_pages(value.data(), bytes);
             const auto* first = reinterpret_cast<const element*>(rest.data());
             value.insert(value.end(), first, first + count);
         } else {
-            value.resize(static_cast<std::size_t>(count));
-            std::memcpy(value.data(), rest.data(), bytes);
+            std::memcpy(size_block(value, static_cast<std::size_t>(count)).data(), rest.data(), bytes);
         }
         in.skip(bytes);
     } else {

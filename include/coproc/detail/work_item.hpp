@@ -116,17 +116,11 @@ public:
     }
     std::span<std::byte> prepare_block_result(std::span<const std::byte> start, std::size_t payload_size) override {
         if constexpr (block_container<T>::value) {
-            using element = typename T::value_type;
             wire_count count = 0;
             if (start.size() < sizeof count || payload_size < sizeof count) return {};
             std::memcpy(&count, start.data(), sizeof count);
-            const std::size_t bytes = payload_size - sizeof count;
-            if (bytes % sizeof(element) != 0 || count != bytes / sizeof(element)) return {};
-            T& target = value.emplace();
-            target.reserve(static_cast<std::size_t>(count));
-            advise_huge_pages(target.data(), bytes);
-            target.resize(static_cast<std::size_t>(count));
-            return {reinterpret_cast<std::byte*>(target.data()), bytes};
+            if (!block_fills<T>(count, payload_size - sizeof count)) return {};
+            return size_block(value.emplace(), static_cast<std::size_t>(count));
         } else {
             return work_item::prepare_block_result(start, payload_size);
         }
