@@ -238,6 +238,7 @@ public:
                                   std::span<const std::byte> start, std::span<std::byte>& target);
     // ... and the end of it, once every byte arrived (`complete`) or not.
     void end_block_result(worker_handle& worker, work_item* item, bool complete);
+    std::shared_ptr<const void> take_sent_block(work_item& item, const std::type_info& type);
     void on_reaped(worker_handle& worker, const ::siginfo_t& info);
     void on_reader_done(worker_handle& worker);
     void on_worker_exit(worker_handle& worker);
@@ -708,7 +709,7 @@ void pool_core::share_arguments(work_item& item) {
     };
     for (auto& part : item.attached) {
         add_own(part.offset);
-        parts.push_back({0, part.data, part.size, std::move(part.owner)});
+        parts.push_back({0, part.data, part.size, std::move(part.owner), part.container});
     }
     add_own(shared->size());
     item.attached = std::move(parts);
@@ -1262,10 +1263,29 @@ work_item* pool_core::begin_block_result(worker_handle& worker, const wire::fram
                                        [&](const work_item* item) { return item->id == header.work_id; });
     if (position == worker.assigned.end()) return nullptr; // handle_frames will say what is wrong
     work_item* item = *position;
-    target = item->prepare_block_result(start, header.length);
+    std::shared_ptr<const void> spare;
+    if (const std::type_info* type = item->block_result_type()) spare = take_sent_block(*item, *type);
+    target = item->prepare_block_result(start, header.length, std::move(spare));
     if (target.empty()) return nullptr;
     item->retain(); // the value being filled outlives whatever happens to the item meanwhile
     return item;
+}
+
+// A block container of `type` that `item`'s arguments were moved in as, now
+// that the worker has them all (it is answering) and no outbox holds it any
+// more; null when there is none or the arguments may still be sent again (a
+// retry after the worker's death).
+std::shared_ptr<const void> pool_core::take_sent_block(work_item& item, const std::type_info& type) {
+    std::lock_guard lock{mutex_}; // a cancel from another thread frees the arguments
+    if (item.state() != work_state::running || item.retries_left > 0) return {};
+    for (auto& part : item.attached) {
+        if (part.container != nullptr && *part.container == type && part.owner.use_count() == 1) {
+            part.data = nullptr; // gone: these arguments are never sent again
+            part.container = nullptr;
+            return std::move(part.owner);
+        }
+    }
+    return {};
 }
 
 void pool_core::end_block_result(worker_handle& worker, work_item* item, bool complete) {

@@ -39,6 +39,13 @@ std::string reverse_complement(std::string data) {
     return data;
 }
 
+std::string keep_prefix(std::string data, std::size_t size) {
+    data.resize(std::min(size, data.size()));
+    return data;
+}
+
+std::vector<char> bytes_as_chars(std::string data) { return {data.begin(), data.end()}; }
+
 std::uint64_t digest_parts(std::string text, std::int32_t marker, std::vector<double> numbers, std::vector<std::byte> bytes) {
     std::uint64_t hash = 14695981039346656037ULL;
     auto add = [&hash](const void* data, std::size_t size) {

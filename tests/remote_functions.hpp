@@ -124,6 +124,9 @@ void exceed_quota(std::string who, int limit);
 // and the input reversed with every byte complemented.
 std::string pattern(std::size_t size, int seed);
 std::string reverse_complement(std::string data);
+// The first `size` bytes of `data`; the same bytes as a vector of char.
+std::string keep_prefix(std::string data, std::size_t size);
+std::vector<char> bytes_as_chars(std::string data);
 // Several arguments of a call, large and small, in one digest (FNV-1a over
 // all their bytes, in order).
 std::uint64_t digest_parts(std::string text, std::int32_t marker, std::vector<double> numbers, std::vector<std::byte> bytes);

@@ -404,6 +404,60 @@ TEST_CASE("a large argument and a large result travel intact") {
     CHECK(run_bounded(loop, await_future(pool.submit<square>(12))) == 144);
 }
 
+TEST_CASE("a large result of the type of a moved argument reuses that argument's memory, and only when nothing needs it") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1}};
+    const std::size_t size = (8u << 20) + 5;
+    const std::string expected = reverse_complement(pattern(size, 3));
+    {
+        // Reused: the result lands in the memory the argument was moved in
+        // with (the argument is still held when the result arrives, so a new
+        // block could never have that address).
+        std::string argument = pattern(size, 3);
+        const char* memory = argument.data();
+        const std::string back = run_bounded(loop, await_future(pool.submit<reverse_complement>(std::move(argument))), 60s);
+        CHECK(back == expected);
+        CHECK(static_cast<const void*>(back.data()) == static_cast<const void*>(memory));
+    }
+    {
+        // Not with retries left: the arguments may be sent again.
+        std::string argument = pattern(size, 3);
+        const char* memory = argument.data();
+        const std::string back = run_bounded(
+            loop, await_future(pool.submit_with<reverse_complement>({.max_retries = 1}, std::move(argument))), 60s);
+        CHECK(back == expected);
+        CHECK(static_cast<const void*>(back.data()) != static_cast<const void*>(memory));
+    }
+    {
+        // Not for a result that would leave most of it unused.
+        std::string argument = pattern(size, 3);
+        const char* memory = argument.data();
+        const std::string back =
+            run_bounded(loop, await_future(pool.submit<keep_prefix>(std::move(argument), std::size_t{1} << 20)), 60s);
+        CHECK(back == pattern(size, 3).substr(0, std::size_t{1} << 20));
+        CHECK(static_cast<const void*>(back.data()) != static_cast<const void*>(memory));
+        // A result of at least half of it does.
+        argument = pattern(size, 4);
+        memory = argument.data();
+        const std::string most = run_bounded(loop, await_future(pool.submit<keep_prefix>(std::move(argument), size / 2 + 1)), 60s);
+        CHECK(most == pattern(size, 4).substr(0, size / 2 + 1));
+        CHECK(static_cast<const void*>(most.data()) == static_cast<const void*>(memory));
+    }
+    {
+        // Not a container of another type, and not an argument that was copied.
+        std::string argument = pattern(size, 5);
+        const char* memory = argument.data();
+        const std::vector<char> chars = run_bounded(loop, await_future(pool.submit<bytes_as_chars>(std::move(argument))), 60s);
+        const std::string source = pattern(size, 5);
+        CHECK(std::equal(chars.begin(), chars.end(), source.begin(), source.end()));
+        CHECK(static_cast<const void*>(chars.data()) != static_cast<const void*>(memory));
+        const std::string copied = pattern(size, 3);
+        const std::string back = run_bounded(loop, await_future(pool.submit<reverse_complement>(copied)), 60s);
+        CHECK(back == expected);
+        CHECK(static_cast<const void*>(back.data()) != static_cast<const void*>(copied.data()));
+    }
+}
+
 TEST_CASE("many large and small tasks queued at once on one worker all come back right") {
     coproc::event_loop loop;
     coproc::process_pool pool{loop, {.max_workers = 1, .prefetch = 8, .max_prefetch = 8}};

@@ -36,6 +36,7 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <typeinfo>
 #include <vector>
 
 namespace coproc::detail {
@@ -123,14 +124,17 @@ constexpr bool block_fills(wire_count count, std::size_t bytes) noexcept {
     return bytes % sizeof(element) == 0 && count == bytes / sizeof(element);
 }
 
-// Makes `block` `count` elements long, its memory advised for huge pages
-// before it is first touched, and returns its bytes to be filled.
+// Makes `block` `count` elements long and returns its bytes, to be filled
+// (what it held before is not kept). New memory is advised for huge pages
+// before it is first touched; memory it already has is used as it is.
 template <class T>
 std::span<std::byte> size_block(T& block, std::size_t count) {
     const std::size_t bytes = count * sizeof(typename T::value_type);
-    block.clear();
-    block.reserve(count);
-    advise_huge_pages(block.data(), bytes);
+    if (block.capacity() < count) {
+        block.clear();
+        block.reserve(count);
+        advise_huge_pages(block.data(), bytes);
+    }
     block.resize(count);
     return {reinterpret_cast<std::byte*>(block.data()), bytes};
 }
@@ -200,12 +204,16 @@ void encode_into(byte_buffer& out, const T&... values) {
 
 // Bytes that go on the wire from where they are instead of being copied into
 // a frame: right after byte `offset` of the frame's own bytes. `owner` keeps
-// them alive until they are sent.
+// them alive until they are sent. When the owner is a block container that
+// was moved in (the bytes are its elements), `container` names its type: once
+// sent and held nowhere else, it may be reused (process_pool.cpp,
+// take_sent_block).
 struct attached_bytes {
     std::size_t offset;
     const std::byte* data;
     std::size_t size;
     std::shared_ptr<const void> owner;
+    const std::type_info* container = nullptr;
 };
 
 // Block containers at least this large are attached, not copied, when they
@@ -229,8 +237,8 @@ void encode_value_attaching(vector_streambuf& out, byte_buffer& bytes, std::vect
         }
         const wire_count count = value.size();
         out.sputn(reinterpret_cast<const char*>(&count), sizeof count);
-        auto owner = std::make_shared<const plain>(std::move(value));
-        attached.push_back({bytes.size(), reinterpret_cast<const std::byte*>(owner->data()), size, owner});
+        auto owner = std::make_shared<plain>(std::move(value)); // not const: it may be reused once sent
+        attached.push_back({bytes.size(), reinterpret_cast<const std::byte*>(owner->data()), size, owner, &typeid(plain)});
     } else {
         encode_value(out, archive, value);
     }

@@ -32,6 +32,7 @@
 #include <span>
 #include <stop_token>
 #include <string_view>
+#include <typeinfo>
 #include <vector>
 
 namespace coproc::detail {
@@ -55,12 +56,19 @@ public:
     // one block container (serialization.hpp) whose elements fill the
     // `payload_size` bytes of payload that begin with `start` (at least its
     // count), makes the value that size and returns where its elements go;
-    // otherwise returns an empty span and leaves the value alone.
-    virtual std::span<std::byte> prepare_block_result(std::span<const std::byte> start, std::size_t payload_size) {
+    // otherwise returns an empty span and leaves the value alone. `spare`,
+    // when given, is a container of block_result_type() that this task's
+    // arguments no longer need: the value takes its memory when it is about
+    // the right size (already touched: no new pages to fault in and zero).
+    virtual std::span<std::byte> prepare_block_result(std::span<const std::byte> start, std::size_t payload_size,
+                                                      std::shared_ptr<const void> spare) {
         (void)start;
         (void)payload_size;
+        (void)spare;
         return {};
     }
+    // The result's type when it is one block container; otherwise null.
+    [[nodiscard]] virtual const std::type_info* block_result_type() const noexcept { return nullptr; }
 
     void retain() noexcept { references_.fetch_add(1, std::memory_order_relaxed); }
     // The last release deletes. acq_rel: every use of the item by other
@@ -114,15 +122,30 @@ public:
         decode_from(payload, decoded);
         value.emplace(std::move(decoded));
     }
-    std::span<std::byte> prepare_block_result(std::span<const std::byte> start, std::size_t payload_size) override {
+    std::span<std::byte> prepare_block_result(std::span<const std::byte> start, std::size_t payload_size,
+                                              std::shared_ptr<const void> spare) override {
         if constexpr (block_container<T>::value) {
             wire_count count = 0;
             if (start.size() < sizeof count || payload_size < sizeof count) return {};
             std::memcpy(&count, start.data(), sizeof count);
             if (!block_fills<T>(count, payload_size - sizeof count)) return {};
-            return size_block(value.emplace(), static_cast<std::size_t>(count));
+            T& block = value.emplace();
+            if (spare) {
+                // Made by encode_value_attaching as a (non-const) T.
+                T& old = *static_cast<T*>(const_cast<void*>(spare.get()));
+                // Not when the result would leave most of it unused.
+                if (old.capacity() >= count && count >= old.capacity() / 2) block = std::move(old);
+            }
+            return size_block(block, static_cast<std::size_t>(count));
         } else {
-            return work_item::prepare_block_result(start, payload_size);
+            return work_item::prepare_block_result(start, payload_size, std::move(spare));
+        }
+    }
+    [[nodiscard]] const std::type_info* block_result_type() const noexcept override {
+        if constexpr (block_container<T>::value) {
+            return &typeid(T);
+        } else {
+            return nullptr;
         }
     }
     std::optional<T> value;
