@@ -238,7 +238,7 @@ public:
                                   std::span<const std::byte> start, std::span<std::byte>& target);
     // ... and the end of it, once every byte arrived (`complete`) or not.
     void end_block_result(worker_handle& worker, work_item* item, bool complete);
-    std::shared_ptr<const void> take_sent_block(work_item& item, const std::type_info& type);
+    std::vector<std::shared_ptr<const void>> take_sent_blocks(work_item& item, const void* tag);
     void on_reaped(worker_handle& worker, const ::siginfo_t& info);
     void on_reader_done(worker_handle& worker);
     void on_worker_exit(worker_handle& worker);
@@ -1263,29 +1263,31 @@ work_item* pool_core::begin_block_result(worker_handle& worker, const wire::fram
                                        [&](const work_item* item) { return item->id == header.work_id; });
     if (position == worker.assigned.end()) return nullptr; // handle_frames will say what is wrong
     work_item* item = *position;
-    std::shared_ptr<const void> spare;
-    if (const std::type_info* type = item->block_result_type()) spare = take_sent_block(*item, *type);
-    target = item->prepare_block_result(start, header.length, std::move(spare));
+    std::vector<std::shared_ptr<const void>> spares;
+    if (const void* tag = item->block_result_tag()) spares = take_sent_blocks(*item, tag);
+    target = item->prepare_block_result(start, header.length, std::move(spares));
     if (target.empty()) return nullptr;
     item->retain(); // the value being filled outlives whatever happens to the item meanwhile
     return item;
 }
 
-// A block container of `type` that `item`'s arguments were moved in as, now
-// that the worker has them all (it is answering) and no outbox holds it any
-// more; null when there is none or the arguments may still be sent again (a
-// retry after the worker's death).
-std::shared_ptr<const void> pool_core::take_sent_block(work_item& item, const std::type_info& type) {
+// The block containers of the result's type (`tag`) that `item`'s
+// arguments were handed over as, for the result to reuse. Its START came
+// before this RESULT, so the worker has read the whole CALL: no send reads
+// those bytes again, whoever still holds the containers. None while the
+// task has retries left: after a death its CALL would be sent again.
+std::vector<std::shared_ptr<const void>> pool_core::take_sent_blocks(work_item& item, const void* tag) {
+    std::vector<std::shared_ptr<const void>> taken;
     std::lock_guard lock{mutex_}; // a cancel from another thread frees the arguments
-    if (item.state() != work_state::running || item.retries_left > 0) return {};
+    if (item.state() != work_state::running || item.retries_left > 0) return taken;
     for (auto& part : item.attached) {
-        if (part.container != nullptr && *part.container == type && part.owner.use_count() == 1) {
-            part.data = nullptr; // gone: these arguments are never sent again
-            part.container = nullptr;
-            return std::move(part.owner);
-        }
+        if (part.container != tag) continue;
+        taken.push_back(std::move(part.owner));
+        part.data = nullptr;
+        part.container = nullptr;
+        item.arguments_taken = true;
     }
-    return {};
+    return taken;
 }
 
 void pool_core::end_block_result(worker_handle& worker, work_item* item, bool complete) {
@@ -1378,7 +1380,8 @@ void pool_core::on_worker_exit(worker_handle& worker) {
             item->release();
             continue;
         }
-        if (item->state() == work_state::dispatched && !worker.violated && item->requeues < max_requeues) {
+        if (item->state() == work_state::dispatched && !worker.violated && item->requeues < max_requeues &&
+            !item->arguments_taken) {
             // Sent but never started (no START frame before EOF, and every
             // frame was read): it did not run, so it goes back to the queue.
             // Capped, so that a task no worker can even start fails in the end.
@@ -1386,7 +1389,7 @@ void pool_core::on_worker_exit(worker_handle& worker) {
             requeue.push_back(item); // keeps its reference
             continue;
         }
-        if (item->retries_left > 0 && !is_final(item->state())) {
+        if (item->retries_left > 0 && !is_final(item->state()) && !item->arguments_taken) {
             --item->retries_left;
             requeue.push_back(item);
             continue;

@@ -39,9 +39,16 @@ std::string reverse_complement(std::string data) {
     return data;
 }
 
-std::string keep_prefix(std::string data, std::size_t size) {
+std::string complement_prefix(std::string data, std::size_t size) {
     data.resize(std::min(size, data.size()));
+    for (char& byte : data) byte = static_cast<char>(~byte);
     return data;
+}
+
+std::string complement_second(std::string first, std::string second) {
+    (void)first;
+    const std::size_t size = second.size();
+    return complement_prefix(std::move(second), size);
 }
 
 std::vector<char> bytes_as_chars(std::string data) { return {data.begin(), data.end()}; }

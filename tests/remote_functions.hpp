@@ -124,8 +124,10 @@ void exceed_quota(std::string who, int limit);
 // and the input reversed with every byte complemented.
 std::string pattern(std::size_t size, int seed);
 std::string reverse_complement(std::string data);
-// The first `size` bytes of `data`; the same bytes as a vector of char.
-std::string keep_prefix(std::string data, std::size_t size);
+// The first `size` bytes of `data`, each complemented; `second` with each
+// byte complemented; the bytes of `data` as a vector of char.
+std::string complement_prefix(std::string data, std::size_t size);
+std::string complement_second(std::string first, std::string second);
 std::vector<char> bytes_as_chars(std::string data);
 // Several arguments of a call, large and small, in one digest (FNV-1a over
 // all their bytes, in order).

@@ -404,6 +404,13 @@ TEST_CASE("a large argument and a large result travel intact") {
     CHECK(run_bounded(loop, await_future(pool.submit<square>(12))) == 144);
 }
 
+namespace {
+std::string complemented(std::string data) {
+    for (char& byte : data) byte = static_cast<char>(~byte);
+    return data;
+}
+} // namespace
+
 TEST_CASE("a large result of the type of a moved argument reuses that argument's memory, and only when nothing needs it") {
     coproc::event_loop loop;
     coproc::process_pool pool{loop, {.max_workers = 1}};
@@ -430,31 +437,45 @@ TEST_CASE("a large result of the type of a moved argument reuses that argument's
     }
     {
         // Not for a result that would leave most of it unused.
+        const std::size_t small = std::size_t{1} << 20;
         std::string argument = pattern(size, 3);
         const char* memory = argument.data();
-        const std::string back =
-            run_bounded(loop, await_future(pool.submit<keep_prefix>(std::move(argument), std::size_t{1} << 20)), 60s);
-        CHECK(back == pattern(size, 3).substr(0, std::size_t{1} << 20));
+        const std::string back = run_bounded(loop, await_future(pool.submit<complement_prefix>(std::move(argument), small)), 60s);
+        CHECK(back == complemented(pattern(size, 3).substr(0, small)));
         CHECK(static_cast<const void*>(back.data()) != static_cast<const void*>(memory));
-        // A result of at least half of it does.
+        // A result of at least half of it does, and every byte of it is the
+        // worker's (none is left over from the argument).
         argument = pattern(size, 4);
         memory = argument.data();
-        const std::string most = run_bounded(loop, await_future(pool.submit<keep_prefix>(std::move(argument), size / 2 + 1)), 60s);
-        CHECK(most == pattern(size, 4).substr(0, size / 2 + 1));
+        const std::string most =
+            run_bounded(loop, await_future(pool.submit<complement_prefix>(std::move(argument), size / 2 + 1)), 60s);
+        CHECK(most == complemented(pattern(size, 4).substr(0, size / 2 + 1)));
         CHECK(static_cast<const void*>(most.data()) == static_cast<const void*>(memory));
     }
     {
-        // Not a container of another type, and not an argument that was copied.
+        // Of two arguments of the result's type, the one it fits.
+        std::string first = pattern(200'000, 6);
+        std::string second = pattern(size, 7);
+        const char* memory = second.data();
+        const std::string back =
+            run_bounded(loop, await_future(pool.submit<complement_second>(std::move(first), std::move(second))), 60s);
+        CHECK(back == complemented(pattern(size, 7)));
+        CHECK(static_cast<const void*>(back.data()) == static_cast<const void*>(memory));
+    }
+    {
+        // Not a container of another type.
         std::string argument = pattern(size, 5);
         const char* memory = argument.data();
         const std::vector<char> chars = run_bounded(loop, await_future(pool.submit<bytes_as_chars>(std::move(argument))), 60s);
         const std::string source = pattern(size, 5);
         CHECK(std::equal(chars.begin(), chars.end(), source.begin(), source.end()));
         CHECK(static_cast<const void*>(chars.data()) != static_cast<const void*>(memory));
+        // An lvalue argument is copied at submit; only the pool's copy may be
+        // reused, the caller's string is left as it was.
         const std::string copied = pattern(size, 3);
         const std::string back = run_bounded(loop, await_future(pool.submit<reverse_complement>(copied)), 60s);
         CHECK(back == expected);
-        CHECK(static_cast<const void*>(back.data()) != static_cast<const void*>(copied.data()));
+        CHECK(copied == pattern(size, 3));
     }
 }
 

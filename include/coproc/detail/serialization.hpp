@@ -36,7 +36,6 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
-#include <typeinfo>
 #include <vector>
 
 namespace coproc::detail {
@@ -124,9 +123,10 @@ constexpr bool block_fills(wire_count count, std::size_t bytes) noexcept {
     return bytes % sizeof(element) == 0 && count == bytes / sizeof(element);
 }
 
-// Makes `block` `count` elements long and returns its bytes, to be filled
-// (what it held before is not kept). New memory is advised for huge pages
-// before it is first touched; memory it already has is used as it is.
+// Makes `block` `count` elements long and returns its bytes, to be
+// overwritten (elements it held before may remain until then). New memory
+// is advised for huge pages before it is first touched; memory it already
+// has is used as it is.
 template <class T>
 std::span<std::byte> size_block(T& block, std::size_t count) {
     const std::size_t bytes = count * sizeof(typename T::value_type);
@@ -204,17 +204,22 @@ void encode_into(byte_buffer& out, const T&... values) {
 
 // Bytes that go on the wire from where they are instead of being copied into
 // a frame: right after byte `offset` of the frame's own bytes. `owner` keeps
-// them alive until they are sent. When the owner is a block container that
-// was moved in (the bytes are its elements), `container` names its type: once
-// sent and held nowhere else, it may be reused (process_pool.cpp,
-// take_sent_block).
+// them alive until they are sent. When the owner is a block container of
+// type T handed over as an rvalue (the bytes are its elements), `container`
+// is type_tag<T>: once the worker has read them all, the container's memory
+// may be reused (process_pool.cpp, take_sent_blocks).
 struct attached_bytes {
     std::size_t offset;
     const std::byte* data;
     std::size_t size;
     std::shared_ptr<const void> owner;
-    const std::type_info* container = nullptr;
+    const void* container = nullptr;
 };
+
+// One object per type, whose address names the type without RTTI. Not
+// const, so that no linker folds two of them into one.
+template <class T>
+inline char type_tag = 0;
 
 // Block containers at least this large are attached, not copied, when they
 // are handed over as rvalues (a moved argument, a function's result).
@@ -238,7 +243,7 @@ void encode_value_attaching(vector_streambuf& out, byte_buffer& bytes, std::vect
         const wire_count count = value.size();
         out.sputn(reinterpret_cast<const char*>(&count), sizeof count);
         auto owner = std::make_shared<plain>(std::move(value)); // not const: it may be reused once sent
-        attached.push_back({bytes.size(), reinterpret_cast<const std::byte*>(owner->data()), size, owner, &typeid(plain)});
+        attached.push_back({bytes.size(), reinterpret_cast<const std::byte*>(owner->data()), size, owner, &type_tag<plain>});
     } else {
         encode_value(out, archive, value);
     }

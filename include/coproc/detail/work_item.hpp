@@ -32,7 +32,6 @@
 #include <span>
 #include <stop_token>
 #include <string_view>
-#include <typeinfo>
 #include <vector>
 
 namespace coproc::detail {
@@ -56,19 +55,20 @@ public:
     // one block container (serialization.hpp) whose elements fill the
     // `payload_size` bytes of payload that begin with `start` (at least its
     // count), makes the value that size and returns where its elements go;
-    // otherwise returns an empty span and leaves the value alone. `spare`,
-    // when given, is a container of block_result_type() that this task's
-    // arguments no longer need: the value takes its memory when it is about
-    // the right size (already touched: no new pages to fault in and zero).
+    // otherwise returns an empty span and leaves the value alone. `spares`
+    // are containers of the result's type (block_result_tag()) that this
+    // task's arguments no longer need: the value takes the memory of the
+    // first one the result fits and fills at least half of (memory already
+    // touched: no new pages to fault in and zero).
     virtual std::span<std::byte> prepare_block_result(std::span<const std::byte> start, std::size_t payload_size,
-                                                      std::shared_ptr<const void> spare) {
+                                                      std::vector<std::shared_ptr<const void>> spares) {
         (void)start;
         (void)payload_size;
-        (void)spare;
+        (void)spares;
         return {};
     }
-    // The result's type when it is one block container; otherwise null.
-    [[nodiscard]] virtual const std::type_info* block_result_type() const noexcept { return nullptr; }
+    // type_tag<T> when the result T is one block container; otherwise null.
+    [[nodiscard]] virtual const void* block_result_tag() const noexcept { return nullptr; }
 
     void retain() noexcept { references_.fetch_add(1, std::memory_order_relaxed); }
     // The last release deletes. acq_rel: every use of the item by other
@@ -96,6 +96,9 @@ public:
     unsigned retries_left = 0;
     unsigned requeues = 0; // sent to a worker that died before starting it
     bool in_worker = false; // counted in stats().tasks_running (pool mutex)
+    // Attached arguments were taken for the result (take_sent_blocks): the
+    // CALL can never be sent again (loop thread).
+    bool arguments_taken = false;
     std::chrono::steady_clock::time_point started{}; // when its START arrived (loop thread)
     // submit_options::timeout, as a time point; zero: none.
     std::chrono::steady_clock::time_point deadline{};
@@ -123,27 +126,30 @@ public:
         value.emplace(std::move(decoded));
     }
     std::span<std::byte> prepare_block_result(std::span<const std::byte> start, std::size_t payload_size,
-                                              std::shared_ptr<const void> spare) override {
+                                              std::vector<std::shared_ptr<const void>> spares) override {
         if constexpr (block_container<T>::value) {
             wire_count count = 0;
             if (start.size() < sizeof count || payload_size < sizeof count) return {};
             std::memcpy(&count, start.data(), sizeof count);
             if (!block_fills<T>(count, payload_size - sizeof count)) return {};
             T& block = value.emplace();
-            if (spare) {
+            for (const auto& spare : spares) {
                 // Made by encode_value_attaching as a (non-const) T.
                 T& old = *static_cast<T*>(const_cast<void*>(spare.get()));
                 // Not when the result would leave most of it unused.
-                if (old.capacity() >= count && count >= old.capacity() / 2) block = std::move(old);
+                if (old.capacity() >= count && count >= old.capacity() / 2) {
+                    block = std::move(old);
+                    break;
+                }
             }
             return size_block(block, static_cast<std::size_t>(count));
         } else {
-            return work_item::prepare_block_result(start, payload_size, std::move(spare));
+            return work_item::prepare_block_result(start, payload_size, std::move(spares));
         }
     }
-    [[nodiscard]] const std::type_info* block_result_type() const noexcept override {
+    [[nodiscard]] const void* block_result_tag() const noexcept override {
         if constexpr (block_container<T>::value) {
-            return &typeid(T);
+            return &type_tag<T>;
         } else {
             return nullptr;
         }
