@@ -238,7 +238,7 @@ public:
                                   std::span<const std::byte> start, std::span<std::byte>& target);
     // ... and the end of it, once every byte arrived (`complete`) or not.
     void end_block_result(worker_handle& worker, work_item* item, bool complete);
-    std::vector<std::shared_ptr<const void>> take_sent_blocks(work_item& item, const void* tag);
+    std::vector<spare_block> take_sent_blocks(work_item& item, const void* tag);
     void on_reaped(worker_handle& worker, const ::siginfo_t& info);
     void on_reader_done(worker_handle& worker);
     void on_worker_exit(worker_handle& worker);
@@ -1263,7 +1263,7 @@ work_item* pool_core::begin_block_result(worker_handle& worker, const wire::fram
                                        [&](const work_item* item) { return item->id == header.work_id; });
     if (position == worker.assigned.end()) return nullptr; // handle_frames will say what is wrong
     work_item* item = *position;
-    std::vector<std::shared_ptr<const void>> spares;
+    std::vector<spare_block> spares;
     if (const void* tag = item->block_result_tag()) spares = take_sent_blocks(*item, tag);
     target = item->prepare_block_result(start, header.length, std::move(spares));
     if (target.empty()) return nullptr;
@@ -1276,13 +1276,13 @@ work_item* pool_core::begin_block_result(worker_handle& worker, const wire::fram
 // before this RESULT, so the worker has read the whole CALL: no send reads
 // those bytes again, whoever still holds the containers. None while the
 // task has retries left: after a death its CALL would be sent again.
-std::vector<std::shared_ptr<const void>> pool_core::take_sent_blocks(work_item& item, const void* tag) {
-    std::vector<std::shared_ptr<const void>> taken;
+std::vector<spare_block> pool_core::take_sent_blocks(work_item& item, const void* tag) {
+    std::vector<spare_block> taken;
     std::lock_guard lock{mutex_}; // a cancel from another thread frees the arguments
     if (item.state() != work_state::running || item.retries_left > 0) return taken;
     for (auto& part : item.attached) {
         if (part.container != tag) continue;
-        taken.push_back(std::move(part.owner));
+        taken.push_back({std::move(part.owner), tag});
         part.data = nullptr;
         part.container = nullptr;
         item.arguments_taken = true;

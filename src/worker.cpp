@@ -6,6 +6,10 @@
 //   runner                runs queued calls one at a time: START, then
 //                         RESULT or ERROR.
 //
+// A large block result, once sent, is kept as the spare (one at a time, freed
+// spare_idle after it was kept, unless taken before): the next large block
+// argument of its type is received into its memory instead of new pages.
+//
 // Plain blocking I/O: a worker serves one parent over one socket and has
 // nothing else to wait for. Writes from both threads go through one mutex, so
 // frames never interleave; a result is encoded completely before any of it is
@@ -22,7 +26,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <climits>
 #include <condition_variable>
 #include <csignal>
@@ -31,6 +37,7 @@
 #include <cstring>
 #include <deque>
 #include <mutex>
+#include <optional>
 #include <stop_token>
 #include <thread>
 #include <vector>
@@ -44,6 +51,10 @@ namespace wire = detail::wire;
 constexpr const char* worker_flag = "--coproc-worker";
 constexpr int parent_socket = 3;
 constexpr std::size_t max_call_frame = wire::max_payload;
+constexpr std::chrono::seconds spare_idle{1};
+
+std::atomic<std::size_t> blocks_reused{0};
+std::atomic<std::size_t> spare_bytes{0};
 
 [[noreturn]] void quit(int status) {
     std::fflush(nullptr);
@@ -192,7 +203,11 @@ private:
         std::memcpy(&count, into.payload.data() + sizeof function_id, sizeof count);
         const detail::remote_function_entry* function = detail::find_remote_function(function_id);
         if (function != nullptr && !function->ambiguous && function->prepare != nullptr) {
-            into.prepared = function->prepare(count, header.length - head);
+            detail::spare_block spare = take_spare();
+            const bool had_spare = spare.owner != nullptr;
+            into.prepared = function->prepare(count, header.length - head, spare);
+            if (had_spare && !spare.owner) blocks_reused.fetch_add(1, std::memory_order_relaxed);
+            if (spare.owner) put_back_spare(std::move(spare));
         }
         if (into.prepared.values) {
             into.payload.resize(sizeof function_id); // run() reads the function id from it
@@ -201,6 +216,51 @@ private:
         }
         into.payload.resize(header.length); // as usual, after the bytes read already
         if (!read_exact(into.payload.data() + head, header.length - head)) quit(0);
+    }
+
+    // After `sent` went out: keeps its largest block container (a result
+    // sent from where the function left it) as the spare, in place of the
+    // one kept before; frees the rest.
+    void keep_spare(outgoing& sent) {
+        detail::spare_block kept;
+        std::size_t size = 0;
+        for (const auto& part : sent.attached) {
+            if (part.container != nullptr && part.size > size && part.owner.use_count() == 1) {
+                kept = {part.owner, part.container};
+                size = part.size;
+            }
+        }
+        sent.clear();
+        if (!kept.owner) return;
+        detail::spare_block old;
+        {
+            std::lock_guard lock{spare_mutex_};
+            old = std::exchange(spare_, std::move(kept));
+            spare_size_ = size;
+            spare_kept_at_ = std::chrono::steady_clock::now();
+            spare_bytes.store(size, std::memory_order_relaxed);
+        }
+    }
+
+    detail::spare_block take_spare() {
+        std::lock_guard lock{spare_mutex_};
+        spare_bytes.store(0, std::memory_order_relaxed);
+        return std::exchange(spare_, {});
+    }
+
+    // Not taken: back, unless another was kept meanwhile.
+    void put_back_spare(detail::spare_block spare) {
+        std::lock_guard lock{spare_mutex_};
+        if (spare_.owner) return;
+        spare_ = std::move(spare);
+        spare_bytes.store(spare_size_, std::memory_order_relaxed);
+    }
+
+    // When the spare is to be freed, if there is one.
+    [[nodiscard]] std::optional<std::chrono::steady_clock::time_point> spare_expiry() {
+        std::lock_guard lock{spare_mutex_};
+        if (!spare_.owner) return std::nullopt;
+        return spare_kept_at_ + spare_idle;
     }
 
     // CANCEL: a task still queued is dropped without running and answered
@@ -246,10 +306,15 @@ private:
                 if (queue_.empty() && !held.empty()) {
                     lock.unlock();
                     send(held); // nothing to pair it with: send it now
-                    held.clear();
+                    keep_spare(held);
                     lock.lock();
                 }
-                queue_changed_.wait(lock, [this] { return !queue_.empty() || bye_; });
+                const auto ready = [this] { return !queue_.empty() || bye_; };
+                if (const auto expiry = spare_expiry()) {
+                    // Kept for spare_idle at most, busy or not.
+                    if (!queue_changed_.wait_until(lock, *expiry, ready)) take_spare();
+                }
+                queue_changed_.wait(lock, ready);
                 if (queue_.empty()) break;
                 next = std::move(queue_.front());
                 queue_.pop_front();
@@ -270,7 +335,7 @@ private:
             wire::finish_frame(held.bytes, wire::begin_frame(held.bytes, wire::frame_kind::start, task.work_id));
         }
         if (!held.empty()) send(held);
-        held = {}; // frees a large result sent from where it was
+        keep_spare(held); // a large result sent from where it was
 
         outgoing reply;
         std::uint64_t function_id = 0;
@@ -327,9 +392,20 @@ private:
     bool bye_ = false;
     std::uint64_t running_id_ = 0;
     std::stop_source running_stop_;
+    std::mutex spare_mutex_; // after queue_mutex_ when both are held
+    detail::spare_block spare_;
+    std::size_t spare_size_ = 0;
+    std::chrono::steady_clock::time_point spare_kept_at_{};
 };
 
 } // namespace
+
+namespace detail {
+
+std::size_t worker_blocks_reused() noexcept { return blocks_reused.load(std::memory_order_relaxed); }
+std::size_t worker_spare_bytes() noexcept { return spare_bytes.load(std::memory_order_relaxed); }
+
+} // namespace detail
 
 void run_worker_if_requested(int argc, char** argv) {
     if (argc < 2 || argv == nullptr || argv[1] == nullptr || std::strcmp(argv[1], worker_flag) != 0) return;

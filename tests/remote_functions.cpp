@@ -53,6 +53,9 @@ std::string complement_second(std::string first, std::string second) {
 
 std::vector<char> bytes_as_chars(std::string data) { return {data.begin(), data.end()}; }
 
+std::size_t blocks_reused_in_worker() { return coproc::detail::worker_blocks_reused(); }
+std::size_t spare_bytes_in_worker() { return coproc::detail::worker_spare_bytes(); }
+
 std::uint64_t digest_parts(std::string text, std::int32_t marker, std::vector<double> numbers, std::vector<std::byte> bytes) {
     std::uint64_t hash = 14695981039346656037ULL;
     auto add = [&hash](const void* data, std::size_t size) {

@@ -129,6 +129,10 @@ std::string reverse_complement(std::string data);
 std::string complement_prefix(std::string data, std::size_t size);
 std::string complement_second(std::string first, std::string second);
 std::vector<char> bytes_as_chars(std::string data);
+// Run in a worker: coproc::detail::worker_blocks_reused() and
+// worker_spare_bytes().
+std::size_t blocks_reused_in_worker();
+std::size_t spare_bytes_in_worker();
 // Several arguments of a call, large and small, in one digest (FNV-1a over
 // all their bytes, in order).
 std::uint64_t digest_parts(std::string text, std::int32_t marker, std::vector<double> numbers, std::vector<std::byte> bytes);

@@ -479,6 +479,39 @@ TEST_CASE("a large result of the type of a moved argument reuses that argument's
     }
 }
 
+TEST_CASE("a worker receives a large block argument into the memory of a large result it sent, and frees that memory within a second") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1}};
+    const std::size_t size = (8u << 20) + 5;
+    const std::size_t reused = run_bounded(loop, await_future(pool.submit<blocks_reused_in_worker>()));
+    // A large result, sent from where the function left it, is kept...
+    CHECK(run_bounded(loop, await_future(pool.submit<pattern>(size, 1)), 60s) == pattern(size, 1));
+    CHECK(run_bounded(loop, await_future(pool.submit<spare_bytes_in_worker>())) == size);
+    // ... and the next large argument of its type is received into it, intact.
+    CHECK(run_bounded(loop, await_future(pool.submit<reverse_complement>(pattern(size, 2))), 60s) ==
+          reverse_complement(pattern(size, 2)));
+    CHECK(run_bounded(loop, await_future(pool.submit<blocks_reused_in_worker>())) == reused + 1);
+    // Not an argument that would leave most of it unused (that result is
+    // kept in its place)...
+    const std::size_t small = 1u << 20;
+    CHECK(run_bounded(loop, await_future(pool.submit<reverse_complement>(pattern(small, 3))), 60s) ==
+          reverse_complement(pattern(small, 3)));
+    CHECK(run_bounded(loop, await_future(pool.submit<spare_bytes_in_worker>())) == small);
+    // ... nor one of another type.
+    std::vector<std::byte> bytes(small);
+    for (std::size_t i = 0; i < bytes.size(); ++i) bytes[i] = static_cast<std::byte>(i * 7);
+    CHECK(run_bounded(loop, await_future(pool.submit<digest_bytes>(bytes)), 60s) == digest_bytes(bytes));
+    CHECK(run_bounded(loop, await_future(pool.submit<blocks_reused_in_worker>())) == reused + 1);
+    // Kept a second at most: then its memory goes back.
+    const auto give_up = std::chrono::steady_clock::now() + 10s;
+    std::size_t kept = small;
+    while (kept != 0 && std::chrono::steady_clock::now() < give_up) {
+        run_bounded(loop, pause_for(&loop, 100ms));
+        kept = run_bounded(loop, await_future(pool.submit<spare_bytes_in_worker>()));
+    }
+    CHECK(kept == 0);
+}
+
 TEST_CASE("many large and small tasks queued at once on one worker all come back right") {
     coproc::event_loop loop;
     coproc::process_pool pool{loop, {.max_workers = 1, .prefetch = 8, .max_prefetch = 8}};

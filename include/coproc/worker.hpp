@@ -18,6 +18,14 @@ namespace coproc {
 // process. Otherwise returns.
 void run_worker_if_requested(int argc, char** argv);
 
+namespace detail {
+// In a worker: how many large block arguments were received into the memory
+// of a result it had sent, and how many bytes of such memory it keeps now.
+// For tests and diagnostics.
+std::size_t worker_blocks_reused() noexcept;
+std::size_t worker_spare_bytes() noexcept;
+} // namespace detail
+
 } // namespace coproc
 
 #define COPROC_DETAIL_CONCAT2(a, b) a##b

@@ -147,8 +147,9 @@ struct prepared_arguments {
     std::span<std::byte> block;
 };
 // Makes the arguments for a block of `count` elements filling `bytes`
-// bytes; returns nothing prepared when they do not match.
-using argument_preparer = prepared_arguments (*)(std::uint64_t count, std::size_t bytes);
+// bytes, in the memory of `spare` when reuse_block accepts it; returns
+// nothing prepared when they do not match.
+using argument_preparer = prepared_arguments (*)(std::uint64_t count, std::size_t bytes, spare_block& spare);
 using prepared_invoker = void (*)(void* values, byte_buffer& result, std::vector<attached_bytes>& attached,
                                   std::stop_token token);
 
@@ -224,15 +225,18 @@ struct remote {
         }
     }();
 
-    static prepared_arguments prepare(std::uint64_t count, std::size_t bytes) {
+    static prepared_arguments prepare(std::uint64_t count, std::size_t bytes, spare_block& spare) {
         if constexpr (one_block) {
             if (!block_fills<std::tuple_element_t<0, arguments>>(count, bytes)) return {};
             auto values = std::make_shared<arguments>();
-            const std::span<std::byte> block = size_block(std::get<0>(*values), static_cast<std::size_t>(count));
+            auto& argument = std::get<0>(*values);
+            reuse_block(argument, spare, static_cast<std::size_t>(count));
+            const std::span<std::byte> block = size_block(argument, static_cast<std::size_t>(count));
             return {std::move(values), block};
         } else {
             (void)count;
             (void)bytes;
+            (void)spare;
             return {};
         }
     }

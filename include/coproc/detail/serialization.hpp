@@ -221,6 +221,28 @@ struct attached_bytes {
 template <class T>
 inline char type_tag = 0;
 
+// A block container no longer needed where it was (an argument the worker
+// has read, a result already sent), kept for its memory: `owner` is a T made
+// by encode_value_attaching, and `tag` is type_tag<T>.
+struct spare_block {
+    std::shared_ptr<const void> owner;
+    const void* tag = nullptr;
+};
+
+// Moves the spare's container into `block` when it is of block's type and
+// `count` elements fit in its memory and fill at least half of it (memory
+// already touched: no new pages to fault in and zero; not much of it left
+// unused). Returns whether it did; the spare is then empty.
+template <class T>
+bool reuse_block(T& block, spare_block& spare, std::size_t count) {
+    if (spare.tag != &type_tag<T> || !spare.owner) return false;
+    T& old = *static_cast<T*>(const_cast<void*>(spare.owner.get())); // made non-const
+    if (old.capacity() < count || count < old.capacity() / 2) return false;
+    block = std::move(old);
+    spare = {};
+    return true;
+}
+
 // Block containers at least this large are attached, not copied, when they
 // are handed over as rvalues (a moved argument, a function's result).
 inline constexpr std::size_t attach_from = 64 * 1024;

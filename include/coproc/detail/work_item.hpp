@@ -58,10 +58,9 @@ public:
     // otherwise returns an empty span and leaves the value alone. `spares`
     // are containers of the result's type (block_result_tag()) that this
     // task's arguments no longer need: the value takes the memory of the
-    // first one the result fits and fills at least half of (memory already
-    // touched: no new pages to fault in and zero).
+    // first one reuse_block accepts.
     virtual std::span<std::byte> prepare_block_result(std::span<const std::byte> start, std::size_t payload_size,
-                                                      std::vector<std::shared_ptr<const void>> spares) {
+                                                      std::vector<spare_block> spares) {
         (void)start;
         (void)payload_size;
         (void)spares;
@@ -126,21 +125,15 @@ public:
         value.emplace(std::move(decoded));
     }
     std::span<std::byte> prepare_block_result(std::span<const std::byte> start, std::size_t payload_size,
-                                              std::vector<std::shared_ptr<const void>> spares) override {
+                                              std::vector<spare_block> spares) override {
         if constexpr (block_container<T>::value) {
             wire_count count = 0;
             if (start.size() < sizeof count || payload_size < sizeof count) return {};
             std::memcpy(&count, start.data(), sizeof count);
             if (!block_fills<T>(count, payload_size - sizeof count)) return {};
             T& block = value.emplace();
-            for (const auto& spare : spares) {
-                // Made by encode_value_attaching as a (non-const) T.
-                T& old = *static_cast<T*>(const_cast<void*>(spare.get()));
-                // Not when the result would leave most of it unused.
-                if (old.capacity() >= count && count >= old.capacity() / 2) {
-                    block = std::move(old);
-                    break;
-                }
+            for (auto& spare : spares) {
+                if (reuse_block(block, spare, static_cast<std::size_t>(count))) break;
             }
             return size_block(block, static_cast<std::size_t>(count));
         } else {
