@@ -38,6 +38,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdint>
 #include <atomic>
 #include <cerrno>
 #include <condition_variable>
@@ -613,13 +614,14 @@ pool_core::pool_core(event_loop& event_loop, process_pool_options opts)
         for (const auto& [name, value] : options_.environment) {
             if (entry.size() > name.size() && entry.starts_with(name) && entry[name.size()] == '=') return true;
         }
-        return entry.starts_with("COPROC_PARENT_PID=");
+        return entry.starts_with("COPROC_PARENT_PID=") || entry.starts_with("COPROC_KEEP_RESULT_MS=");
     };
     for (char** entry = environ; entry != nullptr && *entry != nullptr; ++entry) {
         if (!replaced(*entry)) environment_storage_.emplace_back(*entry);
     }
     for (const auto& [name, value] : options_.environment) environment_storage_.push_back(name + "=" + value);
     environment_storage_.push_back("COPROC_PARENT_PID=" + std::to_string(::getpid()));
+    environment_storage_.push_back("COPROC_KEEP_RESULT_MS=" + std::to_string(std::max<std::int64_t>(0, options_.keep_result_memory.count())));
     if (options_.huge_pages) add_huge_page_tunable(environment_storage_);
 }
 
@@ -709,7 +711,7 @@ void pool_core::share_arguments(work_item& item) {
     };
     for (auto& part : item.attached) {
         add_own(part.offset);
-        parts.push_back({0, part.data, part.size, std::move(part.owner), part.container});
+        parts.push_back({0, part.data, part.size, std::move(part.owner), part.container, part.reserved});
     }
     add_own(shared->size());
     item.attached = std::move(parts);

@@ -6,9 +6,11 @@
 //   runner                runs queued calls one at a time: START, then
 //                         RESULT or ERROR.
 //
-// A large block result, once sent, is kept as the spare (one at a time, freed
-// spare_idle after it was kept, unless taken before): the next large block
-// argument of its type is received into its memory instead of new pages.
+// A large block result, once sent, is kept as the spare (one at a time): the
+// next large block argument of its type is received into its memory instead
+// of new pages. A third thread, the janitor (started with the first spare),
+// frees a spare not taken within process_pool_options::keep_result_memory,
+// busy or not.
 //
 // Plain blocking I/O: a worker serves one parent over one socket and has
 // nothing else to wait for. Writes from both threads go through one mutex, so
@@ -37,7 +39,6 @@
 #include <cstring>
 #include <deque>
 #include <mutex>
-#include <optional>
 #include <stop_token>
 #include <thread>
 #include <vector>
@@ -51,7 +52,7 @@ namespace wire = detail::wire;
 constexpr const char* worker_flag = "--coproc-worker";
 constexpr int parent_socket = 3;
 constexpr std::size_t max_call_frame = wire::max_payload;
-constexpr std::chrono::seconds spare_idle{1};
+using clock_type = std::chrono::steady_clock;
 
 std::atomic<std::size_t> blocks_reused{0};
 std::atomic<std::size_t> spare_bytes{0};
@@ -63,7 +64,7 @@ std::atomic<std::size_t> spare_bytes{0};
 
 class worker_session {
 public:
-    explicit worker_session(int fd) : fd_(fd) {}
+    worker_session(int fd, std::chrono::milliseconds keep_result_memory) : fd_(fd), keep_for_(keep_result_memory) {}
 
     [[noreturn]] void serve() {
         send_hello();
@@ -203,11 +204,11 @@ private:
         std::memcpy(&count, into.payload.data() + sizeof function_id, sizeof count);
         const detail::remote_function_entry* function = detail::find_remote_function(function_id);
         if (function != nullptr && !function->ambiguous && function->prepare != nullptr) {
-            detail::spare_block spare = take_spare();
-            const bool had_spare = spare.owner != nullptr;
-            into.prepared = function->prepare(count, header.length - head, spare);
-            if (had_spare && !spare.owner) blocks_reused.fetch_add(1, std::memory_order_relaxed);
-            if (spare.owner) put_back_spare(std::move(spare));
+            kept_block spare = take_spare();
+            const bool had_spare = spare.block.owner != nullptr;
+            into.prepared = function->prepare(count, header.length - head, spare.block);
+            if (had_spare && !spare.block.owner) blocks_reused.fetch_add(1, std::memory_order_relaxed);
+            if (spare.block.owner) put_back_spare(std::move(spare));
         }
         if (into.prepared.values) {
             into.payload.resize(sizeof function_id); // run() reads the function id from it
@@ -218,49 +219,74 @@ private:
         if (!read_exact(into.payload.data() + head, header.length - head)) quit(0);
     }
 
+    // A block container kept for its memory, with how much it holds and
+    // when it is to be freed.
+    struct kept_block {
+        detail::spare_block block;
+        std::size_t bytes = 0;
+        clock_type::time_point expiry{};
+    };
+
     // After `sent` went out: keeps its largest block container (a result
     // sent from where the function left it) as the spare, in place of the
     // one kept before; frees the rest.
     void keep_spare(outgoing& sent) {
-        detail::spare_block kept;
-        std::size_t size = 0;
+        kept_block kept;
         for (const auto& part : sent.attached) {
-            if (part.container != nullptr && part.size > size && part.owner.use_count() == 1) {
-                kept = {part.owner, part.container};
-                size = part.size;
+            if (part.container != nullptr && part.reserved > kept.bytes && part.owner.use_count() == 1) {
+                kept = {{part.owner, part.container}, part.reserved, {}};
             }
         }
         sent.clear();
-        if (!kept.owner) return;
-        detail::spare_block old;
+        if (!kept.block.owner || keep_for_ <= std::chrono::milliseconds::zero()) return;
+        kept.expiry = clock_type::now() + keep_for_;
+        kept_block old;
         {
             std::lock_guard lock{spare_mutex_};
             old = std::exchange(spare_, std::move(kept));
-            spare_size_ = size;
-            spare_kept_at_ = std::chrono::steady_clock::now();
-            spare_bytes.store(size, std::memory_order_relaxed);
+            spare_bytes.store(spare_.bytes, std::memory_order_relaxed);
+            if (!janitor_started_) {
+                janitor_started_ = true;
+                std::thread{[this] { run_janitor(); }}.detach(); // the process ends with _exit
+            }
         }
-    }
+        spare_changed_.notify_one();
+    } // `old` is freed here, outside the lock
 
-    detail::spare_block take_spare() {
+    kept_block take_spare() {
         std::lock_guard lock{spare_mutex_};
         spare_bytes.store(0, std::memory_order_relaxed);
         return std::exchange(spare_, {});
     }
 
-    // Not taken: back, unless another was kept meanwhile.
-    void put_back_spare(detail::spare_block spare) {
-        std::lock_guard lock{spare_mutex_};
-        if (spare_.owner) return;
-        spare_ = std::move(spare);
-        spare_bytes.store(spare_size_, std::memory_order_relaxed);
+    // Not taken: back, unless it expired or another was kept meanwhile (then
+    // it is freed, outside the lock).
+    void put_back_spare(kept_block spare) {
+        {
+            std::lock_guard lock{spare_mutex_};
+            if (spare_.block.owner || clock_type::now() >= spare.expiry) return;
+            spare_ = std::move(spare);
+            spare_bytes.store(spare_.bytes, std::memory_order_relaxed);
+        }
+        spare_changed_.notify_one();
     }
 
-    // When the spare is to be freed, if there is one.
-    [[nodiscard]] std::optional<std::chrono::steady_clock::time_point> spare_expiry() {
-        std::lock_guard lock{spare_mutex_};
-        if (!spare_.owner) return std::nullopt;
-        return spare_kept_at_ + spare_idle;
+    // The janitor: frees each spare when it expires.
+    void run_janitor() {
+        std::unique_lock lock{spare_mutex_};
+        for (;;) {
+            if (!spare_.block.owner) {
+                spare_changed_.wait(lock);
+            } else if (clock_type::now() < spare_.expiry) {
+                spare_changed_.wait_until(lock, spare_.expiry);
+            } else {
+                kept_block expired = std::exchange(spare_, {});
+                spare_bytes.store(0, std::memory_order_relaxed);
+                lock.unlock();
+                expired = {}; // its memory goes back, outside the lock
+                lock.lock();
+            }
+        }
     }
 
     // CANCEL: a task still queued is dropped without running and answered
@@ -309,12 +335,7 @@ private:
                     keep_spare(held);
                     lock.lock();
                 }
-                const auto ready = [this] { return !queue_.empty() || bye_; };
-                if (const auto expiry = spare_expiry()) {
-                    // Kept for spare_idle at most, busy or not.
-                    if (!queue_changed_.wait_until(lock, *expiry, ready)) take_spare();
-                }
-                queue_changed_.wait(lock, ready);
+                queue_changed_.wait(lock, [this] { return !queue_.empty() || bye_; });
                 if (queue_.empty()) break;
                 next = std::move(queue_.front());
                 queue_.pop_front();
@@ -392,10 +413,11 @@ private:
     bool bye_ = false;
     std::uint64_t running_id_ = 0;
     std::stop_source running_stop_;
-    std::mutex spare_mutex_; // after queue_mutex_ when both are held
-    detail::spare_block spare_;
-    std::size_t spare_size_ = 0;
-    std::chrono::steady_clock::time_point spare_kept_at_{};
+    std::chrono::milliseconds keep_for_;
+    std::mutex spare_mutex_;
+    std::condition_variable spare_changed_;
+    kept_block spare_;
+    bool janitor_started_ = false;
 };
 
 } // namespace
@@ -417,7 +439,10 @@ void run_worker_if_requested(int argc, char** argv) {
     }
     // Programs a task execs must not hold the pool's socket open.
     ::fcntl(parent_socket, F_SETFD, FD_CLOEXEC);
-    worker_session session{parent_socket};
+    // process_pool_options::keep_result_memory, in ms.
+    std::chrono::milliseconds keep_result_memory{1000};
+    if (const char* keep = std::getenv("COPROC_KEEP_RESULT_MS")) keep_result_memory = std::chrono::milliseconds{std::atoll(keep)};
+    worker_session session{parent_socket, keep_result_memory};
     session.serve();
 }
 

@@ -72,6 +72,7 @@ std::uint64_t digest_parts(std::string text, std::int32_t marker, std::vector<do
 }
 
 std::uint64_t digest_bytes(std::vector<std::byte> bytes) { return digest_parts({}, 0, {}, std::move(bytes)); }
+std::uint64_t digest_text(std::string text) { return digest_parts(std::move(text), 0, {}, {}); }
 
 std::size_t record_block(std::string data) {
     std::ofstream{data.substr(0, data.find('\n'))} << "ran\n";

@@ -138,6 +138,7 @@ std::size_t spare_bytes_in_worker();
 std::uint64_t digest_parts(std::string text, std::int32_t marker, std::vector<double> numbers, std::vector<std::byte> bytes);
 // One block container as the only argument.
 std::uint64_t digest_bytes(std::vector<std::byte> bytes);
+std::uint64_t digest_text(std::string text);
 double sum_doubles(std::vector<double> numbers);
 // Creates the file named by `data` up to its first newline, and returns
 // the size of `data`: a one-block call with a side effect to look for.

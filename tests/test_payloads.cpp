@@ -479,37 +479,67 @@ TEST_CASE("a large result of the type of a moved argument reuses that argument's
     }
 }
 
-TEST_CASE("a worker receives a large block argument into the memory of a large result it sent, and frees that memory within a second") {
+TEST_CASE("a worker receives a large block argument into the memory of a large result it sent, when it fits and is of its type") {
     coproc::event_loop loop;
-    coproc::process_pool pool{loop, {.max_workers = 1}};
+    coproc::process_pool pool{loop, {.max_workers = 1, .keep_result_memory = 600s}}; // no expiry in this test
     const std::size_t size = (8u << 20) + 5;
-    const std::size_t reused = run_bounded(loop, await_future(pool.submit<blocks_reused_in_worker>()));
+    auto reused = [&] { return run_bounded(loop, await_future(pool.submit<blocks_reused_in_worker>())); };
+    auto kept = [&] { return run_bounded(loop, await_future(pool.submit<spare_bytes_in_worker>())); };
+    const std::size_t before = reused();
     // A large result, sent from where the function left it, is kept...
     CHECK(run_bounded(loop, await_future(pool.submit<pattern>(size, 1)), 60s) == pattern(size, 1));
-    CHECK(run_bounded(loop, await_future(pool.submit<spare_bytes_in_worker>())) == size);
-    // ... and the next large argument of its type is received into it, intact.
+    CHECK(kept() == size);
+    // ... and the next large argument of its type is received into it,
+    // intact; that result is kept in turn.
     CHECK(run_bounded(loop, await_future(pool.submit<reverse_complement>(pattern(size, 2))), 60s) ==
           reverse_complement(pattern(size, 2)));
-    CHECK(run_bounded(loop, await_future(pool.submit<blocks_reused_in_worker>())) == reused + 1);
-    // Not an argument that would leave most of it unused (that result is
-    // kept in its place)...
-    const std::size_t small = 1u << 20;
-    CHECK(run_bounded(loop, await_future(pool.submit<reverse_complement>(pattern(small, 3))), 60s) ==
-          reverse_complement(pattern(small, 3)));
-    CHECK(run_bounded(loop, await_future(pool.submit<spare_bytes_in_worker>())) == small);
-    // ... nor one of another type.
-    std::vector<std::byte> bytes(small);
+    CHECK(reused() == before + 1);
+    CHECK(kept() == size);
+    // Not an argument that would leave most of it unused: it stays kept.
+    const std::string small = pattern(1u << 20, 3);
+    CHECK(run_bounded(loop, await_future(pool.submit<digest_text>(small)), 60s) == digest_text(small));
+    CHECK(reused() == before + 1);
+    CHECK(kept() == size);
+    // Nor one of another type.
+    std::vector<std::byte> bytes(size);
     for (std::size_t i = 0; i < bytes.size(); ++i) bytes[i] = static_cast<std::byte>(i * 7);
     CHECK(run_bounded(loop, await_future(pool.submit<digest_bytes>(bytes)), 60s) == digest_bytes(bytes));
-    CHECK(run_bounded(loop, await_future(pool.submit<blocks_reused_in_worker>())) == reused + 1);
-    // Kept a second at most: then its memory goes back.
-    const auto give_up = std::chrono::steady_clock::now() + 10s;
-    std::size_t kept = small;
-    while (kept != 0 && std::chrono::steady_clock::now() < give_up) {
-        run_bounded(loop, pause_for(&loop, 100ms));
-        kept = run_bounded(loop, await_future(pool.submit<spare_bytes_in_worker>()));
+    CHECK(reused() == before + 1);
+    CHECK(kept() == size);
+    // One that fills at least half of it is received into it: nothing is
+    // kept after (its result is a number).
+    const std::string half = pattern(size / 2 + 1, 4);
+    CHECK(run_bounded(loop, await_future(pool.submit<digest_text>(half)), 60s) == digest_text(half));
+    CHECK(reused() == before + 2);
+    CHECK(kept() == 0);
+}
+
+TEST_CASE("a worker frees a kept result's memory after keep_result_memory, busy or idle, and keeps none with zero") {
+    coproc::event_loop loop;
+    const std::size_t size = (8u << 20) + 5;
+    {
+        coproc::process_pool pool{loop, {.max_workers = 1, .keep_result_memory = 300ms}};
+        auto kept = [&] { return run_bounded(loop, await_future(pool.submit<spare_bytes_in_worker>())); };
+        // Busy: a task of 1.5 s runs right after the large result.
+        auto large = pool.submit<pattern>(size, 1);
+        auto busy = pool.submit<sleep_ms>(1500);
+        CHECK(run_bounded(loop, await_future(std::move(large)), 60s) == pattern(size, 1));
+        run_bounded(loop, await_future(std::move(busy)), 60s);
+        CHECK(kept() == 0);
+        // Idle.
+        CHECK(run_bounded(loop, await_future(pool.submit<pattern>(size, 2)), 60s) == pattern(size, 2));
+        run_bounded(loop, pause_for(&loop, 1500ms));
+        CHECK(kept() == 0);
     }
-    CHECK(kept == 0);
+    {
+        coproc::process_pool pool{loop, {.max_workers = 1, .keep_result_memory = 0ms}};
+        const std::size_t before = run_bounded(loop, await_future(pool.submit<blocks_reused_in_worker>()));
+        CHECK(run_bounded(loop, await_future(pool.submit<pattern>(size, 1)), 60s) == pattern(size, 1));
+        CHECK(run_bounded(loop, await_future(pool.submit<spare_bytes_in_worker>())) == 0);
+        CHECK(run_bounded(loop, await_future(pool.submit<reverse_complement>(pattern(size, 2))), 60s) ==
+              reverse_complement(pattern(size, 2)));
+        CHECK(run_bounded(loop, await_future(pool.submit<blocks_reused_in_worker>())) == before);
+    }
 }
 
 TEST_CASE("many large and small tasks queued at once on one worker all come back right") {

@@ -117,6 +117,11 @@ struct process_pool_options {
     // option, the large strings and vectors coproc decodes or receives in
     // place are advised for huge pages (they are filled completely).
     bool huge_pages = true;
+    // A worker keeps the memory of the last large string or vector it
+    // returned (see "Large arguments and results" in the README) this long
+    // at most, busy or not: a large argument of that type arriving meanwhile
+    // is received into it instead of into new pages. Zero: nothing is kept.
+    std::chrono::milliseconds keep_result_memory{1000};
     // What a worker's death does to the pool.
     crash_policy on_worker_crash = crash_policy::isolate;
     // CALL frames in flight per worker, at least: the worker holds the next

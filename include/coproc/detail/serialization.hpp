@@ -214,6 +214,7 @@ struct attached_bytes {
     std::size_t size;
     std::shared_ptr<const void> owner;
     const void* container = nullptr;
+    std::size_t reserved = 0; // with `container`: the bytes of its capacity
 };
 
 // One object per type, whose address names the type without RTTI. Not
@@ -265,7 +266,8 @@ void encode_value_attaching(vector_streambuf& out, byte_buffer& bytes, std::vect
         const wire_count count = value.size();
         out.sputn(reinterpret_cast<const char*>(&count), sizeof count);
         auto owner = std::make_shared<plain>(std::move(value)); // not const: it may be reused once sent
-        attached.push_back({bytes.size(), reinterpret_cast<const std::byte*>(owner->data()), size, owner, &type_tag<plain>});
+        attached.push_back({bytes.size(), reinterpret_cast<const std::byte*>(owner->data()), size, owner, &type_tag<plain>,
+                            owner->capacity() * sizeof(typename plain::value_type)});
     } else {
         encode_value(out, archive, value);
     }
