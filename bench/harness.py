@@ -237,15 +237,20 @@ def write_markdown(report, out):
     lines += [f"Machine: {m['nproc']} CPUs ({m['cpu']}), Linux {m['kernel']}; date {m['date']}; "
               f"medians of {report['rounds']} interleaved rounds. Command: `bench/run`.", "",
               "![latency and throughput per system](plot.png)", "",
-              "| metric | unit | " + " | ".join(systems) + " | coproc/limit | coproc/Python |",
-              "|---|---|" + "---|" * len(systems) + "---|---|"]
-    for workload, metric, unit, higher in WORKLOADS:
-        if metric not in table:
+              "Each workload's table gives every system's figure, and coproc's ratio to the plain "
+              "socket-pair limit and to Python's executor (`-`: no such figure)."]
+    for workload in dict.fromkeys(w for w, _, _, _ in WORKLOADS):
+        metrics = [(metric, unit) for w, metric, unit, _ in WORKLOADS if w == workload and metric in table]
+        if not metrics:
             continue
-        row = [fmt(table[metric].get(s)) for s in systems]
-        limit = ratio(table[metric].get("coproc"), table[metric].get("plain"))
-        python = ratio(table[metric].get("coproc"), table[metric].get("python"))
-        lines.append(f"| {workload} {metric} | {unit} | " + " | ".join(row) + f" | {fmt(limit)} | {fmt(python)} |")
+        lines += ["", f"### {workload}", "",
+                  "| metric | unit | " + " | ".join(systems) + " | coproc/limit | coproc/Python |",
+                  "|---|---|" + "---|" * len(systems) + "---|---|"]
+        for metric, unit in metrics:
+            row = [fmt(table[metric].get(s)) for s in systems]
+            limit = ratio(table[metric].get("coproc"), table[metric].get("plain"))
+            python = ratio(table[metric].get("coproc"), table[metric].get("python"))
+            lines.append(f"| {metric} | {unit} | " + " | ".join(row) + f" | {fmt(limit)} | {fmt(python)} |")
     lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for target in report["targets"]:
         met = "-" if target["met"] is None else ("yes" if target["met"] else "**no**")
