@@ -37,12 +37,12 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <climits>
-#include <cstdint>
 #include <atomic>
 #include <cerrno>
+#include <climits>
 #include <condition_variable>
 #include <csignal>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <deque>
@@ -159,7 +159,6 @@ struct outbox {
         bytes.append(arguments.data() + done, arguments.size() - done);
         wire::finish_frame(bytes, offset, attached_size(attached));
     }
-
 };
 
 struct worker_handle {
@@ -621,7 +620,8 @@ pool_core::pool_core(event_loop& event_loop, process_pool_options opts)
     }
     for (const auto& [name, value] : options_.environment) environment_storage_.push_back(name + "=" + value);
     environment_storage_.push_back("COPROC_PARENT_PID=" + std::to_string(::getpid()));
-    environment_storage_.push_back("COPROC_KEEP_RESULT_MS=" + std::to_string(std::max<std::int64_t>(0, options_.keep_result_memory.count())));
+    const std::int64_t keep_ms = std::max<std::int64_t>(0, options_.keep_result_memory.count());
+    environment_storage_.push_back("COPROC_KEEP_RESULT_MS=" + std::to_string(keep_ms));
     if (options_.huge_pages) add_huge_page_tunable(environment_storage_);
 }
 

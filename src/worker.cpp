@@ -439,10 +439,10 @@ void run_worker_if_requested(int argc, char** argv) {
     }
     // Programs a task execs must not hold the pool's socket open.
     ::fcntl(parent_socket, F_SETFD, FD_CLOEXEC);
-    // process_pool_options::keep_result_memory, in ms.
-    std::chrono::milliseconds keep_result_memory{1000};
-    if (const char* keep = std::getenv("COPROC_KEEP_RESULT_MS")) keep_result_memory = std::chrono::milliseconds{std::atoll(keep)};
-    worker_session session{parent_socket, keep_result_memory};
+    // process_pool_options::keep_result_memory in ms, set by the pool (its
+    // default lives there); not set: nothing is kept.
+    const char* keep = std::getenv("COPROC_KEEP_RESULT_MS");
+    worker_session session{parent_socket, std::chrono::milliseconds{keep != nullptr ? std::atoll(keep) : 0}};
     session.serve();
 }
 

@@ -123,20 +123,23 @@ constexpr bool block_fills(wire_count count, std::size_t bytes) noexcept {
     return bytes % sizeof(element) == 0 && count == bytes / sizeof(element);
 }
 
+// Empties `block` and gives it new memory for `count` elements, advised for
+// huge pages before it is first touched.
+template <class T>
+void reserve_block(T& block, std::size_t count) {
+    block.clear();
+    block.reserve(count);
+    advise_huge_pages(block.data(), count * sizeof(typename T::value_type));
+}
+
 // Makes `block` `count` elements long and returns its bytes, to be
-// overwritten (elements it held before may remain until then). New memory
-// is advised for huge pages before it is first touched; memory it already
-// has is used as it is.
+// overwritten (elements it held before may remain until then). Memory it
+// already has is used as it is; otherwise reserve_block.
 template <class T>
 std::span<std::byte> size_block(T& block, std::size_t count) {
-    const std::size_t bytes = count * sizeof(typename T::value_type);
-    if (block.capacity() < count) {
-        block.clear();
-        block.reserve(count);
-        advise_huge_pages(block.data(), bytes);
-    }
+    if (block.capacity() < count) reserve_block(block, count);
     block.resize(count);
-    return {reinterpret_cast<std::byte*>(block.data()), bytes};
+    return {reinterpret_cast<std::byte*>(block.data()), count * sizeof(typename T::value_type)};
 }
 
 template <class T>
@@ -174,9 +177,7 @@ void decode_value(span_streambuf& in, cereal::BinaryInputArchive& archive, T& va
         if constexpr (std::is_same_v<element, char> || std::is_same_v<element, unsigned char> ||
                       std::is_same_v<element, std::byte>) {
             // Copied in once, no zero-filling first (these may alias bytes).
-            value.clear();
-            value.reserve(static_cast<std::size_t>(count));
-            advise_huge_pages(value.data(), bytes);
+            reserve_block(value, static_cast<std::size_t>(count));
             const auto* first = reinterpret_cast<const element*>(rest.data());
             value.insert(value.end(), first, first + count);
         } else {
