@@ -30,6 +30,7 @@
 #include <poll.h>
 #include <sched.h>
 #include <spawn.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -122,6 +123,48 @@ void add_huge_page_tunable(std::vector<std::string>& environment) {
     environment.push_back(std::string(variable) + std::string(tunable) + "=1");
 }
 
+// True when a process ended by itself: an exit code, or a signal of its own
+// making (a crash, abort()). SIGKILL, SIGTERM and the like come from outside.
+bool failed_by_itself(const ::siginfo_t& info) {
+    if (info.si_code == CLD_EXITED) return true;
+    switch (info.si_status) {
+    case SIGSEGV:
+    case SIGBUS:
+    case SIGILL:
+    case SIGFPE:
+    case SIGABRT:
+    case SIGSYS:
+    case SIGTRAP:
+        return true;
+    default:
+        return false;
+    }
+}
+
+// Errors of socketpair and posix_spawn that a later attempt may not meet:
+// a resource limit or a shortage, not a fault of the worker program.
+bool passing_shortage(int error) noexcept {
+    return error == EAGAIN || error == ENOMEM || error == EMFILE || error == ENFILE || error == ENOBUFS;
+}
+
+// Which limit an error of socketpair or posix_spawn ran into.
+std::string describe_shortage(int error) {
+    ::rlimit limit{};
+    switch (error) {
+    case EMFILE:
+        ::getrlimit(RLIMIT_NOFILE, &limit);
+        return "this process reached its limit on open files, RLIMIT_NOFILE (ulimit -n), now " +
+               std::to_string(limit.rlim_cur);
+    case ENFILE: return "the system reached its limit on open files (fs.file-max)";
+    case EAGAIN:
+        ::getrlimit(RLIMIT_NPROC, &limit);
+        return "a limit on processes was reached: RLIMIT_NPROC (ulimit -u), now " +
+               (limit.rlim_cur == RLIM_INFINITY ? std::string("unlimited") : std::to_string(limit.rlim_cur)) +
+               ", kernel.threads-max, kernel.pid_max or a cgroup's pids.max";
+    default: return "the system is short of memory";
+    }
+}
+
 std::string describe_exit(const ::siginfo_t& info) {
     if (info.si_code == CLD_EXITED) return "exited with code " + std::to_string(info.si_status);
     std::string text = "was killed by signal " + std::to_string(info.si_status);
@@ -174,6 +217,9 @@ struct worker_handle {
     bool writing = false;
     bool bye_sent = false;
     std::string kill_reason; // why the parent killed it, if it did
+    // The pool sent it SIGKILL: nothing more is dispatched to it, whatever
+    // its phase, in the time until its exit is seen.
+    bool condemned = false;
     bool violated = false;   // killed for a protocol violation: its frames were not all read
     int coroutines = 0;      // of read/watch/write still alive
     // A death is handled once both hold: the process was reaped (exit
@@ -212,7 +258,9 @@ public:
     [[nodiscard]] std::size_t prefetch_allowed(const work_item& item, std::size_t starting) const noexcept;
     void destroy() noexcept;
     void close(bool cancel_pending);
-    void signal_workers(int signal) noexcept;
+    // terminate_workers / kill_workers: CPython 3.14's meaning.
+    void terminate(int signal);
+    void restart_workers() noexcept;
     pool_stats stats() const;
     std::vector<int> worker_pids() const;
 
@@ -253,7 +301,7 @@ public:
     // shutdown() waits on these.
     [[nodiscard]] bool idle() const;
     [[nodiscard]] bool no_workers() const;
-    void add_waiter(std::coroutine_handle<> waiter) { waiters_.push_back(waiter); }
+    void add_waiter(std::shared_ptr<pool_waiter> waiter) { waiters_.push_back(std::move(waiter)); }
     void wake_waiters();
 
     event_loop& loop;
@@ -283,8 +331,23 @@ private:
     void start_writer(worker_handle& worker);
     void start_idle_timer(worker_handle& worker);
     void send_bye(worker_handle& worker);
-    void fail_all_pending(const std::exception_ptr& error) noexcept;
-    void end_all_pending(work_state state, const std::exception_ptr& error) noexcept;
+    // Ends every pending item in `state`, each with an exception of its own
+    // made by `make_error` (never one object shared by many futures: CPython
+    // gh-101267).
+    void end_all_pending(work_state state, const std::function<std::exception_ptr()>& make_error) noexcept;
+    // Breaks the pool, once: later submits throw broken_process_pool, every
+    // pending future fails with one of its own, and every worker is killed,
+    // so that the futures they hold fail alike when their exits are seen.
+    void break_pool(std::string message, std::exception_ptr cause = nullptr);
+    // A broken_process_pool of its own for one future (or one submit).
+    std::exception_ptr broken_error_locked() const;
+    std::exception_ptr broken_error() const;
+    // What to do when starting a worker failed for a passing shortage.
+    void spawn_failed(const std::system_error& failure, std::size_t live);
+    void start_spawn_retry();
+public:
+    void spawn_retry_fired();
+private:
     std::vector<char*> worker_environment();
 
     process_pool_options options_;
@@ -295,13 +358,23 @@ private:
     mutable std::mutex mutex_; // guards pending_, closed_, broken_, next_id_, dispatch_posted_ and items not yet final
     std::deque<work_item*> pending_;
     bool closed_ = false;
-    std::exception_ptr broken_;
+    // Set once the pool is broken: what broken_process_pool says, and the
+    // error that broke it (an initializer's exception), if any.
+    std::optional<std::pair<std::string, std::exception_ptr>> broken_;
+    // terminate_workers() or kill_workers() was called: the pool is closed,
+    // its workers are being killed and none is started again.
+    bool terminated_ = false;
     std::uint64_t next_id_ = 1;
     bool dispatch_posted_ = false;
 
     std::list<std::unique_ptr<worker_handle>> workers_; // loop thread
-    std::vector<std::coroutine_handle<>> waiters_;      // loop thread
+    std::vector<std::shared_ptr<pool_waiter>> waiters_; // loop thread
     int startup_failures_ = 0;
+    // Starting a worker failed for a passing shortage (EMFILE, EAGAIN, ...):
+    // a timer retries after spawn_backoff_ (loop thread).
+    bool spawn_retry_pending_ = false;
+    std::chrono::milliseconds spawn_backoff_{0};
+    std::stop_source lifetime_stop_; // stopped when the process_pool goes away
     // Moving average run time (START to answer, microseconds) per function
     // (and call kind): sets the prefetch depth (loop thread).
     std::unordered_map<std::uint64_t, double> run_us_;
@@ -498,6 +571,16 @@ task<void> shielded(task<void> body) {
     co_await std::move(body);
 }
 
+// Lets dispatch start workers again after a passing shortage.
+task<void> spawn_retry(std::shared_ptr<pool_core> core, std::chrono::milliseconds delay, std::stop_token stop) {
+    try {
+        co_await with_stop_token(sleep_idle(&core->loop, delay), std::move(stop));
+    } catch (...) {
+        co_return; // the pool is gone
+    }
+    if (!core->destroyed) core->spawn_retry_fired();
+}
+
 // Kills a worker that has not said HELLO within start_timeout (counts as a
 // startup failure): a program that runs but does not speak the protocol.
 task<void> hello_timer(std::shared_ptr<pool_core> core, worker_handle* worker) {
@@ -561,20 +644,23 @@ task<void> deadline_timer(std::shared_ptr<pool_core> core, item_reference item, 
                                                        " did not finish before its submit timeout")));
 }
 
-// Waits until `ready(core)` holds; woken by pool_core::wake_waiters.
-struct pool_condition {
+// Whether `condition` holds of the pool (or the pool is gone).
+struct pool_holds {
     pool_core* core;
-    bool (pool_core::*ready)() const;
-    bool await_ready() const { return core->destroyed || (core->*ready)(); }
-    void await_suspend(std::coroutine_handle<> awaiting) { core->add_waiter(awaiting); }
-    void await_resume() const noexcept {}
+    bool (pool_core::*condition)() const;
+    bool operator()() const { return core->destroyed || (core->*condition)(); }
 };
 
+// Woken by pool_core::wake_waiters, which runs whenever a task or a worker
+// ends; a stop of the awaiter's token ends the wait with cancelled_error
+// (the pool stays closed).
 task<void> shutdown_pool(std::shared_ptr<pool_core> core, shutdown_options options) {
     core->close(options.cancel_futures);
     if (!options.wait) co_return;
-    while (!core->destroyed && !core->idle()) co_await pool_condition{core.get(), &pool_core::idle};
-    while (!core->destroyed && !core->no_workers()) co_await pool_condition{core.get(), &pool_core::no_workers};
+    const pool_holds idle{core.get(), &pool_core::idle};
+    while (!idle()) co_await pool_change<pool_holds>{core.get(), idle};
+    const pool_holds no_workers{core.get(), &pool_core::no_workers};
+    while (!no_workers()) co_await pool_change<pool_holds>{core.get(), no_workers};
 }
 
 task<void> shutdown_and_signal(std::shared_ptr<pool_core> core, shutdown_options options, std::promise<void>* done) {
@@ -635,8 +721,11 @@ void pool_core::destroy() noexcept {
         closed_ = true;
     }
     destroyed = true;
-    const auto reason = std::make_exception_ptr(cancelled_error("coproc: the process pool was destroyed"));
-    end_all_pending(work_state::cancelled, reason);
+    lifetime_stop_.request_stop();
+    const auto destroyed_error = [] {
+        return std::make_exception_ptr(cancelled_error("coproc: the process pool was destroyed"));
+    };
+    end_all_pending(work_state::cancelled, destroyed_error);
     for (auto& worker : workers_) {
         worker->lifetime_stop.request_stop();
         if (worker->state != worker_handle::phase::exited && !worker->reaped && worker->pid > 0) {
@@ -656,7 +745,7 @@ void pool_core::destroy() noexcept {
                 std::lock_guard lock{mutex_};
                 uncount_locked(*item);
             }
-            complete(item, work_state::cancelled, reason); // no-op when already final
+            complete(item, work_state::cancelled, destroyed_error()); // no-op when already final
             item->release();
         }
         worker->assigned.clear();
@@ -693,7 +782,7 @@ void pool_core::start_deadline_timer(work_item* item) {
 bool pool_core::has_room() const noexcept {
     if (destroyed || options_.max_pending == 0) return true;
     std::lock_guard lock{mutex_};
-    return closed_ || broken_ || queued_.load(std::memory_order_relaxed) < options_.max_pending;
+    return closed_ || broken_.has_value() || queued_.load(std::memory_order_relaxed) < options_.max_pending;
 }
 
 // Makes a large encoding shared: the bytes move into one shared buffer, cut
@@ -723,7 +812,7 @@ bool pool_core::submit(work_item* item, bool encoding_failed, bool throw_when_fu
     {
         std::lock_guard lock{mutex_};
         if (closed_) throw pool_closed();
-        if (broken_) std::rethrow_exception(broken_);
+        if (broken_) std::rethrow_exception(broken_error_locked());
         if (!encoding_failed && options_.max_pending > 0 && queued_.load(std::memory_order_relaxed) >= options_.max_pending) {
             if (throw_when_full) throw queue_full();
             return false;
@@ -931,7 +1020,7 @@ void pool_core::dispatch() {
         if (worker->state == worker_handle::phase::exited || worker->reaped) continue;
         ++live;
         if (worker->state == worker_handle::phase::starting || worker->state == worker_handle::phase::initializing) ++starting;
-        if (worker->state == worker_handle::phase::ready) ready.push_back(worker.get());
+        if (worker->state == worker_handle::phase::ready && !worker->condemned) ready.push_back(worker.get());
     }
     std::size_t demand = 0;
     bool closing = false;
@@ -976,7 +1065,6 @@ void pool_core::dispatch() {
         demand = queued_.load(std::memory_order_relaxed);
         closing = closed_;
     }
-    if (options_.max_pending > 0 && demand < options_.max_pending) wake_waiters(); // room for submit_async
     for (auto& worker : workers_) {
         if (worker->state == worker_handle::phase::exited) continue;
         const bool drained = worker->assigned.empty() && (worker->state == worker_handle::phase::retiring ||
@@ -984,34 +1072,61 @@ void pool_core::dispatch() {
         if (drained && !worker->bye_sent) send_bye(*worker);
         if (!worker->queued.empty() && !worker->writing) start_writer(*worker);
         if (options_.idle_timeout.count() > 0 && worker->state == worker_handle::phase::ready && !worker->reaped &&
-            worker->assigned.empty() && !worker->idle_timer && !destroyed) {
+            !worker->condemned && worker->assigned.empty() && !worker->idle_timer && !destroyed) {
             start_idle_timer(*worker);
         }
     }
-    while (demand > starting && live < static_cast<std::size_t>(max_workers_) && !destroyed) {
+    bool broken;
+    {
+        std::lock_guard lock{mutex_};
+        broken = broken_.has_value();
+    }
+    while (demand > starting && live < static_cast<std::size_t>(max_workers_) && !destroyed && !broken &&
+           !terminated_ && !spawn_retry_pending_) {
         try {
             spawn_worker();
+        } catch (const std::system_error& e) {
+            spawn_failed(e, live);
+            break;
         } catch (const std::exception& e) {
-            std::lock_guard lock{mutex_};
-            broken_ = std::make_exception_ptr(broken_process_pool(e.what()));
+            break_pool(e.what());
             break;
         }
+        spawn_backoff_ = std::chrono::milliseconds{0};
         ++live;
         ++starting;
     }
-    {
-        std::lock_guard lock{mutex_};
-        if (!broken_) return;
-    }
-    fail_all_pending(broken_);
+    // Every change a shutdown or submit_async waits for (a task answered,
+    // a worker gone, the queue moved) ends in a dispatch: wake them here
+    // rather than at each such place, so that none is ever missed.
+    if (!waiters_.empty()) wake_waiters();
 }
 
-void pool_core::fail_all_pending(const std::exception_ptr& error) noexcept {
-    end_all_pending(work_state::failed, error);
+std::exception_ptr pool_core::broken_error_locked() const {
+    if (!broken_) return nullptr;
+    return std::make_exception_ptr(broken_process_pool(broken_->first, broken_->second));
+}
+
+std::exception_ptr pool_core::broken_error() const {
+    std::lock_guard lock{mutex_};
+    return broken_error_locked();
+}
+
+void pool_core::break_pool(std::string message, std::exception_ptr cause) {
+    {
+        std::lock_guard lock{mutex_};
+        if (broken_) return;
+        broken_.emplace(std::move(message), std::move(cause));
+    }
+    // Said where a user looks, as CPython logs a failed initializer and a
+    // broken pool, even when no future is awaited.
+    std::fprintf(stderr, "%s\n", broken_->first.c_str());
+    end_all_pending(work_state::failed, [this] { return broken_error_locked(); });
+    for (auto& worker : workers_) kill_worker(*worker, "nothing: the pool broke");
     wake_waiters();
 }
 
-void pool_core::end_all_pending(work_state state, const std::exception_ptr& error) noexcept {
+void pool_core::end_all_pending(work_state state, const std::function<std::exception_ptr()>& make_error) noexcept {
     std::deque<work_item*> pending;
     std::vector<completion> done;
     {
@@ -1023,7 +1138,13 @@ void pool_core::end_all_pending(work_state state, const std::exception_ptr& erro
         for (work_item* item : pending) {
             if (item->state() != work_state::pending) continue;
             queued_.fetch_sub(1, std::memory_order_relaxed);
-            finalize_locked(*item, state, error, done.emplace_back());
+            std::exception_ptr error;
+            try {
+                error = make_error(); // under the mutex: it may not take it
+            } catch (...) {
+                error = std::current_exception(); // out of memory: that is the error then
+            }
+            finalize_locked(*item, state, std::move(error), done.emplace_back());
         }
     }
     for (auto& completion : done) deliver(completion);
@@ -1067,6 +1188,35 @@ std::vector<char*> pool_core::worker_environment() {
     return pointers;
 }
 
+void pool_core::spawn_failed(const std::system_error& failure, std::size_t live) {
+    const int code = failure.code().value();
+    const std::string account = std::string(failure.what()) + ": " + describe_shortage(code);
+    if (live == 0) {
+        // No worker alive or starting: nothing can run the queued tasks, so
+        // they fail now rather than wait for a limit that may never lift.
+        // The pool is not broken: later submits try again.
+        end_all_pending(work_state::failed, [&] {
+            return std::make_exception_ptr(worker_start_failed(
+                code, "coproc: no worker could be started to run this task (" + account +
+                          "); the pool has no worker alive and tries again at the next submit"));
+        });
+    }
+    // Serve with the workers there are; try again later, sooner at first.
+    spawn_backoff_ = std::clamp(spawn_backoff_ * 2, std::chrono::milliseconds{10}, std::chrono::milliseconds{1000});
+    start_spawn_retry();
+}
+
+void pool_core::start_spawn_retry() {
+    if (spawn_retry_pending_ || destroyed) return;
+    spawn_retry_pending_ = true;
+    loop.spawn(shielded(spawn_retry(shared_from_this(), spawn_backoff_, lifetime_stop_.get_token())));
+}
+
+void pool_core::spawn_retry_fired() {
+    spawn_retry_pending_ = false;
+    dispatch();
+}
+
 void pool_core::spawn_worker() {
     int fds[2];
     if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) {
@@ -1076,7 +1226,12 @@ void pool_core::spawn_worker() {
     if (child_end == worker_socket_in_child) {
         // dup2 onto itself would keep FD_CLOEXEC set; move it out of the way.
         child_end = ::fcntl(fds[1], F_DUPFD_CLOEXEC, worker_socket_in_child + 1);
+        const int error = errno;
         ::close(fds[1]);
+        if (child_end < 0) {
+            ::close(fds[0]);
+            throw std::system_error(error, std::system_category(), "coproc: socketpair for a worker");
+        }
     }
     ::posix_spawn_file_actions_t actions;
     ::posix_spawn_file_actions_init(&actions);
@@ -1101,6 +1256,11 @@ void pool_core::spawn_worker() {
     ::close(child_end);
     if (result != 0) {
         ::close(fds[0]);
+        if (passing_shortage(result)) {
+            throw std::system_error(result, std::system_category(), "coproc: posix_spawn of a worker");
+        }
+        // The program itself cannot be started (missing, not executable,
+        // not a program): no later attempt would do better.
         throw broken_process_pool("coproc: cannot start the worker program '" + executable_ + "': " + std::strerror(result));
     }
     // Without pidfd_open (a tool or sandbox that hides it, such as
@@ -1308,27 +1468,16 @@ void pool_core::initializer_failed(worker_handle& worker, std::exception_ptr cau
         what = e.what();
     } catch (...) {
     }
-    const auto broken = std::make_exception_ptr(broken_process_pool(
-        "coproc: the pool's initializer " + std::string(options_.initializer.function_name) + " failed in worker " +
-            std::to_string(worker.pid) + ": " + what + "; the pool is broken",
-        cause));
-    {
-        std::lock_guard lock{mutex_};
-        if (!broken_) broken_ = broken;
-    }
-    fail_all_pending(broken);
-    // No worker of this pool can serve any more.
-    for (auto& other : workers_) {
-        if (other->state != worker_handle::phase::exited && !other->reaped) {
-            other->kill_reason = "nothing: the pool's initializer failed";
-            ::kill(other->pid, SIGKILL);
-        }
-    }
+    // No worker of this pool can serve any more: break_pool kills them all.
+    break_pool("coproc: the pool's initializer " + std::string(options_.initializer.function_name) + " failed in worker " +
+                   std::to_string(worker.pid) + ": " + what + "; the pool is broken",
+               std::move(cause));
 }
 
 void pool_core::kill_worker(worker_handle& worker, const std::string& reason, bool violation) noexcept {
     if (worker.state == worker_handle::phase::exited || worker.reaped) return;
-    worker.kill_reason = reason;
+    if (worker.kill_reason.empty()) worker.kill_reason = reason;
+    worker.condemned = true;
     worker.violated = worker.violated || violation;
     ::kill(worker.pid, SIGKILL);
 }
@@ -1361,11 +1510,44 @@ void pool_core::on_worker_exit(worker_handle& worker) {
     std::string how = worker.kill_reason.empty() ? describe_exit(info)
                                                  : "sent " + worker.kill_reason + " and was killed by the pool";
 
-    std::exception_ptr already_broken;
+    // First what the exit means for the pool; then what it means for the
+    // tasks the worker held.
+    bool broken;
     {
         std::lock_guard lock{mutex_};
-        already_broken = broken_;
+        broken = broken_.has_value();
     }
+    if (!broken && !terminated_ && was_starting) {
+        // Only a worker that failed by itself (or was killed by the pool for
+        // not saying HELLO) proves the program unable to start; one killed
+        // from outside (an operator, the OOM killer) costs a start, not the
+        // pool.
+        const bool own_failure = !worker.kill_reason.empty() || failed_by_itself(info);
+        if (own_failure && ++startup_failures_ >= startup_failures_allowed) {
+            std::string message;
+            if (was_initializing) {
+                message = "coproc: " + std::to_string(startup_failures_) + " workers died while running the pool's initializer " +
+                          std::string(options_.initializer.function_name) + " (the last one " + how + ")";
+            } else if (!worker.kill_reason.empty() || info.si_code == CLD_EXITED) {
+                message = "coproc: " + std::to_string(startup_failures_) + " workers of '" + executable_ +
+                          "' did not say HELLO (the last one " + how +
+                          "); does the worker program call coproc::run_worker_if_requested at the top of main?";
+            } else {
+                message = "coproc: " + std::to_string(startup_failures_) + " workers of '" + executable_ +
+                          "' crashed before saying HELLO (the last one " + how + "); the worker program fails at start-up";
+            }
+            break_pool(std::move(message));
+            broken = true;
+        }
+    } else if (!broken && !terminated_ && !expected && options_.on_worker_crash == crash_policy::break_pool &&
+               (worker.kill_reason.empty() || worker.violated)) {
+        // CPython's behaviour. A worker the pool killed on purpose (a
+        // cancelled task past its grace) did not crash.
+        break_pool("coproc: worker " + std::to_string(worker.pid) + " " + how +
+                   "; the pool is broken (crash_policy::break_pool)");
+        broken = true;
+    }
+
     std::deque<work_item*> requeue;
     for (work_item* item : worker.assigned) {
         {
@@ -1376,14 +1558,20 @@ void pool_core::on_worker_exit(worker_handle& worker) {
             item->release(); // cancelled while here
             continue;
         }
-        if (already_broken) {
-            // The pool broke (its initializer failed): that is the reason.
-            complete(item, work_state::failed, already_broken);
+        const bool started = item->state() != work_state::dispatched;
+        if (broken) {
+            complete(item, work_state::failed, broken_error());
             item->release();
             continue;
         }
-        if (item->state() == work_state::dispatched && !worker.violated && item->requeues < max_requeues &&
-            !item->arguments_taken) {
+        if (terminated_ && !started) {
+            complete(item, work_state::cancelled,
+                     std::make_exception_ptr(cancelled_error(
+                         "coproc: cancelled unrun by terminate_workers() or kill_workers()")));
+            item->release();
+            continue;
+        }
+        if (!started && !worker.violated && item->requeues < max_requeues && !item->arguments_taken) {
             // Sent but never started (no START frame before EOF, and every
             // frame was read): it did not run, so it goes back to the queue.
             // Capped, so that a task no worker can even start fails in the end.
@@ -1391,16 +1579,20 @@ void pool_core::on_worker_exit(worker_handle& worker) {
             requeue.push_back(item); // keeps its reference
             continue;
         }
-        if (item->retries_left > 0 && !is_final(item->state()) && !item->arguments_taken) {
+        if (item->retries_left > 0 && !item->arguments_taken && !terminated_) {
             --item->retries_left;
             requeue.push_back(item);
             continue;
         }
         const std::string function{item->function_name};
+        std::string account = "coproc: worker " + std::to_string(worker.pid) + " running " + function + " " + how;
+        if (!started && !worker.violated) {
+            account = "coproc: " + function + " was sent to " + std::to_string(item->requeues + 1) +
+                      " workers that each died before starting it, and never ran (the last, " +
+                      std::to_string(worker.pid) + ", " + how + ")";
+        }
         complete(item, work_state::failed,
-                 std::make_exception_ptr(worker_died(worker.pid, signal, exit_code, function,
-                                                     "coproc: worker " + std::to_string(worker.pid) + " running " +
-                                                         function + " " + how)));
+                 std::make_exception_ptr(worker_died(worker.pid, signal, exit_code, function, account)));
         item->release();
     }
     worker.assigned.clear();
@@ -1416,29 +1608,6 @@ void pool_core::on_worker_exit(worker_handle& worker) {
             pending_.push_front(*it);
             queued_.fetch_add(1, std::memory_order_relaxed);
         }
-    }
-
-    std::exception_ptr broken;
-    if (already_broken) {
-        // Nothing more to decide: every future already has its error.
-    } else if (was_starting && ++startup_failures_ >= startup_failures_allowed) {
-        broken = std::make_exception_ptr(broken_process_pool(
-            was_initializing
-                ? "coproc: " + std::to_string(startup_failures_) + " workers died while running the pool's initializer " +
-                      std::string(options_.initializer.function_name) + " (the last one " + how + ")"
-                : "coproc: " + std::to_string(startup_failures_) + " workers of '" + executable_ +
-                      "' exited before saying HELLO (the last one " + how +
-                      "); does the worker program call coproc::run_worker_if_requested at the top of main?"));
-    } else if (!expected && !was_starting && options_.on_worker_crash == crash_policy::break_pool) {
-        broken = std::make_exception_ptr(broken_process_pool("coproc: worker " + std::to_string(worker.pid) + " " + how +
-                                                             "; the pool is broken (crash_policy::break_pool)"));
-    }
-    if (broken) {
-        {
-            std::lock_guard lock{mutex_};
-            if (!broken_) broken_ = broken;
-        }
-        fail_all_pending(broken);
     }
     wake_waiters();
     dispatch();
@@ -1461,7 +1630,7 @@ void pool_core::close(bool cancel_pending) {
     }
     if (cancel_pending) {
         end_all_pending(work_state::cancelled,
-                        std::make_exception_ptr(cancelled_error("coproc: cancelled by shutdown(cancel_futures)")));
+                        [] { return std::make_exception_ptr(cancelled_error("coproc: cancelled by shutdown(cancel_futures)")); });
     }
     dispatch();
 }
@@ -1475,27 +1644,37 @@ bool pool_core::no_workers() const { return workers_.empty(); }
 void pool_core::wake_waiters() {
     auto waiting = std::move(waiters_);
     waiters_.clear();
-    for (auto waiter : waiting) schedule_operation{loop}.await_suspend(waiter);
+    for (auto& waiter : waiting) waiter->wake();
 }
 
-void pool_core::signal_workers(int signal) noexcept {
-    if (signal == SIGKILL) {
-        // kill_workers: what is running ends cancelled, not failed.
-        for (auto& worker : workers_) {
-            for (work_item* item : worker->assigned) {
-                if (item->state() == work_state::running) {
-                    try {
-                        cancel(*item, false, std::make_exception_ptr(cancelled_error("coproc: cancelled by kill_workers")));
-                    } catch (...) {
-                        // Out of memory queueing the follow-up: the kill below still ends it.
-                    }
+void pool_core::terminate(int signal) {
+    terminated_ = true;
+    close(true); // shutdown(wait=false, cancel_futures=true); dispatch starts no worker now
+    const std::string reason = signal == SIGKILL ? "nothing more: kill_workers() was called"
+                                                 : "nothing more: terminate_workers() was called";
+    for (auto& worker : workers_) {
+        if (worker->state == worker_handle::phase::exited || worker->reaped) continue;
+        if (worker->kill_reason.empty()) worker->kill_reason = reason;
+        worker->condemned = true;
+        ::kill(worker->pid, signal);
+    }
+}
+
+void pool_core::restart_workers() noexcept {
+    // What is running ends cancelled, not failed; what was sent but not
+    // started goes back to the queue when its worker's exit is seen.
+    for (auto& worker : workers_) {
+        for (work_item* item : worker->assigned) {
+            if (item->state() == work_state::running) {
+                try {
+                    cancel(*item, false, std::make_exception_ptr(cancelled_error("coproc: cancelled by restart_workers")));
+                } catch (...) {
+                    // Out of memory queueing the follow-up: the kill below still ends it.
                 }
             }
         }
     }
-    for (auto& worker : workers_) {
-        if (worker->state != worker_handle::phase::exited && !worker->reaped) ::kill(worker->pid, signal);
-    }
+    for (auto& worker : workers_) kill_worker(*worker, "nothing more: restart_workers() was called");
 }
 
 pool_stats pool_core::stats() const {
@@ -1527,7 +1706,15 @@ bool pool_destroyed(const pool_core& core) noexcept { return core.destroyed; }
 
 std::shared_ptr<pool_core> pool_core_of(const process_pool& pool) noexcept { return pool.core_; }
 
-void pool_wait_for_room(pool_core& core, std::coroutine_handle<> awaiting) { core.add_waiter(awaiting); }
+event_loop& pool_loop(pool_core& core) noexcept { return core.loop; }
+
+void pool_add_waiter(pool_core& core, std::shared_ptr<pool_waiter> waiter) {
+    if (core.destroyed) {
+        waiter->wake(); // nothing will change any more
+        return;
+    }
+    core.add_waiter(std::move(waiter));
+}
 
 bool await_work_item(work_item& item, std::coroutine_handle<> awaiting) {
     if (is_final(item.state())) return false;
@@ -1603,9 +1790,11 @@ void process_pool::shutdown_blocking(shutdown_options opts) {
     finished.get();
 }
 
-void process_pool::terminate_workers() { core_->signal_workers(SIGTERM); }
+void process_pool::terminate_workers() { core_->terminate(SIGTERM); }
 
-void process_pool::kill_workers() { core_->signal_workers(SIGKILL); }
+void process_pool::kill_workers() { core_->terminate(SIGKILL); }
+
+void process_pool::restart_workers() { core_->restart_workers(); }
 
 pool_stats process_pool::stats() const { return core_->stats(); }
 

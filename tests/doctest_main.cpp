@@ -12,7 +12,10 @@
 
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <dirent.h>
+#include <string_view>
+#include <unistd.h>
 #include <string>
 #include <sys/wait.h>
 
@@ -70,6 +73,11 @@ private:
 DOCTEST_REGISTER_LISTENER("leaks", 1, leak_listener);
 
 int main(int argc, char** argv) {
+    // A worker slow to start, for the tests that kill workers before they
+    // say HELLO (test_pool_faults.cpp): set only in workers' environments.
+    if (const char* delay = std::getenv("COPROC_TEST_WORKER_START_DELAY_MS")) {
+        if (argc > 1 && std::string_view{argv[1]} == "--coproc-worker") ::usleep(static_cast<useconds_t>(std::atoi(delay)) * 1000);
+    }
     coproc::run_worker_if_requested(argc, argv);
     const int status = doctest::Context(argc, argv).run();
     if (leak_found) {

@@ -325,6 +325,24 @@ void send_frame_for_unknown_work() {
     hang_forever();
 }
 
+void send_undecodable_error(std::uint64_t work_id) {
+    coproc::detail::wire::frame_header header{3, static_cast<std::uint16_t>(coproc::detail::wire::frame_kind::error), 0,
+                                              work_id};
+    char bytes[sizeof header + 3] = {};
+    std::memcpy(bytes, &header, sizeof header);
+    [[maybe_unused]] auto written = ::write(3, bytes, sizeof bytes);
+    hang_forever();
+}
+
+void send_partial_frame(std::uint64_t work_id, std::uint32_t size) {
+    coproc::detail::wire::frame_header header{size, static_cast<std::uint16_t>(coproc::detail::wire::frame_kind::result), 0,
+                                              work_id};
+    char bytes[sizeof header + 8] = {};
+    std::memcpy(bytes, &header, sizeof header);
+    [[maybe_unused]] auto written = ::write(3, bytes, sizeof bytes);
+    hang_forever();
+}
+
 unreadable make_unreadable(int value) { return {value}; }
 unwritable make_unwritable(int value) { return {value}; }
 int take_unreadable(unreadable value) { return value.value; }

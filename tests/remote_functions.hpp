@@ -64,6 +64,11 @@ int crash_once(std::string marker, int value);
 void send_garbage_frame();
 void send_oversized_frame();
 void send_frame_for_unknown_work();
+// Sends an ERROR frame for `work_id` whose payload does not decode, then hangs.
+void send_undecodable_error(std::uint64_t work_id);
+// Sends the header of a RESULT frame of `size` bytes for `work_id` and the
+// first few bytes of it, then hangs without sending the rest.
+void send_partial_frame(std::uint64_t work_id, std::uint32_t size);
 
 // A value that serializes in the worker but cannot be read back in the
 // parent, and its mirror that cannot be written in the worker.

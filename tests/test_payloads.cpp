@@ -587,7 +587,7 @@ TEST_CASE("a large task sent to a worker that died before starting it is requeue
     auto large = pool.submit<reverse_complement>(data);
     run_bounded(loop, until_running(&loop, &blocker));
     run_bounded(loop, until_in_workers(&loop, &pool, 2)); // the large one is in the same worker, not started
-    pool.kill_workers();
+    pool.restart_workers();
     CHECK(run_bounded(loop, await_future(std::move(large)), 60s) == reverse_complement(data));
     CHECK(pool.stats().workers_started == 2);
 }
@@ -599,7 +599,7 @@ TEST_CASE("a moved large argument, attached rather than copied, is requeued inta
     auto large = pool.submit<reverse_complement>(pattern((6u << 20) + 3, 9));
     run_bounded(loop, until_running(&loop, &blocker));
     run_bounded(loop, until_in_workers(&loop, &pool, 2));
-    pool.kill_workers();
+    pool.restart_workers();
     CHECK(run_bounded(loop, await_future(std::move(large)), 60s) == reverse_complement(pattern((6u << 20) + 3, 9)));
     CHECK(pool.stats().workers_started == 2);
 }

@@ -182,13 +182,13 @@ TEST_CASE("a future that loses a when_any is cancelled in the worker") {
     CHECK(pool.stats().workers_killed_for_cancel == 0);
 }
 
-TEST_CASE("kill_workers cancels what is running; shutdown(cancel_futures) cancels what is pending") {
+TEST_CASE("restart_workers cancels what is running and requeues what is pending onto a replacement") {
     coproc::event_loop loop;
     coproc::process_pool pool{loop, {.max_workers = 1, .prefetch = 1}};
     auto running = pool.submit<busy_forever>();
     auto pending = pool.submit<square>(2);
     run_bounded(loop, until_running(&loop, &running));
-    pool.kill_workers();
+    pool.restart_workers();
     CHECK(running.cancelled());
     CHECK(is_cancelled(loop, std::move(running)));
     CHECK(run_bounded(loop, await_future(std::move(pending))) == 4); // requeued onto a replacement

@@ -103,6 +103,21 @@ private:
     std::string function_;
 };
 
+// No worker could be started to run the task, for a shortage that may pass
+// (a resource limit: open files, processes, memory), while the pool had no
+// worker alive. what() names the limit. The pool is not broken: it serves
+// with the workers it has whenever it has some, and later submits try to
+// start workers again. code() is the errno of the failed socketpair or
+// posix_spawn.
+class worker_start_failed : public error {
+public:
+    worker_start_failed(int code, const std::string& what) : error(what), code_(code) {}
+    [[nodiscard]] int code() const noexcept { return code_; }
+
+private:
+    int code_;
+};
+
 // submit() while the pool already holds process_pool_options::max_pending
 // tasks waiting for a worker. try_submit returns nothing instead, and
 // co_await submit_async waits for room.

@@ -31,9 +31,12 @@
 #include <coproc/task.hpp>
 #include <coproc/worker.hpp>
 
+#include <atomic>
 #include <chrono>
+#include <coroutine>
 #include <cstddef>
 #include <deque>
+#include <stop_token>
 #include <ranges>
 #include <tuple>
 #include <cstdint>
@@ -52,10 +55,13 @@ namespace detail {
 class pool_core;
 template <auto F>
 class chunk_window;
+class pool_waiter;
 bool pool_has_room(const pool_core& core) noexcept;
 bool pool_destroyed(const pool_core& core) noexcept;
 std::shared_ptr<pool_core> pool_core_of(const process_pool& pool) noexcept;
-void pool_wait_for_room(pool_core& core, std::coroutine_handle<> awaiting);
+event_loop& pool_loop(pool_core& core) noexcept;
+// Resumes `waiter` at the pool's next change (loop thread).
+void pool_add_waiter(pool_core& core, std::shared_ptr<pool_waiter> waiter);
 }
 
 // What a worker's death does to the pool.
@@ -63,8 +69,11 @@ enum class crash_policy {
     // Only the tasks dispatched to the dead worker fail (worker_died); the
     // pool starts a replacement and keeps serving. The default.
     isolate,
-    // CPython's behaviour: the pool becomes broken, every pending future
-    // fails with broken_process_pool and later submits throw it.
+    // CPython's behaviour: the pool becomes broken. Every pending and
+    // running future fails with a broken_process_pool of its own (the dead
+    // worker's too), every other worker is killed, and later submits throw
+    // broken_process_pool. A worker the pool kills on purpose (a cancelled
+    // task past cancel_grace) does not break it.
     break_pool,
 };
 
@@ -260,12 +269,19 @@ public:
     // thread it throws std::logic_error (it could never return).
     void shutdown_blocking(shutdown_options opts = {});
 
-    // Sends SIGTERM / SIGKILL to every worker. With terminate_workers their
-    // running tasks fail with worker_died; kill_workers cancels them first
-    // (they end cancelled). Tasks sent but not started are requeued. The pool
-    // replaces the workers while it has work.
+    // CPython 3.14's terminate_workers() and kill_workers(): shut the pool
+    // down without waiting, cancelling what is pending (as shutdown({.wait =
+    // false, .cancel_futures = true})), then send SIGTERM / SIGKILL to every
+    // worker. Later submits throw pool_closed; no worker is started again.
+    // A running task fails with worker_died (naming the call), one sent to a
+    // worker but not started ends cancelled. Loop thread.
     void terminate_workers();
     void kill_workers();
+
+    // Kills every worker (SIGKILL) and keeps the pool serving: running tasks
+    // end cancelled, tasks sent but not started go back to the queue, and
+    // the pool starts new workers for them. Loop thread.
+    void restart_workers();
 
     // Counters, read on any thread.
     [[nodiscard]] pool_stats stats() const;
@@ -300,13 +316,86 @@ private:
 
 namespace detail {
 
-// Suspends until the pool's queue has room (or the pool is gone).
-struct pool_room {
-    pool_core* core;
-    bool await_ready() const noexcept { return pool_has_room(*core); }
-    void await_suspend(std::coroutine_handle<> awaiting) { pool_wait_for_room(*core, awaiting); }
-    void await_resume() const noexcept {}
+// One coroutine waiting for a pool to change (room in its queue, a
+// shutdown's progress). It is resumed once, on the pool's loop, by whichever
+// comes first: the pool's wake-up (loop thread) or a stop of the awaiter's
+// token (any thread).
+class pool_waiter {
+public:
+    pool_waiter(event_loop& loop, std::coroutine_handle<> awaiting) noexcept : loop_(&loop), awaiting_(awaiting) {}
+
+    // Schedules the coroutine unless something else already did. acq_rel on
+    // the claim: exactly one of the pool and the stop callback resumes it,
+    // and the one that does sees the registration the awaiter made before.
+    void wake() noexcept {
+        if (claimed_.exchange(true, std::memory_order_acq_rel)) return;
+        schedule_operation{*loop_}.await_suspend(awaiting_);
+    }
+    // The stop callback: marks the wait as cancelled, then wakes it. The
+    // release store is read (acquire) by the resumed coroutine.
+    void stop() noexcept {
+        stopped_.store(true, std::memory_order_release);
+        wake();
+    }
+    [[nodiscard]] bool stopped() const noexcept { return stopped_.load(std::memory_order_acquire); }
+
+private:
+    event_loop* loop_;
+    std::coroutine_handle<> awaiting_;
+    std::atomic<bool> claimed_{false};
+    std::atomic<bool> stopped_{false};
 };
+
+// Suspends until `ready()` may hold (the caller checks again) and throws
+// cancelled_error when the awaiter's stop token is stopped first.
+template <class Ready>
+class pool_change {
+public:
+    pool_change(pool_core* core, Ready ready) noexcept : core_(core), ready_(std::move(ready)) {}
+    pool_change(pool_change&& other) noexcept : core_(other.core_), ready_(std::move(other.ready_)) {}
+    pool_change(const pool_change&) = delete;
+
+    bool await_ready() const { return ready_(); }
+    template <class P>
+    bool await_suspend(std::coroutine_handle<P> awaiting) {
+        std::stop_token token = stop_token_of(awaiting);
+        if (token.stop_requested()) {
+            stopped_before_ = true;
+            return false;
+        }
+        waiter_ = std::make_shared<pool_waiter>(pool_loop(*core_), awaiting);
+        pool_add_waiter(*core_, waiter_);
+        // Registered after the waiter: a stop requested in between runs
+        // the callback right here, which resumes the coroutine from the loop.
+        if (token.stop_possible()) on_stop_.emplace(std::move(token), stop_waiter{waiter_.get()});
+        return true;
+    }
+    void await_resume() {
+        on_stop_.reset(); // waits for a callback running on another thread
+        if (stopped_before_ || (waiter_ && waiter_->stopped())) {
+            throw cancelled_error("coproc: waiting for the process pool was cancelled");
+        }
+    }
+
+private:
+    struct stop_waiter {
+        pool_waiter* waiter;
+        void operator()() const noexcept { waiter->stop(); }
+    };
+    pool_core* core_;
+    Ready ready_;
+    std::shared_ptr<pool_waiter> waiter_;
+    std::optional<std::stop_callback<stop_waiter>> on_stop_;
+    bool stopped_before_ = false;
+};
+
+struct has_room {
+    pool_core* core;
+    bool operator()() const noexcept { return pool_has_room(*core); }
+};
+
+// Suspends until the pool's queue has room (or the pool is gone).
+inline pool_change<has_room> pool_room(pool_core* core) { return {core, has_room{core}}; }
 
 // One element of a map's input as F's argument tuple: the element itself as
 // F's only argument, or a tuple's members as F's arguments.
@@ -385,7 +474,7 @@ private:
 template <auto F>
 task<std::vector<typename remote<F>::result>> next_chunk_values(chunk_window<F>* window) {
     while (window->starved()) {
-        co_await pool_room{window->core()};
+        co_await pool_room(window->core());
         window->refill();
     }
     co_return co_await window->take();
@@ -521,7 +610,7 @@ task<future<typename detail::remote<F>::result>> process_pool::submit_async(Args
     const std::shared_ptr<detail::pool_core> core = core_;
     for (;;) {
         if (auto submitted = try_submit<F>(args...)) co_return std::move(*submitted);
-        co_await detail::pool_room{core.get()};
+        co_await detail::pool_room(core.get());
         if (detail::pool_destroyed(*core)) throw pool_closed();
     }
 }
