@@ -3,6 +3,7 @@
 #include "support.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <set>
 #include <vector>
 
@@ -22,6 +23,25 @@ task<std::vector<std::size_t>> completion_order(std::vector<future<int>>* future
 
 task<coproc::wait_result> wait_for(std::vector<future<int>>* futures, coproc::return_when when) {
     co_return co_await coproc::wait(*futures, when);
+}
+
+// Returns once the future is final.
+task<void> until_done(coproc::event_loop* loop, future<int>* pending) {
+    while (!pending->done()) co_await loop->sleep_for(1ms);
+}
+
+// Cancels the future after `delay`.
+task<void> cancel_after(coproc::event_loop* loop, future<int>* pending, std::chrono::milliseconds delay) {
+    co_await loop->sleep_for(delay);
+    pending->cancel();
+}
+
+task<coproc::wait_result> wait_while_cancelling(coproc::event_loop* loop, std::vector<future<int>>* futures,
+                                                std::size_t cancelled) {
+    auto [result, ignored] = co_await coproc::when_all(wait_for(futures, coproc::return_when::first_exception),
+                                                       cancel_after(loop, &(*futures)[cancelled], 50ms));
+    (void)ignored;
+    co_return result;
 }
 
 } // namespace
@@ -83,4 +103,48 @@ TEST_CASE("wait honours a deadline through with_timeout") {
     futures.push_back(pool.submit<sleep_then>(2000, 0));
     CHECK_THROWS_AS(loop.run(coproc::with_timeout(wait_for(&futures, coproc::return_when::all_completed), 20ms)),
                     coproc::timeout_error);
+}
+
+TEST_CASE("wait(first_exception) does not end at a cancelled future: a cancelled future has not failed") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1}};
+    std::vector<future<int>> futures;
+    futures.push_back(pool.submit<sleep_then>(60000, 0)); // never ends during the test
+    futures.push_back(pool.submit<sleep_then>(60000, 1));
+    REQUIRE(futures[1].cancel()); // pending: cancelled before the wait begins
+    // Nothing has failed and not all are final: the wait must still be
+    // waiting when the 300 ms bound passes.
+    CHECK_THROWS_AS(run_bounded(loop, wait_for(&futures, coproc::return_when::first_exception), 300ms),
+                    coproc::timeout_error);
+    CHECK_FALSE(futures[0].done());
+}
+
+TEST_CASE("wait(first_exception) ignores cancellations during the wait and ends at the first failure") {
+    coproc::event_loop loop;
+    // prefetch 1: the failing task waits in the parent for a free worker,
+    // instead of being sent ahead to a busy one.
+    coproc::process_pool pool{loop, {.max_workers = 2, .prefetch = 1, .max_prefetch = 1, .cancel_grace = 50ms}};
+    std::vector<future<int>> futures;
+    futures.push_back(pool.submit<sleep_then>(60000, 0));
+    futures.push_back(pool.submit<sleep_then>(60000, 1));
+    futures.push_back(pool.submit<fail_at>(7, 7)); // queued behind the two long ones
+    // 50 ms into the wait, the second is cancelled, which frees a worker for
+    // the failing task.
+    const auto result = run_bounded(loop, wait_while_cancelling(&loop, &futures, 1), 5s);
+    CHECK(result.done == std::vector<std::size_t>{1, 2});
+    CHECK(result.not_done == std::vector<std::size_t>{0});
+    CHECK(futures[1].cancelled());
+    CHECK(futures[2].exception() != nullptr);
+}
+
+TEST_CASE("wait(first_exception) returns at once when a future had already failed before the call") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 2}};
+    std::vector<future<int>> futures;
+    futures.push_back(pool.submit<sleep_then>(60000, 0));
+    futures.push_back(pool.submit<fail_at>(3, 3));
+    run_bounded(loop, until_done(&loop, &futures[1]));
+    const auto result = run_bounded(loop, wait_for(&futures, coproc::return_when::first_exception), 2s);
+    CHECK(result.done == std::vector<std::size_t>{1});
+    CHECK(result.not_done == std::vector<std::size_t>{0});
 }

@@ -31,7 +31,10 @@ namespace coproc {
 
 enum class return_when {
     first_completed, // as soon as any future is final
-    first_exception, // as soon as any future ends with an exception, or all are final
+    // as soon as any future fails (ends with an exception), or all are
+    // final. A cancelled future is final but has not failed: it does not
+    // end the wait, whether it was cancelled before the call or during it.
+    first_exception,
     all_completed,   // when every future is final
 };
 
@@ -138,7 +141,11 @@ task<wait_result> wait(std::vector<future<T>>& futures, return_when when = retur
         co_await queue->wait();
         const std::size_t index = queue->pop();
         if (when == return_when::first_completed) break;
-        if (when == return_when::first_exception && futures[index].exception() != nullptr) break;
+        // As in Python's wait: a cancelled future carries cancelled_error,
+        // but it was cancelled, it did not fail.
+        if (when == return_when::first_exception && !futures[index].cancelled() && futures[index].exception() != nullptr) {
+            break;
+        }
     }
     wait_result result;
     for (std::size_t i = 0; i < futures.size(); ++i) (futures[i].done() ? result.done : result.not_done).push_back(i);
