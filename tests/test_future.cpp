@@ -116,7 +116,7 @@ TEST_CASE("make_exceptional_future rethrows its exception from co_await, get() a
     CHECK_FALSE(cancelled_like.cancelled());
     CHECK_THROWS_AS(cancelled_like.get(), coproc::cancelled_error);
 
-    CHECK_THROWS_AS(coproc::make_exceptional_future<int>(nullptr), std::invalid_argument);
+    CHECK_THROWS_AS((void)coproc::make_exceptional_future<int>(nullptr), std::invalid_argument);
 }
 
 TEST_CASE("add_done_callback on a ready future runs the callback at once, on the calling thread, with the value") {
