@@ -1699,6 +1699,10 @@ std::vector<int> pool_core::worker_pids() const {
 }
 
 // --- the functions future<T> calls
+//
+// A future made final without a pool (make_ready_future) has a null
+// item.pool: each function below looks at the state first and returns
+// before it would touch the pool.
 
 bool pool_has_room(const pool_core& core) noexcept { return core.has_room(); }
 
@@ -1739,6 +1743,37 @@ void add_work_item_callback(work_item& item, std::function<void()> callback) {
         return;
     }
     item.pool->add_callback(item, std::move(callback));
+}
+
+void report_callback_error(const work_item& item, std::exception_ptr error) noexcept {
+    // A callback runs either on a loop, where a posted function that throws
+    // reaches the loop's handler, or inline in add_done_callback, whose
+    // caller must not receive someone else's exception. Rethrowing from a
+    // function posted to the calling thread's loop treats both alike.
+    if (event_loop* loop = event_loop::current(); loop != nullptr) {
+        try {
+            loop->post([error] { std::rethrow_exception(error); });
+            return;
+        } catch (...) {
+            // Out of memory while posting: print it below instead.
+        }
+    }
+    try {
+        const std::string which = item.function_name.empty()
+                                      ? std::string("a ready future")
+                                      : "the future of task " + std::to_string(item.id) + " (" +
+                                            std::string(item.function_name) + ")";
+        try {
+            std::rethrow_exception(std::move(error));
+        } catch (const std::exception& e) {
+            std::fprintf(stderr, "coproc: exception calling a done callback of %s, ignored: %s\n", which.c_str(), e.what());
+        } catch (...) {
+            std::fprintf(stderr, "coproc: exception of unknown type calling a done callback of %s, ignored\n",
+                         which.c_str());
+        }
+    } catch (...) {
+        // Out of memory while describing it: nothing more can be said.
+    }
 }
 
 bool wait_work_item(work_item& item, std::chrono::nanoseconds timeout) {

@@ -14,7 +14,9 @@
 // `state` is written last, with release order, after the value or error;
 // whoever reads a final state with acquire order may then read them without
 // the mutex. Once final, an item never touches its pool again, so futures
-// may outlive the pool.
+// may outlive the pool. An item made final from the start
+// (make_ready_future, make_exceptional_future) has no pool at all: `pool`
+// is null, and every function below checks the state before the pool.
 #pragma once
 
 #include <coproc/detail/serialization.hpp>
@@ -91,7 +93,7 @@ public:
     // instead of copying them.
     byte_buffer arguments;
     std::vector<attached_bytes> attached;
-    pool_core* pool = nullptr;        // its pool; not used once the item is final
+    pool_core* pool = nullptr;        // its pool; not used once the item is final; null for a ready future
     unsigned retries_left = 0;
     unsigned requeues = 0; // sent to a worker that died before starting it
     bool in_worker = false; // counted in stats().tasks_running (pool mutex)
@@ -170,8 +172,13 @@ void forget_awaiter(work_item& item, std::coroutine_handle<> awaiting) noexcept;
 // or at once with `force`). False when the item is already final.
 bool cancel_work_item(work_item& item, bool force = false);
 // Adds a callback run on the pool's loop thread when the item is final, or
-// runs it at once when it already is.
+// runs it at once when it already is. The callback must not throw
+// (future::add_done_callback wraps the user's in one that reports).
 void add_work_item_callback(work_item& item, std::function<void()> callback);
+// Reports `error`, which escaped a done callback of `item`, without throwing:
+// to the unhandled-exception handler of the loop the calling thread runs
+// (posted to it), or to stderr on a thread that runs no loop.
+void report_callback_error(const work_item& item, std::exception_ptr error) noexcept;
 // Blocks the calling thread (never the loop's) until the item is final or
 // `timeout` passes; false on timeout. A negative timeout waits for ever.
 bool wait_work_item(work_item& item, std::chrono::nanoseconds timeout);
