@@ -433,7 +433,8 @@ task<void> read_worker(std::shared_ptr<pool_core> core, worker_handle* worker) {
                 const auto header = wire::read_header(buffer.data());
                 const auto needed = wire::header_size + header.length;
                 const bool large_result = header.kind == static_cast<std::uint16_t>(wire::frame_kind::result) &&
-                                          needed > buffer.size() && header.length >= attach_from;
+                                          (header.flags & wire::frame_flag::partial) == 0 && needed > buffer.size() &&
+                                          header.length >= attach_from;
                 if (large_result && filled < wire::header_size + sizeof(wire_count)) continue; // its count is next
                 if (large_result) {
                     // One block container: received into the value itself.
@@ -1344,6 +1345,23 @@ void pool_core::handle_frames(worker_handle& worker, std::span<const std::byte> 
             throw protocol_violation("a frame for work id " + std::to_string(header.work_id) + ", which it does not hold");
         }
         work_item* item = *position;
+        if (kind == wire::frame_kind::result && (header.flags & wire::frame_flag::partial) != 0) {
+            // A chunk's results before its failing input: kept in the item's
+            // value for map_stream to yield; the chunk's ERROR follows and
+            // ends the task. Not for an item cancelled meanwhile (final: its
+            // value may be read already) or one that is not a chunk.
+            if ((item->frame_flags & wire::frame_flag::chunk) == 0) {
+                throw protocol_violation("a partial RESULT for a task that is not a map chunk");
+            }
+            if (!is_final(item->state())) {
+                try {
+                    item->store_result(payload);
+                } catch (...) {
+                    // Undecodable: the chunk fails with its error all the same.
+                }
+            }
+            continue;
+        }
         if (kind == wire::frame_kind::start) {
             item->started = std::chrono::steady_clock::now();
             std::lock_guard lock{mutex_};
@@ -1712,6 +1730,10 @@ std::shared_ptr<pool_core> pool_core_of(const process_pool& pool) noexcept { ret
 
 event_loop& pool_loop(pool_core& core) noexcept { return core.loop; }
 
+bool pool_enqueue(pool_core& core, work_item* item, bool failed, bool throw_when_full) {
+    return core.submit(item, failed, throw_when_full);
+}
+
 void pool_add_waiter(pool_core& core, std::shared_ptr<pool_waiter> waiter) {
     if (core.destroyed) {
         waiter->wake(); // nothing will change any more
@@ -1803,9 +1825,6 @@ process_pool::process_pool(event_loop& loop, options opts)
 
 process_pool::~process_pool() { core_->destroy(); }
 
-bool process_pool::enqueue(detail::work_item* item, bool failed, bool throw_when_full) {
-    return core_->submit(item, failed, throw_when_full);
-}
 
 task<void> process_pool::shutdown(shutdown_options opts) { return detail::shutdown_pool(core_, opts); }
 

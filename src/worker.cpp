@@ -32,6 +32,7 @@
 #include <cerrno>
 #include <chrono>
 #include <climits>
+#include <cstddef>
 #include <condition_variable>
 #include <csignal>
 #include <cstdio>
@@ -383,8 +384,9 @@ private:
             std::lock_guard lock{queue_mutex_};
             token = running_stop_.get_token();
         }
+        std::size_t offset = 0; // of the RESULT frame
         try {
-            const auto offset = wire::begin_frame(reply.bytes, wire::frame_kind::result, task.work_id);
+            offset = wire::begin_frame(reply.bytes, wire::frame_kind::result, task.work_id);
             if (task.prepared.values) {
                 function->invoke_prepared(task.prepared.values.get(), reply.bytes, reply.attached, std::move(token));
             } else {
@@ -396,11 +398,24 @@ private:
             }
             // A result too large for a frame throws: an ERROR instead.
             wire::finish_frame(reply.bytes, offset, detail::attached_size(reply.attached));
+        } catch (const detail::chunk_failure& failure) {
+            // The results before the failing input, as a partial RESULT,
+            // then the ERROR, in one send.
+            try {
+                const std::uint16_t flags = wire::frame_flag::partial;
+                std::memcpy(reply.bytes.data() + offset + offsetof(wire::frame_header, flags), &flags, sizeof flags);
+                wire::finish_frame(reply.bytes, offset, detail::attached_size(reply.attached));
+            } catch (...) {
+                reply.clear(); // the partial results cannot travel: the error alone does
+            }
+            const auto error_offset = wire::begin_frame(reply.bytes, wire::frame_kind::error, task.work_id);
+            detail::encode_exception(failure.error, reply.bytes);
+            wire::finish_frame(reply.bytes, error_offset);
         } catch (...) {
             reply.clear(); // drop whatever part of the result was encoded
-            const auto offset = wire::begin_frame(reply.bytes, wire::frame_kind::error, task.work_id);
+            const auto error_offset = wire::begin_frame(reply.bytes, wire::frame_kind::error, task.work_id);
             detail::encode_exception(std::current_exception(), reply.bytes);
-            wire::finish_frame(reply.bytes, offset);
+            wire::finish_frame(reply.bytes, error_offset);
         }
         return reply;
     }

@@ -3,7 +3,10 @@
 #include "remote_functions.hpp"
 #include "support.hpp"
 
+#include <memory>
 #include <numeric>
+#include <ranges>
+#include <string>
 #include <stdexcept>
 #include <tuple>
 #include <vector>
@@ -35,6 +38,45 @@ task<std::vector<int>> streamed(coproc::process_pool* pool, std::vector<std::tup
         *error = e.what();
     }
     co_return seen;
+}
+
+task<std::vector<int>> streamed_in_chunks(coproc::process_pool* pool, std::vector<std::tuple<int, int>> inputs,
+                                          std::size_t chunksize, std::string* error) {
+    std::vector<int> seen;
+    auto results = pool->map_stream<fail_at>(std::move(inputs), {.chunksize = chunksize});
+    try {
+        while (auto value = co_await results.next()) seen.push_back(*value);
+    } catch (const std::domain_error& e) {
+        *error = e.what();
+    }
+    co_return seen;
+}
+
+// Consumes the stream to its end; says how it ended.
+task<std::string> collect_stream(coproc::async_generator<int>* stream, std::vector<int>* values) {
+    try {
+        while (auto value = co_await stream->next()) values->push_back(*value);
+    } catch (const coproc::cancelled_error&) {
+        co_return "cancelled";
+    } catch (const coproc::pool_closed&) {
+        co_return "closed";
+    }
+    co_return "end";
+}
+
+task<std::string> drain(coproc::async_generator<int>* stream) {
+    std::vector<int> values;
+    co_return co_await collect_stream(stream, &values);
+}
+
+task<std::vector<int>> take_from(coproc::async_generator<int>* stream, std::size_t count) {
+    std::vector<int> values;
+    while (values.size() < count) {
+        auto value = co_await stream->next();
+        if (!value) break;
+        values.push_back(*value);
+    }
+    co_return values;
 }
 
 std::vector<int> iota_vector(int n) {
@@ -98,6 +140,72 @@ TEST_CASE("map_stream yields every result before the failing one, in order, then
     std::string error;
     const auto seen = run_bounded(loop, streamed(&pool, inputs, &error));
     CHECK(error == "bad input 40");
-    REQUIRE(seen.size() == 35); // chunks of 7: the 6th chunk holds 35..41 and fails as a whole
-    for (int i = 0; i < 35; ++i) CHECK(seen[static_cast<std::size_t>(i)] == i);
+    // Chunks of 7: the 6th holds 35..41 and fails at 40; 35..39 are yielded.
+    REQUIRE(seen.size() == 40);
+    for (int i = 0; i < 40; ++i) CHECK(seen[static_cast<std::size_t>(i)] == i);
+}
+
+TEST_CASE("map_stream yields the results before a failure inside a chunk, for every chunk size") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 2}};
+    std::vector<std::tuple<int, int>> inputs;
+    for (int i = 0; i < 10; ++i) inputs.emplace_back(i, 5);
+    for (std::size_t chunksize : {std::size_t{1}, std::size_t{2}, std::size_t{3}, std::size_t{6}, std::size_t{10}}) {
+        CAPTURE(chunksize);
+        std::string error;
+        const auto seen = run_bounded(loop, streamed_in_chunks(&pool, inputs, chunksize, &error));
+        CHECK(error == "bad input 5");
+        CHECK(seen == std::vector<int>{0, 1, 2, 3, 4});
+    }
+}
+
+TEST_CASE("map_stream and map consumed after their pool was destroyed end with cancelled_error or pool_closed") {
+    for (const std::size_t buffersize : {std::size_t{0}, std::size_t{2}}) {
+        CAPTURE(buffersize);
+        coproc::event_loop loop;
+        auto pool = std::make_unique<coproc::process_pool>(loop, coproc::process_pool_options{.max_workers = 2});
+        auto stream = pool->map_stream<square>(iota_vector(50), {.buffersize = buffersize});
+        auto collected = pool->map<square>(iota_vector(50), {.buffersize = buffersize});
+        pool.reset();
+        std::string ended = run_bounded(loop, drain(&stream));
+        CHECK((ended == "cancelled" || ended == "closed"));
+        try {
+            (void)run_bounded(loop, std::move(collected));
+            FAIL("no exception");
+        } catch (const coproc::cancelled_error&) {
+        } catch (const coproc::pool_closed&) {
+        }
+    }
+}
+
+TEST_CASE("map and map_stream submit at the call: a stream made before shutdown(wait=false) yields every result") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 2}};
+    auto stream = pool.map_stream<square>(iota_vector(20), {.chunksize = 3});
+    const auto stats = pool.stats();
+    CHECK(stats.tasks_queued + stats.tasks_running == 7); // all 7 chunks, before anything awaited
+    run_bounded(loop, pool.shutdown({.wait = false}));
+    std::vector<int> values;
+    CHECK(run_bounded(loop, collect_stream(&stream, &values)) == "end");
+    REQUIRE(values.size() == 20);
+    for (int i = 0; i < 20; ++i) CHECK(values[static_cast<std::size_t>(i)] == i * i);
+}
+
+TEST_CASE("map_stream over an unbounded input reads it only as buffersize allows") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 2}};
+    int read = 0;
+    auto counted = std::views::iota(0) | std::views::transform([&read](int i) {
+                       ++read;
+                       return i;
+                   });
+    {
+        auto stream = pool.map_stream<square>(counted, {.chunksize = 2, .buffersize = 3});
+        CHECK(read == 6); // three chunks of two, at the call
+        const auto first = run_bounded(loop, take_from(&stream, 25));
+        REQUIRE(first.size() == 25);
+        for (int i = 0; i < 25; ++i) CHECK(first[static_cast<std::size_t>(i)] == i * i);
+        CHECK(read <= 26 + 6); // what was consumed, plus the window
+    } // destroying the stream cancels what is in flight
+    run_bounded(loop, pool.shutdown({.wait = true}));
 }

@@ -41,6 +41,20 @@
 namespace coproc {
 
 template <class T>
+class future;
+
+namespace detail {
+// The state behind a future, for coproc's own templates (map_stream reads
+// the results a failed chunk sent before its failing input). Not API.
+struct future_access {
+    template <class T>
+    static typed_work_item<T>& item(const future<T>& pending) {
+        return *pending.item_;
+    }
+};
+} // namespace detail
+
+template <class T>
 class [[nodiscard]] future {
 public:
     using value_type = T;
@@ -183,6 +197,8 @@ public:
     auto operator co_await() && { return awaiter<true>{&checked()}; }
 
 private:
+    friend struct detail::future_access;
+
     // What add_done_callback hands to the task's state: runs the user's
     // callback and reports what escapes it instead of throwing.
     struct done_callback {

@@ -40,6 +40,7 @@
 #include <ranges>
 #include <tuple>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <stdexcept>
@@ -53,9 +54,11 @@ namespace coproc {
 class process_pool;
 namespace detail {
 class pool_core;
-template <auto F>
-class chunk_window;
 class pool_waiter;
+// Queues the item in the pool; false (and nothing queued) when the queue is
+// full and `throw_when_full` is false. Throws pool_closed,
+// broken_process_pool, queue_full.
+bool pool_enqueue(pool_core& core, work_item* item, bool failed, bool throw_when_full);
 bool pool_has_room(const pool_core& core) noexcept;
 bool pool_destroyed(const pool_core& core) noexcept;
 std::shared_ptr<pool_core> pool_core_of(const process_pool& pool) noexcept;
@@ -243,19 +246,30 @@ public:
 
     // Runs F over every element of `inputs` in workers, `chunksize` elements
     // per task, and yields the results in input order. F takes the element
-    // (or, for a tuple element, its members as arguments). The inputs are
-    // copied into chunks before this returns. The collecting form rethrows
-    // the first failure in input order and cancels the chunks still
-    // pending; at most `buffersize` chunks are in flight.
+    // (or, for a tuple element, its members as arguments). Chunks are
+    // submitted at the call, as Python's map does: all of them, or with
+    // `buffersize` that many, the rest as results are consumed. The input is
+    // read only as chunks are submitted, so with `buffersize` an unbounded
+    // input works; an lvalue range is read through a reference and must then
+    // outlive the map (an rvalue range is moved in). The collecting form, a
+    // task, rethrows the first failure in input order and cancels the
+    // chunks still in flight. Both forms hold the pool's state, not the pool:
+    // consumed after the pool is gone, they end with cancelled_error (what
+    // was in flight) or pool_closed (what was still to be submitted).
+    // Throws std::invalid_argument for a chunksize of 0, and what a submit
+    // throws (pool_closed after shutdown, broken_process_pool) at the call;
+    // later, the consumer gets it.
     template <auto F, std::ranges::input_range Range>
-    auto map(const Range& inputs, map_options opts = {});
+        requires std::ranges::viewable_range<Range&&>
+    auto map(Range&& inputs, map_options opts = {});
 
     // The streaming form: an async generator that yields each result, in
     // input order, as soon as it and all before it have arrived; it yields
-    // every result before a failing one, then throws. Destroying it cancels
-    // the chunks still pending.
+    // every result before a failing one (within a chunk too), then throws.
+    // Destroying it cancels the chunks still in flight.
     template <auto F, std::ranges::input_range Range>
-    auto map_stream(const Range& inputs, map_options opts = {});
+        requires std::ranges::viewable_range<Range&&>
+    auto map_stream(Range&& inputs, map_options opts = {});
 
     // Stops accepting work (submit throws pool_closed). With `wait`, completes
     // once pending and running tasks have finished and the workers have
@@ -290,24 +304,11 @@ public:
     [[nodiscard]] std::vector<int> worker_pids() const;
 
 private:
-    template <auto F>
-    friend class detail::chunk_window;
-
-    // Queues the item; false (and nothing queued) when the queue is full
-    // and `throw_when_full` is false.
-    bool enqueue(detail::work_item* item, bool failed, bool throw_when_full);
-
     // Builds a work item for the function described by Remote (remote<F> or
     // remote_object<T>), `payload...` encoded as its CALL payload.
     template <class Remote, class R, class... Payload>
     std::optional<future<R>> submit_encoded(std::uint16_t frame_flags, submit_options options, bool throw_when_full,
                                             Payload&&... payload);
-
-    // map: F over a chunk of argument tuples, as one task; false (nothing
-    // submitted) when the queue is full.
-    template <auto F>
-    bool submit_chunk(const std::vector<typename detail::remote<F>::arguments>& chunk,
-                      std::deque<future<std::vector<typename detail::remote<F>::result>>>& into);
 
     friend std::shared_ptr<detail::pool_core> detail::pool_core_of(const process_pool& pool) noexcept;
 
@@ -411,138 +412,19 @@ Arguments to_arguments(const Element& element) {
     }
 }
 
-template <class Arguments, class Range>
-std::vector<std::vector<Arguments>> chunk_inputs(const Range& inputs, std::size_t chunksize) {
-    if (chunksize == 0) throw std::invalid_argument("coproc: map_options::chunksize must be positive");
-    std::vector<std::vector<Arguments>> chunks;
-    for (const auto& input : inputs) {
-        if (chunks.empty() || chunks.back().size() == chunksize) {
-            chunks.emplace_back();
-            chunks.back().reserve(chunksize);
-        }
-        chunks.back().push_back(to_arguments<Arguments>(input));
-    }
-    return chunks;
-}
-
-// Keeps at most `window` chunk futures in flight, in input order, and
-// cancels those still outstanding when it goes away early.
-template <auto F>
-class chunk_window {
-public:
-    using arguments = typename remote<F>::arguments;
-    using value = typename remote<F>::result;
-
-    chunk_window(process_pool* pool, std::shared_ptr<pool_core> core, std::vector<std::vector<arguments>> chunks,
-                 std::size_t buffersize)
-        : pool_(pool), core_(std::move(core)), chunks_(std::move(chunks)),
-          window_(buffersize == 0 ? chunks_.size() : buffersize) {}
-    chunk_window(const chunk_window&) = delete;
-    chunk_window& operator=(const chunk_window&) = delete;
-    ~chunk_window() {
-        for (auto& pending : in_flight_) pending.cancel();
-    }
-
-    // True once every chunk's future has been taken.
-    [[nodiscard]] bool finished() const noexcept { return in_flight_.empty() && next_ == chunks_.size(); }
-    // True when no chunk is in flight although some remain: the pool's queue
-    // was full; wait for room (pool_room) and refill.
-    [[nodiscard]] bool starved() const noexcept { return in_flight_.empty() && next_ < chunks_.size(); }
-    [[nodiscard]] pool_core* core() const noexcept { return core_.get(); }
-    // Submits chunks until the window is full or the pool's queue is.
-    // Throws pool_closed once the pool object is gone.
-    void refill();
-    // The next chunk's future; the window refills behind it.
-    future<std::vector<value>> take() {
-        auto next = std::move(in_flight_.front());
-        in_flight_.pop_front();
-        refill();
-        return next;
-    }
-
-private:
-    process_pool* pool_;
-    std::shared_ptr<pool_core> core_; // outlives pool_: tells whether it still exists
-    std::vector<std::vector<arguments>> chunks_;
-    std::size_t window_;
-    std::size_t next_ = 0;
-    std::deque<future<std::vector<value>>> in_flight_;
-};
-
-// The next chunk's values, in input order; when the pool's queue was full
-// and nothing is in flight, first waits for room and refills.
-template <auto F>
-task<std::vector<typename remote<F>::result>> next_chunk_values(chunk_window<F>* window) {
-    while (window->starved()) {
-        co_await pool_room(window->core());
-        window->refill();
-    }
-    co_return co_await window->take();
-}
-
-template <auto F>
-task<std::vector<typename remote<F>::result>> collect_map(process_pool* pool,
-                                                           std::vector<std::vector<typename remote<F>::arguments>> chunks,
-                                                           std::size_t buffersize) {
-    std::size_t total = 0;
-    for (const auto& chunk : chunks) total += chunk.size();
-    chunk_window<F> window{pool, pool_core_of(*pool), std::move(chunks), buffersize};
-    std::vector<typename remote<F>::result> results;
-    results.reserve(total);
-    window.refill();
-    while (!window.finished()) {
-        auto values = co_await next_chunk_values(&window);
-        for (auto& value : values) results.push_back(std::move(value));
-    }
-    co_return results;
-}
-
-template <auto F>
-async_generator<typename remote<F>::result> stream_map(process_pool* pool,
-                                                       std::vector<std::vector<typename remote<F>::arguments>> chunks,
-                                                       std::size_t buffersize) {
-    chunk_window<F> window{pool, pool_core_of(*pool), std::move(chunks), buffersize};
-    window.refill();
-    while (!window.finished()) {
-        auto values = co_await next_chunk_values(&window);
-        for (auto& value : values) co_yield std::move(value);
-    }
-}
-
-} // namespace detail
-
-template <auto F>
-void detail::chunk_window<F>::refill() {
-    if (pool_destroyed(*core_)) throw pool_closed();
-    while (next_ < chunks_.size() && in_flight_.size() < window_) {
-        if (!pool_->submit_chunk<F>(chunks_[next_], in_flight_)) break; // the queue is full
-        ++next_;
-    }
-}
-
-template <auto F, std::ranges::input_range Range>
-auto process_pool::map(const Range& inputs, map_options opts) {
-    static_assert(!std::is_void_v<typename detail::remote<F>::result>, "coproc: map<F> needs a function that returns a value");
-    using arguments = typename detail::remote<F>::arguments;
-    return detail::collect_map<F>(this, detail::chunk_inputs<arguments>(inputs, opts.chunksize), opts.buffersize);
-}
-
-template <auto F, std::ranges::input_range Range>
-auto process_pool::map_stream(const Range& inputs, map_options opts) {
-    static_assert(!std::is_void_v<typename detail::remote<F>::result>, "coproc: map_stream<F> needs a function that returns a value");
-    using arguments = typename detail::remote<F>::arguments;
-    return detail::stream_map<F>(this, detail::chunk_inputs<arguments>(inputs, opts.chunksize), opts.buffersize);
-}
-
+// Builds a work item for the function described by Remote (remote<F> or
+// remote_object<T>), `payload...` encoded as its CALL payload, and queues
+// it in `core`'s pool. Nothing when the queue is full and `throw_when_full`
+// is false. Throws pool_closed, broken_process_pool, queue_full.
 template <class Remote, class R, class... Payload>
-std::optional<future<R>> process_pool::submit_encoded(std::uint16_t frame_flags, submit_options options,
-                                                      bool throw_when_full, Payload&&... payload) {
+std::optional<future<R>> submit_to(pool_core& core, std::uint16_t frame_flags, submit_options options,
+                                   bool throw_when_full, Payload&&... payload) {
     using remote = Remote;
     (void)remote::registered; // odr-use: registered in every process of this program
     // Checked once per function: every registration ran before main.
-    static const bool unique = detail::remote_function_is_unique(remote::id, &remote::invoke);
+    static const bool unique = remote_function_is_unique(remote::id, &remote::invoke);
 
-    auto* item = new detail::typed_work_item<R>();
+    auto* item = new typed_work_item<R>();
     future<R> handle{item};
     item->function_id = remote::id;
     item->function_name = remote::name;
@@ -551,15 +433,15 @@ std::optional<future<R>> process_pool::submit_encoded(std::uint16_t frame_flags,
     if (options.timeout.count() > 0) item->deadline = std::chrono::steady_clock::now() + options.timeout;
     bool failed = false;
     if (!unique) {
-        item->error = std::make_exception_ptr(error(detail::describe_ambiguous_function(remote::name)));
+        item->error = std::make_exception_ptr(error(describe_ambiguous_function(remote::name)));
         failed = true;
     } else {
         try {
             // Moved-in strings and byte or number vectors of 64 KiB or more
             // are kept as they are and sent from there, not copied.
-            detail::encode_attaching(item->arguments, item->attached, std::forward<Payload>(payload)...);
-            const std::size_t size = item->arguments.size() + detail::attached_size(item->attached);
-            if (size + sizeof item->function_id > detail::wire::max_payload) {
+            encode_attaching(item->arguments, item->attached, std::forward<Payload>(payload)...);
+            const std::size_t size = item->arguments.size() + attached_size(item->attached);
+            if (size + sizeof item->function_id > wire::max_payload) {
                 throw std::length_error("coproc: the arguments of " + std::string(remote::name) + " take " +
                                         std::to_string(size) + " bytes serialized, more than the 2 GiB a frame can carry");
             }
@@ -570,8 +452,168 @@ std::optional<future<R>> process_pool::submit_encoded(std::uint16_t frame_flags,
             failed = true;
         }
     }
-    if (!enqueue(item, failed, throw_when_full)) return std::nullopt;
+    if (!pool_enqueue(core, item, failed, throw_when_full)) return std::nullopt;
     return handle;
+}
+
+// One map or map_stream call: its input, read a chunk at a time, and the
+// futures of the chunks submitted and not yet consumed, in input order.
+//
+//   made at the call ----> refill: chunks submitted while fewer than
+//     (submits at once)    `window` are in flight, the input has more and the
+//                          pool's queue takes them
+//   take() --------------> the oldest chunk's future; refills behind it
+//   destroyed -----------> cancels the chunks still in flight
+//
+// It holds the pool's core, never the process_pool object, so it may
+// outlive the pool: then nothing more is submitted (pool_closed) and what
+// was in flight ended cancelled with the pool. It lives on the heap, as
+// `next_` points into `inputs_`.
+template <auto F, class Inputs>
+class map_run {
+public:
+    using arguments = typename remote<F>::arguments;
+    using value = typename remote<F>::result;
+    using chunk_future = future<std::vector<value>>;
+
+    map_run(std::shared_ptr<pool_core> core, Inputs inputs, map_options options)
+        : core_(std::move(core)), inputs_(std::move(inputs)), next_(std::ranges::begin(inputs_)),
+          chunksize_(options.chunksize),
+          window_(options.buffersize == 0 ? std::numeric_limits<std::size_t>::max() : options.buffersize) {
+        if (chunksize_ == 0) throw std::invalid_argument("coproc: map_options::chunksize must be positive");
+    }
+    map_run(const map_run&) = delete;
+    map_run& operator=(const map_run&) = delete;
+    ~map_run() {
+        for (auto& pending : in_flight_) pending.cancel();
+    }
+
+    // True once every chunk was taken.
+    [[nodiscard]] bool finished() const {
+        return in_flight_.empty() && !stopped_ && chunk_.empty() && next_ == std::ranges::end(inputs_);
+    }
+    // True when nothing is in flight but the input has more: the pool's
+    // queue was full (wait for room, then refill), or the pool refused more
+    // (stopped(): the pool_closed or broken_process_pool it threw).
+    [[nodiscard]] bool starved() const { return in_flight_.empty() && !finished(); }
+    [[nodiscard]] std::exception_ptr stopped() const { return stopped_; }
+    [[nodiscard]] pool_core* core() const noexcept { return core_.get(); }
+
+    // Submits chunks until the window is full, the input ends or the
+    // pool's queue is full. Never throws for the pool: a refusal is kept
+    // in stopped() and rethrown where the consumer needs the next chunk.
+    void refill() {
+        while (!stopped_ && in_flight_.size() < window_) {
+            if (chunk_.empty()) {
+                for (; chunk_.size() < chunksize_ && next_ != std::ranges::end(inputs_); ++next_) {
+                    chunk_.push_back(to_arguments<arguments>(*next_));
+                }
+                if (chunk_.empty()) return; // the input ended
+            }
+            std::optional<chunk_future> submitted;
+            try {
+                if (pool_destroyed(*core_)) throw pool_closed();
+                submitted = submit_to<remote<F>, std::vector<value>>(*core_, wire::frame_flag::chunk, {}, false, chunk_);
+            } catch (const error&) {
+                stopped_ = std::current_exception(); // pool_closed, broken_process_pool
+                return;
+            }
+            if (!submitted) return; // the queue is full: the chunk waits here
+            chunk_.clear();
+            in_flight_.push_back(std::move(*submitted));
+        }
+    }
+
+    // The oldest chunk's future; the window refills behind it.
+    chunk_future take() {
+        auto next = std::move(in_flight_.front());
+        in_flight_.pop_front();
+        refill();
+        return next;
+    }
+
+private:
+    std::shared_ptr<pool_core> core_;
+    Inputs inputs_;
+    std::ranges::iterator_t<Inputs> next_;
+    std::size_t chunksize_;
+    std::size_t window_;
+    std::vector<arguments> chunk_; // built and not yet accepted by a full queue
+    std::deque<chunk_future> in_flight_;
+    std::exception_ptr stopped_;
+};
+
+// The next chunk's future; when nothing is in flight, first waits for room
+// in the pool's queue and refills, or rethrows why the pool refused.
+template <auto F, class Inputs>
+task<future<std::vector<typename remote<F>::result>>> next_chunk(map_run<F, Inputs>* run) {
+    while (run->starved()) {
+        if (run->stopped()) std::rethrow_exception(run->stopped());
+        co_await pool_room(run->core());
+        run->refill();
+    }
+    co_return run->take();
+}
+
+template <auto F, class Inputs>
+task<std::vector<typename remote<F>::result>> collect_map(std::unique_ptr<map_run<F, Inputs>> run) {
+    std::vector<typename remote<F>::result> results;
+    while (!run->finished()) {
+        auto pending = co_await next_chunk(run.get());
+        auto values = co_await std::move(pending);
+        for (auto& value : values) results.push_back(std::move(value));
+    }
+    co_return results;
+}
+
+template <auto F, class Inputs>
+async_generator<typename remote<F>::result> stream_map(std::unique_ptr<map_run<F, Inputs>> run) {
+    while (!run->finished()) {
+        auto pending = co_await next_chunk(run.get());
+        std::vector<typename remote<F>::result> values;
+        std::exception_ptr failure;
+        try {
+            values = co_await std::move(pending);
+        } catch (...) {
+            // The worker sent the results of the chunk's inputs before the
+            // failing one with its error: they are yielded first.
+            failure = std::current_exception();
+            if (const auto& partial = future_access::item(pending).value) values = std::move(*partial);
+        }
+        for (auto& value : values) co_yield std::move(value);
+        if (failure) std::rethrow_exception(failure);
+    }
+}
+
+template <auto F, class Range>
+auto start_map(std::shared_ptr<pool_core> core, Range&& inputs, map_options options) {
+    using inputs_view = std::views::all_t<Range&&>;
+    auto run = std::make_unique<map_run<F, inputs_view>>(std::move(core), std::views::all(std::forward<Range>(inputs)),
+                                                          options);
+    run->refill(); // submitted at the call, as Python's map does
+    return run;
+}
+
+} // namespace detail
+
+template <auto F, std::ranges::input_range Range>
+    requires std::ranges::viewable_range<Range&&>
+auto process_pool::map(Range&& inputs, map_options opts) {
+    static_assert(!std::is_void_v<typename detail::remote<F>::result>, "coproc: map<F> needs a function that returns a value");
+    return detail::collect_map<F>(detail::start_map<F>(core_, std::forward<Range>(inputs), opts));
+}
+
+template <auto F, std::ranges::input_range Range>
+    requires std::ranges::viewable_range<Range&&>
+auto process_pool::map_stream(Range&& inputs, map_options opts) {
+    static_assert(!std::is_void_v<typename detail::remote<F>::result>, "coproc: map_stream<F> needs a function that returns a value");
+    return detail::stream_map<F>(detail::start_map<F>(core_, std::forward<Range>(inputs), opts));
+}
+
+template <class Remote, class R, class... Payload>
+std::optional<future<R>> process_pool::submit_encoded(std::uint16_t frame_flags, submit_options options,
+                                                      bool throw_when_full, Payload&&... payload) {
+    return detail::submit_to<Remote, R>(*core_, frame_flags, options, throw_when_full, std::forward<Payload>(payload)...);
 }
 
 template <auto F, class... Args>
@@ -622,16 +664,6 @@ future<typename detail::remote<F>::result> process_pool::submit_with(submit_opti
     static_assert(std::is_constructible_v<arguments, Args&&...>,
                   "coproc: submit_with<F>(options, args...): the arguments do not convert to F's parameters");
     return *submit_encoded<remote, typename remote::result>(0, options, true, arguments{std::forward<Args>(args)...});
-}
-
-template <auto F>
-bool process_pool::submit_chunk(const std::vector<typename detail::remote<F>::arguments>& chunk,
-                                std::deque<future<std::vector<typename detail::remote<F>::result>>>& into) {
-    auto submitted = submit_encoded<detail::remote<F>, std::vector<typename detail::remote<F>::result>>(
-        detail::wire::frame_flag::chunk, {}, false, chunk);
-    if (!submitted) return false;
-    into.push_back(std::move(*submitted));
-    return true;
 }
 
 } // namespace coproc

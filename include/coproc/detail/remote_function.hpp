@@ -153,6 +153,13 @@ using argument_preparer = prepared_arguments (*)(std::uint64_t count, std::size_
 using prepared_invoker = void (*)(void* values, byte_buffer& result, std::vector<attached_bytes>& attached,
                                   std::stop_token token);
 
+// Thrown by a chunk's invoker when an input failed after others succeeded:
+// `error` is the failure, and the results before it were encoded already.
+// Not a std::exception, so that nothing catches it by accident.
+struct chunk_failure {
+    std::exception_ptr error;
+};
+
 struct remote_function_entry {
     std::uint64_t id;
     std::string_view name;
@@ -203,6 +210,9 @@ struct remote {
     }
 
     // map: F over each argument tuple of a chunk, the results in order.
+    // When F throws for an input after others succeeded, their results are
+    // encoded into `out` and chunk_failure is thrown with F's exception:
+    // the worker sends them as a partial RESULT before the ERROR.
     static void invoke_chunk(std::span<const std::byte> encoded, byte_buffer& out, std::vector<attached_bytes>& attached,
                              std::stop_token token) {
         std::vector<arguments> chunk;
@@ -212,7 +222,16 @@ struct remote {
         } else {
             std::vector<result> results;
             results.reserve(chunk.size());
-            for (auto& values : chunk) results.push_back(call(std::move(values), token));
+            for (auto& values : chunk) {
+                try {
+                    results.push_back(call(std::move(values), token));
+                } catch (...) {
+                    if (results.empty()) throw;
+                    chunk_failure failure{std::current_exception()};
+                    encode_attaching(out, attached, std::move(results));
+                    throw failure;
+                }
+            }
             encode_attaching(out, attached, std::move(results));
         }
     }

@@ -12,7 +12,9 @@
 //   CALL    parent -> worker  u64 function id, then the arguments (flag
 //                             `chunk`: a vector of argument tuples, for map)
 //   START   worker -> parent  (none): the task with this work id began running
-//   RESULT  worker -> parent  the function's value (nothing for void)
+//   RESULT  worker -> parent  the function's value (nothing for void); flag
+//                             `partial`: a chunk's results before its failing
+//                             input, followed by the chunk's ERROR
 //   ERROR   worker -> parent  transported exception (see remote_function.hpp)
 //   CANCEL  parent -> worker  (none): cancel the task with this work id
 //   BYE     parent -> worker  (none): finish what was sent, then exit
@@ -50,6 +52,9 @@ enum frame_flag : std::uint16_t {
     // CALL: the pool's initializer (work id 0), run before any task; its
     // RESULT or ERROR carries work id 0 too.
     initializer = 2,
+    // RESULT of a chunk: the results of its inputs before the one that
+    // failed; the chunk's ERROR follows at once. It does not end the task.
+    partial = 4,
 };
 
 struct frame_header {
