@@ -64,6 +64,10 @@ int crash_once(std::string marker, int value);
 void send_garbage_frame();
 void send_oversized_frame();
 void send_frame_for_unknown_work();
+// Sends, for its task `work_id`, a RESULT frame of 8 bytes claiming 2^40
+// strings, then returns an honest (empty) result the parent no longer
+// expects.
+std::vector<std::string> send_lying_strings_result(std::uint64_t work_id);
 
 // A value that serializes in the worker but cannot be read back in the
 // parent, and its mirror that cannot be written in the worker.
