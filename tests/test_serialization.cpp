@@ -137,6 +137,8 @@ TEST_CASE("cereal's standard types and user types read back exactly what cereal'
     check_round_trip(std::array<std::string, 2>{"x", "y"});
     check_round_trip(std::vector<bool>{true, false, true, true});
     check_round_trip(std::vector<float>{1.5f, -0.25f}); // inside cereal's path: one block of bytes
+    check_round_trip(std::vector<double>{}); // coproc's block path, into a vector with no memory
+    check_round_trip(std::tuple<std::vector<std::int32_t>, std::string>{});
     check_round_trip(std::map<int, std::vector<float>>{{1, {0.5f}}});
     check_round_trip(std::chrono::milliseconds{1234});
     check_round_trip(std::u16string{u"wide"});

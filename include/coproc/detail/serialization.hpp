@@ -168,7 +168,10 @@ void decode_value(bounded_input_archive& archive, T& value) {
             const auto* first = reinterpret_cast<const element*>(rest.data());
             value.insert(value.end(), first, first + count);
         } else {
-            std::memcpy(size_block(value, static_cast<std::size_t>(count)).data(), rest.data(), bytes);
+            const std::span<std::byte> into = size_block(value, static_cast<std::size_t>(count));
+            // An empty vector may have no memory at all: memcpy must not see
+            // its null data() even for zero bytes.
+            if (bytes > 0) std::memcpy(into.data(), rest.data(), bytes);
         }
         archive.skip(bytes);
     } else {
