@@ -10,6 +10,7 @@
 #include <coproc/detail/serialization.hpp>
 
 #include <cereal/archives/binary.hpp>
+#include <cereal/types/polymorphic.hpp>
 
 #include <array>
 #include <chrono>
@@ -114,9 +115,27 @@ struct versioned_reading {
     bool operator==(const versioned_reading&) const = default;
 };
 
+// A polymorphic hierarchy, registered with cereal.
+struct shape {
+    virtual ~shape() = default;
+    [[nodiscard]] virtual double area() const = 0;
+};
+struct square final : shape {
+    double side = 0;
+    square() = default;
+    explicit square(double s) : side(s) {}
+    [[nodiscard]] double area() const override { return side * side; }
+    template <class Archive>
+    void serialize(Archive& archive) {
+        archive(side);
+    }
+};
+
 } // namespace
 
 CEREAL_CLASS_VERSION(versioned_reading, 2);
+CEREAL_REGISTER_TYPE(square)
+CEREAL_REGISTER_POLYMORPHIC_RELATION(shape, square)
 
 TEST_CASE("cereal's standard types and user types read back exactly what cereal's binary archive writes") {
     check_round_trip(std::vector<std::string>{"a", "", std::string(300, 'x')});
@@ -158,6 +177,18 @@ TEST_CASE("cereal's standard types and user types read back exactly what cereal'
     REQUIRE(unique);
     CHECK(*unique == std::vector<int>(3, 9));
     CHECK_FALSE(decoded<std::unique_ptr<int>>(cereal_bytes(std::unique_ptr<int>{})));
+}
+
+TEST_CASE("polymorphic pointers registered with cereal decode through coproc's archive") {
+    const std::shared_ptr<shape> drawn = std::make_shared<square>(3.0);
+    const std::string bytes = cereal_bytes(drawn);
+    CHECK(coproc_bytes(drawn) == bytes);
+    const auto back = decoded<std::shared_ptr<shape>>(bytes);
+    REQUIRE(back);
+    CHECK(back->area() == 9.0);
+    // A type name claiming more bytes than are left.
+    CHECK_THROWS_WITH_AS(decoded<std::shared_ptr<shape>>(bytes_of(std::uint32_t{0x80000001u}, huge)),
+                         doctest::Contains("claims 1099511627776"), cereal::Exception);
 }
 
 TEST_CASE("a 24-byte encoding that claims 2^40 strings is refused before anything is allocated for them") {
