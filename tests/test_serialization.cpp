@@ -115,6 +115,20 @@ struct versioned_reading {
     bool operator==(const versioned_reading&) const = default;
 };
 
+// A user type saved as one number (cereal's save_minimal/load_minimal).
+struct celsius {
+    double degrees = 0;
+    template <class Archive>
+    double save_minimal(const Archive&) const {
+        return degrees;
+    }
+    template <class Archive>
+    void load_minimal(const Archive&, const double& value) {
+        degrees = value;
+    }
+    bool operator==(const celsius&) const = default;
+};
+
 // A polymorphic hierarchy, registered with cereal.
 struct shape {
     virtual ~shape() = default;
@@ -163,6 +177,7 @@ TEST_CASE("cereal's standard types and user types read back exactly what cereal'
     check_round_trip(std::u16string{u"wide"});
     check_round_trip(reading{"probe", {1.5, 2.5}, 7});
     check_round_trip(versioned_reading{{{"s", {1, 2, 3}}}});
+    check_round_trip(std::vector<celsius>{{21.5}, {-3}});
 
     // Pointers compare by what they point to.
     const auto shared = std::make_shared<std::string>("shared");
