@@ -341,6 +341,16 @@ void send_partial_frame(std::uint64_t work_id, std::uint32_t size) {
     std::memcpy(bytes, &header, sizeof header);
     [[maybe_unused]] auto written = ::write(3, bytes, sizeof bytes);
     hang_forever();
+std::vector<std::string> send_lying_strings_result(std::uint64_t work_id) {
+    const std::uint64_t claimed = std::uint64_t{1} << 40;
+    const coproc::detail::wire::frame_header header{sizeof claimed,
+                                                    static_cast<std::uint16_t>(coproc::detail::wire::frame_kind::result),
+                                                    0, work_id};
+    char bytes[sizeof header + sizeof claimed];
+    std::memcpy(bytes, &header, sizeof header);
+    std::memcpy(bytes + sizeof header, &claimed, sizeof claimed);
+    [[maybe_unused]] auto written = ::write(3, bytes, sizeof bytes);
+    return {};
 }
 
 unreadable make_unreadable(int value) { return {value}; }

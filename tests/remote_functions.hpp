@@ -69,6 +69,10 @@ void send_undecodable_error(std::uint64_t work_id);
 // Sends the header of a RESULT frame of `size` bytes for `work_id` and the
 // first few bytes of it, then hangs without sending the rest.
 void send_partial_frame(std::uint64_t work_id, std::uint32_t size);
+// Sends, for its task `work_id`, a RESULT frame of 8 bytes claiming 2^40
+// strings, then returns an honest (empty) result the parent no longer
+// expects.
+std::vector<std::string> send_lying_strings_result(std::uint64_t work_id);
 
 // A value that serializes in the worker but cannot be read back in the
 // parent, and its mirror that cannot be written in the worker.

@@ -1,7 +1,12 @@
 // coproc/detail/serialization.hpp - cereal binary archives over byte
 // buffers, and the compile-time check that a type can travel.
+//
+// Encoding uses cereal's BinaryOutputArchive; decoding uses
+// bounded_input_archive, which reads the same bytes but checks every size
+// they claim against the bytes left (see its header for what is checked).
 #pragma once
 
+#include <coproc/detail/bounded_input_archive.hpp>
 #include <coproc/detail/byte_buffer.hpp>
 
 #include <cereal/archives/binary.hpp>
@@ -28,7 +33,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <istream>
 #include <memory>
 #include <ostream>
 #include <span>
@@ -59,21 +63,6 @@ protected:
 
 private:
     byte_buffer* out_;
-};
-
-// A read-only streambuf over a byte span.
-class span_streambuf final : public std::streambuf {
-public:
-    explicit span_streambuf(std::span<const std::byte> in) noexcept {
-        char* begin = const_cast<char*>(reinterpret_cast<const char*>(in.data()));
-        setg(begin, begin, begin + in.size());
-    }
-    // The bytes not read yet.
-    [[nodiscard]] std::span<const std::byte> rest() const noexcept {
-        return {reinterpret_cast<const std::byte*>(gptr()), static_cast<std::size_t>(egptr() - gptr())};
-    }
-    // Consumes `count` bytes of rest() (at most its size).
-    void skip(std::size_t count) noexcept { setg(eback(), gptr() + count, egptr()); }
 };
 
 // Advises MADV_HUGEPAGE for the whole 2 MiB pages inside [data, data + size):
@@ -157,20 +146,18 @@ void encode_value(vector_streambuf& out, cereal::BinaryOutputArchive& archive, c
 }
 
 template <class T>
-void decode_value(span_streambuf& in, cereal::BinaryInputArchive& archive, T& value) {
+void decode_value(bounded_input_archive& archive, T& value) {
     if constexpr (is_tuple<T>::value) {
-        std::apply([&](auto&... element) { (decode_value(in, archive, element), ...); }, value);
+        std::apply([&](auto&... element) { (decode_value(archive, element), ...); }, value);
     } else if constexpr (block_container<T>::value) {
         using element = typename T::value_type;
-        wire_count count = 0;
-        if (in.rest().size() < sizeof count) {
-            throw cereal::Exception("coproc: the encoding ends inside a container's element count");
-        }
-        std::memcpy(&count, in.rest().data(), sizeof count);
-        in.skip(sizeof count);
-        const std::span<const std::byte> rest = in.rest();
+        // The count is checked against the bytes left as for any container,
+        // then once more against the elements' size.
+        const wire_count count = archive.load_count();
+        const std::span<const std::byte> rest = archive.rest();
         if (count > rest.size() / sizeof(element)) {
-            throw cereal::Exception("coproc: a container claims " + std::to_string(count) + " elements, more than the " +
+            throw cereal::Exception("coproc: a container claims " + std::to_string(count) + " elements of " +
+                                    std::to_string(sizeof(element)) + " bytes, more than the " +
                                     std::to_string(rest.size()) + " bytes left in the encoding");
         }
         const std::size_t bytes = static_cast<std::size_t>(count) * sizeof(element);
@@ -181,18 +168,22 @@ void decode_value(span_streambuf& in, cereal::BinaryInputArchive& archive, T& va
             const auto* first = reinterpret_cast<const element*>(rest.data());
             value.insert(value.end(), first, first + count);
         } else {
-            std::memcpy(size_block(value, static_cast<std::size_t>(count)).data(), rest.data(), bytes);
+            const std::span<std::byte> into = size_block(value, static_cast<std::size_t>(count));
+            // An empty vector may have no memory at all: memcpy must not see
+            // its null data() even for zero bytes.
+            if (bytes > 0) std::memcpy(into.data(), rest.data(), bytes);
         }
-        in.skip(bytes);
+        archive.skip(bytes);
     } else {
         archive(value);
     }
 }
 
-// True when cereal can write and read T with its binary archives.
+// True when cereal can write T with its binary archive and read it with
+// coproc's.
 template <class T>
 concept serializable = cereal::traits::is_output_serializable<T, cereal::BinaryOutputArchive>::value &&
-                       cereal::traits::is_input_serializable<T, cereal::BinaryInputArchive>::value;
+                       cereal::traits::is_input_serializable<T, bounded_input_archive>::value;
 
 // Appends the binary encoding of `values...` to `out`.
 template <class... T>
@@ -325,13 +316,12 @@ inline std::size_t attached_size(const std::vector<attached_bytes>& attached) no
 }
 
 // Decodes `values...` from `in`; throws cereal::Exception when `in` is short
-// or malformed.
+// or malformed, or claims more than it holds (bounded_input_archive). Never
+// reads outside `in`.
 template <class... T>
 void decode_from(std::span<const std::byte> in, T&... values) {
-    span_streambuf buffer{in};
-    std::istream stream{&buffer};
-    cereal::BinaryInputArchive archive{stream};
-    (decode_value(buffer, archive, values), ...);
+    bounded_input_archive archive{in};
+    (decode_value(archive, values), ...);
 }
 
 } // namespace coproc::detail
