@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <dirent.h>
+#include <exception>
 #include <filesystem>
 #include <fstream>
 #include <system_error>
@@ -18,6 +19,7 @@
 #include <coproc/worker.hpp>
 
 COPROC_REGISTER_EXCEPTION(pool_test::quota_exceeded);
+COPROC_REGISTER_EXCEPTION(pool_test::budget_exhausted);
 
 namespace pool_test {
 
@@ -257,6 +259,23 @@ void throw_standard(std::string type, std::string message) {
 }
 
 void throw_custom(std::string message) { throw custom_failure(message); }
+
+void throw_coproc(std::string type, std::string message) {
+    if (type == "error") throw coproc::error(message);
+    if (type == "timeout_error") throw coproc::timeout_error(message);
+    if (type == "cancelled_error") throw coproc::cancelled_error(message);
+    if (type == "pool_closed") throw coproc::pool_closed();
+    if (type == "queue_full") throw coproc::queue_full();
+    if (type == "broken_process_pool") {
+        throw coproc::broken_process_pool(message, std::make_exception_ptr(std::invalid_argument("the cause")));
+    }
+    if (type == "worker_died") throw coproc::worker_died(1234, SIGSEGV, -1, "inner_function", message);
+    if (type == "remote_error") throw coproc::remote_error("inner::failure", message, 4321, "inner_function");
+    if (type == "worker_start_failed") throw coproc::worker_start_failed(EMFILE, message);
+    if (type == "io_uring_unavailable") throw coproc::io_uring_unavailable(EPERM, message);
+    if (type == "derived") throw derived_pool_error(message);
+    if (type == "registered derived") throw budget_exhausted(message);
+}
 
 int cooperative_wait(int milliseconds, std::string marker, std::stop_token token) {
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds{milliseconds};
