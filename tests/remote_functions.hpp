@@ -83,6 +83,16 @@ struct budget_exhausted : coproc::error {
         archive(account, message);
     }
 };
+
+// Installs on the calling thread (and what it starts later) a seccomp
+// filter under which creating a thread fails with EAGAIN, as it does at
+// RLIMIT_NPROC or a cgroup's pids.max, while starting a process still works
+// (clone3 answers ENOSYS, so glibc falls back to clone, whose flags the
+// filter can see: CLONE_THREAD is refused). Returns whether it was installed.
+bool deny_thread_creation();
+// Run in a worker: denies thread creation to the worker's task thread, then
+// returns pattern(size, 5), a large result the worker would keep as a spare.
+std::string large_result_without_threads(std::size_t size);
 int crash_segfault();
 int crash_abort();
 int crash_exit(int code);

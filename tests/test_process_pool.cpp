@@ -1170,6 +1170,63 @@ TEST_CASE("without pidfd_open (hidden by a sandbox or tool) the pool still sees 
     leaks.verify();
 }
 
+TEST_CASE("a worker that cannot create its task thread says which limit applies and exits with code 71; its task fails") {
+    leak_check leaks;
+    std::vector<outcome> outcomes;
+    bool denied = false;
+    const std::string text = capture_stderr([&] {
+        std::thread sandboxed([&] {
+            // This thread and the workers it starts: processes can be
+            // started, threads cannot (EAGAIN, as at RLIMIT_NPROC).
+            denied = deny_thread_creation();
+            if (!denied) return;
+            coproc::event_loop loop;
+            coproc::process_pool pool{loop, {.max_workers = 1}};
+            std::vector<future<int>> futures;
+            futures.push_back(pool.submit<square>(5));
+            outcomes = run_bounded(loop, settle_all(std::move(futures)));
+        });
+        sandboxed.join();
+    });
+    REQUIRE(denied);
+    REQUIRE(outcomes.size() == 1);
+    // Said HELLO, then exited: the task was never started; depending on
+    // when the parent saw the HELLO, the pool calls it a worker that died
+    // or one that could not start.
+    CHECK((outcomes[0].error == "worker_died" || outcomes[0].error == "broken"));
+    CHECK(contains(outcomes[0].what, "exited with code 71"));
+    CHECK(contains(text, "cannot start its task runner thread"));
+    CHECK(contains(text, "RLIMIT_NPROC"));
+    CHECK(contains(text, "pids.max"));
+    CHECK(contains(text, "exits with code 71"));
+    CHECK_FALSE(contains(text, "terminate called"));
+    leaks.verify();
+}
+
+TEST_CASE("a worker that cannot create its janitor thread says so and serves on, keeping no spare") {
+    std::string result;
+    int first_pid = 0;
+    int second_pid = 0;
+    std::size_t spare = 1;
+    // Around the whole pool: a worker writes to the stderr it was started with.
+    const std::string text = capture_stderr([&] {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 1, .keep_result_memory = 10s}};
+        first_pid = run_bounded(loop, await_future(pool.submit<worker_pid>()));
+        // The first large result would start the janitor; the task denies
+        // its own thread (the one that starts it) new threads first.
+        result = run_bounded(loop, await_future(pool.submit<large_result_without_threads>(std::size_t{1} << 20)));
+        spare = run_bounded(loop, await_future(pool.submit<spare_bytes_in_worker>()));
+        second_pid = run_bounded(loop, await_future(pool.submit<worker_pid>()));
+    });
+    CHECK(result == pattern(std::size_t{1} << 20, 5));
+    CHECK(second_pid == first_pid);
+    CHECK(spare == 0);
+    CHECK(contains(text, "cannot start its janitor thread"));
+    CHECK(contains(text, "RLIMIT_NPROC"));
+    CHECK(contains(text, "serves on"));
+}
+
 TEST_CASE("a missing worker program breaks the pool with an error naming it") {
     coproc::event_loop loop;
     coproc::process_pool pool{loop, {.max_workers = 1, .worker_executable = "/nonexistent/coproc-worker"}};
