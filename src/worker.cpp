@@ -12,6 +12,13 @@
 // frees a spare not taken within process_pool_options::keep_result_memory,
 // busy or not.
 //
+// A thread that cannot be created (std::thread throws std::system_error:
+// EAGAIN under RLIMIT_NPROC, kernel.threads-max or a cgroup's pids.max,
+// ENOMEM for its stack) is reported on stderr with the limit that likely
+// applies. Without the runner no task can run: the worker exits with
+// thread_start_failed_exit, which the pool reports as the worker's exit
+// code. Without the janitor the worker serves on, keeping no spares.
+//
 // Plain blocking I/O: a worker serves one parent over one socket and has
 // nothing else to wait for. Writes from both threads go through one mutex, so
 // frames never interleave; a result is encoded completely before any of it is
@@ -23,6 +30,7 @@
 
 #include <fcntl.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -39,8 +47,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <fstream>
 #include <mutex>
+#include <string>
+#include <string_view>
 #include <stop_token>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -63,13 +75,98 @@ std::atomic<std::size_t> spare_bytes{0};
     ::_exit(status);
 }
 
+// The exit code of a worker that could not start its runner thread:
+// EX_OSERR of <sysexits.h> ("can't fork"), distinct from the 3 of a
+// protocol fault and from the exit codes tasks commonly use.
+constexpr int thread_start_failed_exit = 71;
+
+// The first line of `path`, or empty when it cannot be read.
+std::string first_line(const std::string& path) {
+    std::ifstream file{path};
+    std::string line;
+    std::getline(file, line);
+    return line;
+}
+
+// ", now <limit>" for a resource limit, "unlimited" included.
+std::string current_limit(int resource) {
+    ::rlimit limit{};
+    if (::getrlimit(resource, &limit) != 0) return {};
+    return limit.rlim_cur == RLIM_INFINITY ? ", now unlimited" : ", now " + std::to_string(limit.rlim_cur);
+}
+
+// The path of `file` of `controller` ("pids", "memory") in this process's
+// cgroup, under cgroup v1 (/sys/fs/cgroup/<controller>/<path>) or v2
+// (/sys/fs/cgroup/<path>), or empty when it has none.
+std::string cgroup_file(std::string_view controller, std::string_view file) {
+    std::ifstream membership{"/proc/self/cgroup"}; // lines "id:controllers:path"; "0::path" under v2
+    std::string line;
+    std::string unified;
+    while (std::getline(membership, line)) {
+        const auto first = line.find(':');
+        const auto second = line.find(':', first + 1);
+        if (first == std::string::npos || second == std::string::npos) continue;
+        const std::string controllers = "," + line.substr(first + 1, second - first - 1) + ",";
+        std::string path = line.substr(second + 1);
+        if (path == "/") path.clear();
+        if (controllers == ",,") {
+            unified = "/sys/fs/cgroup" + path + "/" + std::string(file);
+            continue;
+        }
+        if (controllers.find("," + std::string(controller) + ",") == std::string::npos) continue;
+        const std::string candidate = "/sys/fs/cgroup/" + std::string(controller) + path + "/" + std::string(file);
+        if (!first_line(candidate).empty()) return candidate;
+    }
+    return !unified.empty() && !first_line(unified).empty() ? unified : std::string{};
+}
+
+// What a worker prints when std::thread could not start its `thread`:
+// the error, the limit that likely applies, and `consequence`.
+std::string describe_thread_failure(std::string_view thread, const std::system_error& error, std::string_view consequence) {
+    std::string text = "coproc: worker " + std::to_string(::getpid()) + " cannot start its " + std::string(thread) + " thread (" +
+                       error.what() + "): ";
+    if (error.code() == std::errc::resource_unavailable_try_again) {
+        text += "a limit on threads was reached: RLIMIT_NPROC (ulimit -u" + current_limit(RLIMIT_NPROC) +
+                "; it counts the threads of all the user's processes" +
+                (::geteuid() == 0 ? std::string(", and does not apply to root, as this worker is") : std::string()) +
+                "), kernel.threads-max "
+                "(" + first_line("/proc/sys/kernel/threads-max") + ") or a cgroup's pids.max";
+        if (const std::string pids = cgroup_file("pids", "pids.max"); !pids.empty()) {
+            text += " (" + pids + " is " + first_line(pids) + ", pids.current " +
+                    first_line(cgroup_file("pids", "pids.current")) + ")";
+        }
+    } else if (error.code() == std::errc::not_enough_memory) {
+        text += "there is no memory for the thread's stack: RLIMIT_AS (ulimit -v" + current_limit(RLIMIT_AS) +
+                "), the cgroup's memory.max or vm.max_map_count";
+        std::string memory = cgroup_file("memory", "memory.max"); // v2
+        if (memory.empty()) memory = cgroup_file("memory", "memory.limit_in_bytes"); // v1
+        if (!memory.empty()) text += " (" + memory + " is " + first_line(memory) + ")";
+    } else {
+        text += "the system refused a new thread";
+    }
+    text += "; " + std::string(consequence) + "\n";
+    return text;
+}
+
 class worker_session {
 public:
     worker_session(int fd, std::chrono::milliseconds keep_result_memory) : fd_(fd), keep_for_(keep_result_memory) {}
 
     [[noreturn]] void serve() {
         send_hello();
-        std::thread runner([this] { run_calls(); });
+        std::thread runner;
+        try {
+            runner = std::thread([this] { run_calls(); });
+        } catch (const std::system_error& e) {
+            // Without it no task can run. After HELLO, so the pool sees a
+            // worker that started and then exited with this code: tasks sent
+            // to it never started and go to other workers.
+            std::fputs(describe_thread_failure("task runner", e,
+                                               "the worker exits with code " + std::to_string(thread_start_failed_exit))
+                           .c_str(),
+                       stderr);
+            quit(thread_start_failed_exit);
+        }
         read_frames();
         // BYE: finish what was queued, then leave.
         runner.join();
@@ -244,15 +341,32 @@ private:
         kept_block old;
         {
             std::lock_guard lock{spare_mutex_};
-            old = std::exchange(spare_, std::move(kept));
-            spare_bytes.store(spare_.bytes, std::memory_order_relaxed);
             if (!janitor_started_) {
                 janitor_started_ = true;
-                std::thread{[this] { run_janitor(); }}.detach(); // the process ends with _exit
+                janitor_running_ = start_janitor();
             }
+            if (!janitor_running_) return; // nothing would free it: `kept` is freed now, not kept
+            old = std::exchange(spare_, std::move(kept));
+            spare_bytes.store(spare_.bytes, std::memory_order_relaxed);
         }
         spare_changed_.notify_one();
     } // `old` is freed here, outside the lock
+
+    // Starts the janitor; false, said on stderr, when no thread can be
+    // created. Only memory is lost then, not work: the worker serves on.
+    bool start_janitor() {
+        try {
+            std::thread{[this] { run_janitor(); }}.detach(); // the process ends with _exit
+            return true;
+        } catch (const std::system_error& e) {
+            std::fputs(describe_thread_failure("janitor", e,
+                                               "the worker serves on, without keeping the memory of large results "
+                                               "for the next task (process_pool_options::keep_result_memory)")
+                           .c_str(),
+                       stderr);
+            return false;
+        }
+    }
 
     kept_block take_spare() {
         std::lock_guard lock{spare_mutex_};
@@ -432,7 +546,8 @@ private:
     std::mutex spare_mutex_;
     std::condition_variable spare_changed_;
     kept_block spare_;
-    bool janitor_started_ = false;
+    bool janitor_started_ = false; // these two under spare_mutex_
+    bool janitor_running_ = false;
 };
 
 } // namespace

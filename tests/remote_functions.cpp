@@ -9,6 +9,13 @@
 #include <cstdio>
 #include <cstdlib>
 #include <dirent.h>
+#include <exception>
+#include <linux/audit.h>
+#include <linux/filter.h>
+#include <linux/sched.h>
+#include <linux/seccomp.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <filesystem>
 #include <fstream>
 #include <system_error>
@@ -18,6 +25,7 @@
 #include <coproc/worker.hpp>
 
 COPROC_REGISTER_EXCEPTION(pool_test::quota_exceeded);
+COPROC_REGISTER_EXCEPTION(pool_test::budget_exhausted);
 
 namespace pool_test {
 
@@ -257,6 +265,55 @@ void throw_standard(std::string type, std::string message) {
 }
 
 void throw_custom(std::string message) { throw custom_failure(message); }
+
+void throw_coproc(std::string type, std::string message) {
+    if (type == "error") throw coproc::error(message);
+    if (type == "timeout_error") throw coproc::timeout_error(message);
+    if (type == "cancelled_error") throw coproc::cancelled_error(message);
+    if (type == "pool_closed") throw coproc::pool_closed();
+    if (type == "queue_full") throw coproc::queue_full();
+    if (type == "broken_process_pool") {
+        throw coproc::broken_process_pool(message, std::make_exception_ptr(std::invalid_argument("the cause")));
+    }
+    if (type == "worker_died") throw coproc::worker_died(1234, SIGSEGV, -1, "inner_function", message);
+    if (type == "remote_error") throw coproc::remote_error("inner::failure", message, 4321, "inner_function");
+    if (type == "worker_start_failed") throw coproc::worker_start_failed(EMFILE, message);
+    if (type == "io_uring_unavailable") throw coproc::io_uring_unavailable(EPERM, message);
+    if (type == "derived") throw derived_pool_error(message);
+    if (type == "registered derived") throw budget_exhausted(message);
+}
+
+bool deny_thread_creation() {
+#if defined(__x86_64__)
+    constexpr unsigned arch = AUDIT_ARCH_X86_64;
+#elif defined(__aarch64__)
+    constexpr unsigned arch = AUDIT_ARCH_AARCH64;
+#else
+#error "add this architecture's AUDIT_ARCH value"
+#endif
+    // clone's flags are its first argument; their low 32 bits (little
+    // endian: the first word of args[0]) hold CLONE_THREAD.
+    ::sock_filter filter[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(::seccomp_data, arch)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, arch, 1, 0),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(::seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_clone3, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | ENOSYS),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_clone, 0, 3),
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(::seccomp_data, args[0])),
+        BPF_JUMP(BPF_JMP | BPF_JSET | BPF_K, CLONE_THREAD, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EAGAIN),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    ::sock_fprog program{static_cast<unsigned short>(std::size(filter)), filter};
+    return ::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 && ::syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &program) == 0;
+}
+
+std::string large_result_without_threads(std::size_t size) {
+    if (!deny_thread_creation()) throw std::runtime_error("cannot install the seccomp filter");
+    return pattern(size, 5);
+}
 
 int cooperative_wait(int milliseconds, std::string marker, std::stop_token token) {
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds{milliseconds};

@@ -3,6 +3,8 @@
 // worker_program, the separate worker used by the worker_executable tests.
 #pragma once
 
+#include <coproc/error.hpp>
+
 #include <cereal/cereal.hpp>
 
 #include <cstdint>
@@ -53,6 +55,44 @@ struct custom_failure : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
 void throw_custom(std::string message);
+
+// coproc's own exceptions, thrown by a task (as one that uses a pool or a
+// timeout of its own would let them escape). `type` names the class; each
+// carries `message` (pool_closed and queue_full their own) and known
+// accessor values: worker_died(1234, SIGSEGV, -1, "inner_function"),
+// remote_error("inner::failure", message, 4321, "inner_function"),
+// worker_start_failed(EMFILE), io_uring_unavailable(EPERM), and
+// broken_process_pool with the cause std::invalid_argument("the cause").
+// "derived" throws derived_pool_error, "registered derived"
+// budget_exhausted(message).
+void throw_coproc(std::string type, std::string message);
+// A user type derived from coproc::error, not registered.
+struct derived_pool_error : coproc::error {
+    using coproc::error::error;
+};
+// A user type derived from coproc::error, registered to travel as itself.
+struct budget_exhausted : coproc::error {
+    budget_exhausted() : coproc::error("") {}
+    explicit budget_exhausted(std::string account)
+        : coproc::error(""), account(std::move(account)), message("the budget of " + this->account + " is exhausted") {}
+    const char* what() const noexcept override { return message.c_str(); }
+    std::string account;
+    std::string message;
+    template <class Archive>
+    void serialize(Archive& archive) {
+        archive(account, message);
+    }
+};
+
+// Installs on the calling thread (and what it starts later) a seccomp
+// filter under which creating a thread fails with EAGAIN, as it does at
+// RLIMIT_NPROC or a cgroup's pids.max, while starting a process still works
+// (clone3 answers ENOSYS, so glibc falls back to clone, whose flags the
+// filter can see: CLONE_THREAD is refused). Returns whether it was installed.
+bool deny_thread_creation();
+// Run in a worker: denies thread creation to the worker's task thread, then
+// returns pattern(size, 5), a large result the worker would keep as a spare.
+std::string large_result_without_threads(std::size_t size);
 int crash_segfault();
 int crash_abort();
 int crash_exit(int code);

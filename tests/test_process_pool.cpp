@@ -11,6 +11,8 @@
 #include <cstdlib>
 #include <filesystem>
 #include <map>
+#include <optional>
+#include <typeinfo>
 #include <fcntl.h>
 #include <poll.h>
 #include <sched.h>
@@ -151,6 +153,33 @@ task<void> wait_for_count(coproc::event_loop* loop, const std::atomic<int>* coun
 
 bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 
+bool ends_with(const std::string& text, const std::string& end) {
+    return text.size() >= end.size() && text.compare(text.size() - end.size(), end.size(), end) == 0;
+}
+
+// The exception `error` holds, when it is exactly an E (not a subclass).
+template <class E>
+std::optional<E> exactly(std::exception_ptr error) {
+    try {
+        std::rethrow_exception(std::move(error));
+    } catch (const E& e) {
+        if (typeid(e) == typeid(E)) return e;
+    } catch (...) {
+    }
+    return std::nullopt;
+}
+
+// What a future ended with, or nullptr when it yielded a value.
+template <class T>
+std::exception_ptr failure_of(coproc::event_loop& loop, future<T> pending) {
+    try {
+        run_bounded(loop, await_future(std::move(pending)));
+    } catch (...) {
+        return std::current_exception();
+    }
+    return nullptr;
+}
+
 } // namespace
 
 TEST_CASE("submit runs the function in a worker process and yields its value") {
@@ -215,12 +244,107 @@ TEST_CASE("any other exception arrives as remote_error with its type name, what(
         CHECK(e.pid() == pid);
         CHECK(contains(e.what(), "throw_custom"));
     }
-    try {
-        run_bounded(loop, await_future(pool.submit<throw_standard>("int", "")));
-        FAIL("no exception");
-    } catch (const coproc::remote_error& e) {
-        CHECK(contains(e.type_name(), "unknown"));
-    }
+}
+
+TEST_CASE("each coproc exception type thrown by a task is rethrown as the same type with the same what() and accessors") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1}};
+    auto raise = [&](const char* type, const char* message) { return failure_of(loop, pool.submit<throw_coproc>(type, message)); };
+
+    const auto plain = exactly<coproc::error>(raise("error", "plain trouble"));
+    REQUIRE(plain);
+    CHECK(std::string(plain->what()) == "plain trouble");
+
+    const auto timeout = exactly<coproc::timeout_error>(raise("timeout_error", "inner deadline"));
+    REQUIRE(timeout);
+    CHECK(std::string(timeout->what()) == "inner deadline");
+
+    const auto cancelled = exactly<coproc::cancelled_error>(raise("cancelled_error", "inner stop"));
+    REQUIRE(cancelled);
+    CHECK(std::string(cancelled->what()) == "inner stop");
+
+    const auto closed = exactly<coproc::pool_closed>(raise("pool_closed", ""));
+    REQUIRE(closed);
+    CHECK(std::string(closed->what()) == coproc::pool_closed().what());
+
+    const auto full = exactly<coproc::queue_full>(raise("queue_full", ""));
+    REQUIRE(full);
+    CHECK(std::string(full->what()) == coproc::queue_full().what());
+
+    const auto broken = exactly<coproc::broken_process_pool>(raise("broken_process_pool", "inner pool broke"));
+    REQUIRE(broken);
+    CHECK(std::string(broken->what()) == "inner pool broke");
+    const auto cause = exactly<std::invalid_argument>(broken->cause());
+    REQUIRE(cause);
+    CHECK(std::string(cause->what()) == "the cause");
+
+    const auto died = exactly<coproc::worker_died>(raise("worker_died", "inner worker died"));
+    REQUIRE(died);
+    CHECK(std::string(died->what()) == "inner worker died");
+    CHECK(died->pid() == 1234);
+    CHECK(died->signal() == SIGSEGV);
+    CHECK(died->exit_code() == -1);
+    CHECK(died->function() == "inner_function");
+
+    const auto remote = exactly<coproc::remote_error>(raise("remote_error", "inner trouble"));
+    REQUIRE(remote);
+    CHECK(std::string(remote->what()) == coproc::remote_error("inner::failure", "inner trouble", 4321, "inner_function").what());
+    CHECK(remote->type_name() == "inner::failure");
+    CHECK(remote->message() == "inner trouble");
+    CHECK(remote->pid() == 4321);
+    CHECK(remote->function() == "inner_function");
+    CHECK(remote->std_exception());
+
+    const auto start_failed = exactly<coproc::worker_start_failed>(raise("worker_start_failed", "no descriptors"));
+    REQUIRE(start_failed);
+    CHECK(std::string(start_failed->what()) == "no descriptors");
+    CHECK(start_failed->code() == EMFILE);
+
+    const auto no_ring = exactly<coproc::io_uring_unavailable>(raise("io_uring_unavailable", "seccomp says no"));
+    REQUIRE(no_ring);
+    CHECK(std::string(no_ring->what()) == "seccomp says no");
+    CHECK(no_ring->cause() == EPERM);
+}
+
+TEST_CASE("a user type derived from coproc::error arrives as remote_error, never as its base, unless registered") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1}};
+    const auto derived = exactly<coproc::remote_error>(failure_of(loop, pool.submit<throw_coproc>("derived", "own trouble")));
+    REQUIRE(derived);
+    CHECK(derived->type_name() == "pool_test::derived_pool_error");
+    CHECK(derived->message() == "own trouble");
+
+    const auto registered = exactly<budget_exhausted>(failure_of(loop, pool.submit<throw_coproc>("registered derived", "alice")));
+    REQUIRE(registered);
+    CHECK(registered->account == "alice");
+    CHECK(std::string(registered->what()) == "the budget of alice is exhausted");
+}
+
+TEST_CASE("an exception not derived from std::exception arrives as remote_error naming its type, in a sentence that ends well") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1}};
+    const int pid = run_bounded(loop, await_future(pool.submit<worker_pid>()));
+    const auto thrown = exactly<coproc::remote_error>(failure_of(loop, pool.submit<throw_standard>("int", "")));
+    REQUIRE(thrown);
+    CHECK(thrown->type_name() == "int");
+    CHECK(thrown->message().empty());
+    CHECK_FALSE(thrown->std_exception());
+    const std::string what = thrown->what();
+    CHECK(contains(what, "throw_standard raised an exception of type int (not derived from std::exception) in worker " +
+                             std::to_string(pid)));
+    CHECK(ends_with(what, std::to_string(pid)));
+}
+
+TEST_CASE("an exception whose what() is empty arrives as remote_error saying so, not ending in a dangling colon") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1}};
+    const int pid = run_bounded(loop, await_future(pool.submit<worker_pid>()));
+    const auto empty = exactly<coproc::remote_error>(failure_of(loop, pool.submit<throw_custom>("")));
+    REQUIRE(empty);
+    CHECK(empty->std_exception());
+    const std::string what = empty->what();
+    CHECK(contains(what, "raised pool_test::custom_failure in worker " + std::to_string(pid) + " (its what() was empty)"));
+    CHECK_FALSE(ends_with(what, ": "));
 }
 
 // Submits 100 ordinary tasks, four that crash their worker in four ways
@@ -1044,6 +1168,63 @@ TEST_CASE("without pidfd_open (hidden by a sandbox or tool) the pool still sees 
     CHECK(contains(outcomes[1].what, "exited with code 4"));
     CHECK(outcomes[2].value == 36);
     leaks.verify();
+}
+
+TEST_CASE("a worker that cannot create its task thread says which limit applies and exits with code 71; its task fails") {
+    leak_check leaks;
+    std::vector<outcome> outcomes;
+    bool denied = false;
+    const std::string text = capture_stderr([&] {
+        std::thread sandboxed([&] {
+            // This thread and the workers it starts: processes can be
+            // started, threads cannot (EAGAIN, as at RLIMIT_NPROC).
+            denied = deny_thread_creation();
+            if (!denied) return;
+            coproc::event_loop loop;
+            coproc::process_pool pool{loop, {.max_workers = 1}};
+            std::vector<future<int>> futures;
+            futures.push_back(pool.submit<square>(5));
+            outcomes = run_bounded(loop, settle_all(std::move(futures)));
+        });
+        sandboxed.join();
+    });
+    REQUIRE(denied);
+    REQUIRE(outcomes.size() == 1);
+    // Said HELLO, then exited: the task was never started; depending on
+    // when the parent saw the HELLO, the pool calls it a worker that died
+    // or one that could not start.
+    CHECK((outcomes[0].error == "worker_died" || outcomes[0].error == "broken"));
+    CHECK(contains(outcomes[0].what, "exited with code 71"));
+    CHECK(contains(text, "cannot start its task runner thread"));
+    CHECK(contains(text, "RLIMIT_NPROC"));
+    CHECK(contains(text, "pids.max"));
+    CHECK(contains(text, "exits with code 71"));
+    CHECK_FALSE(contains(text, "terminate called"));
+    leaks.verify();
+}
+
+TEST_CASE("a worker that cannot create its janitor thread says so and serves on, keeping no spare") {
+    std::string result;
+    int first_pid = 0;
+    int second_pid = 0;
+    std::size_t spare = 1;
+    // Around the whole pool: a worker writes to the stderr it was started with.
+    const std::string text = capture_stderr([&] {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 1, .keep_result_memory = 10s}};
+        first_pid = run_bounded(loop, await_future(pool.submit<worker_pid>()));
+        // The first large result would start the janitor; the task denies
+        // its own thread (the one that starts it) new threads first.
+        result = run_bounded(loop, await_future(pool.submit<large_result_without_threads>(std::size_t{1} << 20)));
+        spare = run_bounded(loop, await_future(pool.submit<spare_bytes_in_worker>()));
+        second_pid = run_bounded(loop, await_future(pool.submit<worker_pid>()));
+    });
+    CHECK(result == pattern(std::size_t{1} << 20, 5));
+    CHECK(second_pid == first_pid);
+    CHECK(spare == 0);
+    CHECK(contains(text, "cannot start its janitor thread"));
+    CHECK(contains(text, "RLIMIT_NPROC"));
+    CHECK(contains(text, "serves on"));
 }
 
 TEST_CASE("a missing worker program breaks the pool with an error naming it") {

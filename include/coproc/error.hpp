@@ -84,23 +84,32 @@ private:
 };
 
 // A task threw an exception that cannot travel as its own type: a type that
-// is neither a standard exception nor registered with coproc.
+// is neither a standard exception, nor one of coproc's own (exactly: a
+// subclass of coproc::error other than cancelled_error is not rebuilt as its
+// base), nor registered with COPROC_REGISTER_EXCEPTION; or something not
+// derived from std::exception at all (`throw 42`).
 class remote_error : public error {
 public:
-    remote_error(std::string type_name, std::string message, int pid, std::string function);
-    // The demangled type name of the original exception.
+    // `std_exception`: whether the original derives from std::exception
+    // (when it does not, it has no what() and `message` is empty).
+    remote_error(std::string type_name, std::string message, int pid, std::string function, bool std_exception = true);
+    // The demangled type name of the original exception ("int" for `throw
+    // 42`), or empty when even that is unknown.
     [[nodiscard]] const std::string& type_name() const noexcept { return type_name_; }
-    // The original what().
+    // The original what() (empty when it had none).
     [[nodiscard]] const std::string& message() const noexcept { return message_; }
     // The worker that ran the task.
     [[nodiscard]] int pid() const noexcept { return pid_; }
     [[nodiscard]] const std::string& function() const noexcept { return function_; }
+    // Whether the original derives from std::exception.
+    [[nodiscard]] bool std_exception() const noexcept { return std_exception_; }
 
 private:
     std::string type_name_;
     std::string message_;
     int pid_;
     std::string function_;
+    bool std_exception_;
 };
 
 // No worker could be started to run the task, for a shortage that may pass
@@ -124,12 +133,14 @@ private:
 class queue_full : public error {
 public:
     queue_full();
+    explicit queue_full(const std::string& what);
 };
 
 // submit() after shutdown() began.
 class pool_closed : public error {
 public:
     pool_closed();
+    explicit pool_closed(const std::string& what);
 };
 
 } // namespace coproc
