@@ -398,6 +398,8 @@ void send_partial_frame(std::uint64_t work_id, std::uint32_t size) {
     std::memcpy(bytes, &header, sizeof header);
     [[maybe_unused]] auto written = ::write(3, bytes, sizeof bytes);
     hang_forever();
+}
+
 std::vector<std::string> send_lying_strings_result(std::uint64_t work_id) {
     const std::uint64_t claimed = std::uint64_t{1} << 40;
     const coproc::detail::wire::frame_header header{sizeof claimed,
