@@ -269,6 +269,7 @@ public:
     void grace_expired(worker_handle& worker, std::uint64_t id);
     [[nodiscard]] std::chrono::milliseconds cancel_grace() const noexcept { return options_.cancel_grace; }
     [[nodiscard]] std::chrono::milliseconds start_timeout() const noexcept { return options_.start_timeout; }
+    [[nodiscard]] std::chrono::milliseconds frame_timeout() const noexcept { return options_.frame_timeout; }
     bool await(work_item& item, std::coroutine_handle<> awaiting);
     void forget(work_item& item, std::coroutine_handle<> awaiting) noexcept;
     void add_callback(work_item& item, std::function<void()> callback);
@@ -391,6 +392,24 @@ private:
 
 namespace {
 
+task<std::size_t> receive_some(event_loop* loop, int socket, std::span<std::byte> into) {
+    co_return co_await loop->recv(socket, into);
+}
+
+// Receives more of a frame that has begun: a worker that sends nothing more
+// for frame_timeout is a protocol violation (a silent worker would hold its
+// tasks for ever).
+task<std::size_t> receive_frame_part(pool_core* core, int socket, std::span<std::byte> into) {
+    const auto limit = core->frame_timeout();
+    if (limit.count() <= 0) co_return co_await core->loop.recv(socket, into);
+    try {
+        co_return co_await with_timeout(receive_some(&core->loop, socket, into), limit);
+    } catch (const timeout_error&) {
+        throw protocol_violation("part of a frame, then nothing for " + std::to_string(limit.count()) +
+                                 " ms (process_pool_options::frame_timeout)");
+    }
+}
+
 // Receives the rest of a large RESULT's block straight into `target`,
 // `got` bytes of which are there already: false when the stream ended
 // first (the worker died) or the pool is going away.
@@ -399,10 +418,13 @@ task<bool> receive_block(std::shared_ptr<pool_core> core, worker_handle* worker,
     try {
         while (got < target.size()) {
             if (core->destroyed) co_return false;
-            const std::size_t received = co_await core->loop.recv(worker->socket, target.subspan(got));
+            const std::size_t received = co_await receive_frame_part(core.get(), worker->socket, target.subspan(got));
             if (received == 0) co_return false;
             got += received;
         }
+    } catch (const protocol_violation& violation) {
+        core->kill_worker(*worker, violation.what(), true);
+        co_return false;
     } catch (const std::system_error&) {
         co_return false; // recv failed: the worker is gone
     }
@@ -418,7 +440,12 @@ task<void> read_worker(std::shared_ptr<pool_core> core, worker_handle* worker) {
         // before dying are still in the socket and must be seen.
         while (!core->destroyed) {
             if (filled == buffer.size()) buffer.resize(buffer.size() * 2);
-            const std::size_t received = co_await core->loop.recv(worker->socket, std::span{buffer}.subspan(filled));
+            std::size_t received = 0;
+            if (filled == 0) {
+                received = co_await core->loop.recv(worker->socket, std::span{buffer}.subspan(filled));
+            } else { // the rest of a frame that has begun
+                received = co_await receive_frame_part(core.get(), worker->socket, std::span{buffer}.subspan(filled));
+            }
             if (received == 0 || core->destroyed) break;
             filled += received;
             std::size_t consumed = 0;

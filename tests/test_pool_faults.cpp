@@ -256,3 +256,17 @@ TEST_CASE("with_timeout bounds shutdown(wait) and submit_async's wait for room: 
     CHECK_THROWS_AS(loop.run(coproc::with_timeout(shutdown_task(&pool), 200ms)), coproc::timeout_error);
     CHECK_THROWS_AS((void)pool.submit<square>(3), coproc::pool_closed); // it stays closed
 }
+
+TEST_CASE("a worker that sends part of a frame and then nothing is killed after frame_timeout; its task fails saying so") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1, .frame_timeout = 200ms}};
+    auto silent = pool.submit<send_partial_frame>(std::uint64_t{1}, std::uint32_t{1000});
+    REQUIRE(silent.id() == 1);
+    try {
+        run_bounded(loop, await_future(std::move(silent)), 20s);
+        FAIL("no exception");
+    } catch (const coproc::worker_died& e) {
+        CHECK(contains(e.what(), "frame_timeout"));
+    }
+    CHECK(run_bounded(loop, square_after(&pool, 8)) == 64);
+}

@@ -148,6 +148,9 @@ struct process_pool_options {
     unsigned max_prefetch = 64;
     // A frame from a worker larger than this kills the worker.
     std::size_t max_frame_size = std::size_t{256} << 20;
+    // A worker that sends part of a frame and then nothing more for this long
+    // is killed (its tasks fail with worker_died saying so). Zero: no bound.
+    std::chrono::milliseconds frame_timeout{10'000};
     // A worker that has not said HELLO this long after it was started is
     // killed; three such starts in a row break the pool.
     std::chrono::milliseconds start_timeout{10'000};
