@@ -20,7 +20,11 @@
 #include <fstream>
 #include <system_error>
 #include <thread>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
+#include <atomic>
 
 #include <coproc/worker.hpp>
 
@@ -380,6 +384,26 @@ void send_frame_for_unknown_work() {
     coproc::detail::wire::frame_header header{0, 4, 0, 0xDEADBEEFu};
     [[maybe_unused]] auto written = ::write(3, &header, sizeof header);
     hang_forever();
+}
+
+int count_run(std::string path, int index, int value) {
+    static std::string mapped_path;
+    static std::atomic<std::uint32_t>* counters = nullptr;
+    if (mapped_path != path) {
+        const int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+        if (fd < 0) throw std::system_error(errno, std::system_category(), "open " + path);
+        struct ::stat status {};
+        ::fstat(fd, &status);
+        void* mapping = ::mmap(nullptr, static_cast<std::size_t>(status.st_size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        ::close(fd);
+        if (mapping == MAP_FAILED) throw std::system_error(errno, std::system_category(), "mmap " + path);
+        counters = static_cast<std::atomic<std::uint32_t>*>(mapping);
+        mapped_path = path;
+    }
+    // relaxed: the parent reads the counters after every task has ended
+    // and its worker exited.
+    counters[index].fetch_add(1, std::memory_order_relaxed);
+    return 2 * value;
 }
 
 void send_undecodable_error(std::uint64_t work_id) {

@@ -86,6 +86,11 @@ task<void> settle(future<int>* pending) {
     }
 }
 
+// Returns once the future is final, without awaiting it.
+task<void> pause_until_done(coproc::event_loop* loop, future<int>* pending) {
+    while (!pending->done()) co_await loop->sleep_for(std::chrono::milliseconds{1});
+}
+
 task<void> shutdown_task(coproc::process_pool* pool) { co_await pool->shutdown({.wait = true}); }
 
 } // namespace
@@ -269,4 +274,15 @@ TEST_CASE("a worker that sends part of a frame and then nothing is killed after 
         CHECK(contains(e.what(), "frame_timeout"));
     }
     CHECK(run_bounded(loop, square_after(&pool, 8)) == 64);
+}
+
+TEST_CASE("a failing initializer is reported on stderr, where a user looks, even when no future is awaited") {
+    const std::string printed = capture_stderr([] {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 1, .initializer = coproc::call<failing_initializer>("no config")}};
+        auto pending = pool.submit<square>(2);
+        run_bounded(loop, pause_until_done(&loop, &pending));
+    });
+    CHECK(contains(printed, "initializer"));
+    CHECK(contains(printed, "no config"));
 }
