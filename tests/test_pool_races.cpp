@@ -30,14 +30,6 @@ using namespace pool_test;
 
 namespace {
 
-#if defined(__SANITIZE_THREAD__)
-constexpr bool under_thread_sanitizer = true;
-#elif defined(__has_feature)
-constexpr bool under_thread_sanitizer = __has_feature(thread_sanitizer);
-#else
-constexpr bool under_thread_sanitizer = false;
-#endif
-
 int count_from_environment(const char* name, int fallback) {
     if (const char* text = std::getenv(name)) return std::max(1, std::atoi(text));
     return fallback;
@@ -46,17 +38,20 @@ int count_from_environment(const char* name, int fallback) {
 int iterations_from_environment(int fallback) { return count_from_environment("COPROC_RACE_ITERATIONS", fallback); }
 
 // Kills (SIGKILL) a random worker every few milliseconds, starting ones
-// included, until `stop` is set; counts the kills.
+// included, until `stop` is set; counts the kills. A kill waits until some
+// tasks completed since the last one, so that the pool makes progress
+// however long its workers take to start (sanitizer builds are slow).
 task<void> kill_randomly(coproc::event_loop* loop, coproc::process_pool* pool, const bool* stop, std::size_t* kills) {
     std::mt19937 random{99};
+    std::size_t completed_at_last_kill = 0;
     while (!*stop) {
-        // Under ThreadSanitizer a worker takes tens of milliseconds to
-        // start: killing as often as in a plain build would leave none ready.
-        const int scale = under_thread_sanitizer ? 10 : 1;
-        co_await loop->sleep_for(std::chrono::microseconds{scale * (1000 + static_cast<int>(random() % 4000))});
+        co_await loop->sleep_for(std::chrono::microseconds{1000 + random() % 4000});
+        const std::size_t completed = pool->stats().tasks_completed;
+        if (completed < completed_at_last_kill + 20) continue;
         const auto pids = pool->worker_pids();
         if (pids.empty()) continue;
         ::kill(pids[random() % pids.size()], SIGKILL);
+        completed_at_last_kill = completed;
         ++*kills;
     }
 }
@@ -226,9 +221,7 @@ TEST_CASE("threads submit and cancel while pools are shut down in every way: eve
 }
 
 TEST_CASE("random SIGKILLs of workers, starting ones included: every task ends, none lost, wrong or run twice") {
-    // ThreadSanitizer makes each worker start and task many times slower:
-    // fewer tasks there, the same kills.
-    const int total = count_from_environment("COPROC_SOAK_TASKS", under_thread_sanitizer ? 5000 : 20000);
+    const int total = count_from_environment("COPROC_SOAK_TASKS", 20000);
     const auto path = std::filesystem::temp_directory_path() / ("coproc-soak-" + std::to_string(::getpid()));
     {
         std::ofstream file{path, std::ios::binary};
