@@ -3,6 +3,7 @@
 // received into huge-page buffers), and the huge-page tunable the pool gives
 // its workers.
 #include "remote_functions.hpp"
+#include "encoding_support.hpp"
 #include "support.hpp"
 
 #include <coproc/detail/byte_buffer.hpp>
@@ -85,30 +86,6 @@ private:
     std::optional<std::string> old_;
 };
 
-// What cereal's own binary archive writes for `value`, and what coproc's
-// encoder writes.
-template <class T>
-std::string cereal_bytes(const T& value) {
-    std::ostringstream out;
-    {
-        cereal::BinaryOutputArchive archive{out};
-        archive(value);
-    }
-    return out.str();
-}
-template <class T>
-std::string coproc_bytes(const T& value) {
-    byte_buffer out;
-    coproc::detail::encode_into(out, value);
-    return {reinterpret_cast<const char*>(out.data()), out.size()};
-}
-// Decodes a T from bytes.
-template <class T>
-T decoded(const std::string& bytes) {
-    T value{};
-    coproc::detail::decode_from(std::as_bytes(std::span{bytes.data(), bytes.size()}), value);
-    return value;
-}
 // Checks that coproc writes T exactly as cereal does, and reads back what
 // cereal wrote.
 template <class T>

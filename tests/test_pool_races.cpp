@@ -102,6 +102,10 @@ task<void> pause_random(coproc::event_loop* loop, int microseconds) {
     co_await loop->sleep_for(std::chrono::microseconds{microseconds});
 }
 
+task<void> until_set(coproc::event_loop* loop, const std::atomic<bool>* flag) {
+    while (!flag->load()) co_await loop->sleep_for(std::chrono::milliseconds{1});
+}
+
 task<void> shut_down(coproc::event_loop* loop, coproc::process_pool* pool, ending how, int delay_us) {
     co_await pause_random(loop, delay_us);
     switch (how) {
@@ -176,12 +180,15 @@ TEST_CASE("threads submit and cancel while pools are shut down in every way: eve
         const int delay_us = static_cast<int>(random() % 5000);
         const auto started = std::chrono::steady_clock::now();
         if (how == ending::blocking) {
+            std::atomic<bool> closed{false};
+            const bool cancel_futures = random() % 2 == 0;
             std::thread closer([&] {
                 std::this_thread::sleep_for(std::chrono::microseconds{delay_us});
-                pool->shutdown_blocking({.wait = true, .cancel_futures = random() % 2 == 0});
+                pool->shutdown_blocking({.wait = true, .cancel_futures = cancel_futures});
+                closed = true;
             });
-            // The loop runs until the blocking shutdown returned.
-            loop.run(with_timeout(pause_random(&loop, delay_us + 200'000), std::chrono::seconds{10}));
+            // As shutdown_blocking requires: the loop runs until it returned.
+            REQUIRE_NOTHROW(loop.run(with_timeout(until_set(&loop, &closed), std::chrono::seconds{10})));
             closer.join();
         } else if (how == ending::destroy) {
             loop.run(with_timeout(pause_random(&loop, delay_us), std::chrono::seconds{10}));

@@ -4,6 +4,7 @@
 // claim, raised before anything is allocated for it, in the parent and in
 // the worker.
 #include "remote_functions.hpp"
+#include "encoding_support.hpp"
 #include "support.hpp"
 
 #include <coproc/detail/byte_buffer.hpp>
@@ -52,30 +53,6 @@ std::string bytes_of(const T&... parts) {
     };
     (append(parts), ...);
     return out;
-}
-
-template <class T>
-T decoded(const std::string& bytes) {
-    T value{};
-    coproc::detail::decode_from(std::as_bytes(std::span{bytes.data(), bytes.size()}), value);
-    return value;
-}
-
-template <class T>
-std::string cereal_bytes(const T& value) {
-    std::ostringstream out;
-    {
-        cereal::BinaryOutputArchive archive{out};
-        archive(value);
-    }
-    return out.str();
-}
-
-template <class T>
-std::string coproc_bytes(const T& value) {
-    byte_buffer out;
-    coproc::detail::encode_into(out, value);
-    return {reinterpret_cast<const char*>(out.data()), out.size()};
 }
 
 // coproc writes what cereal writes and reads it back.
