@@ -75,6 +75,10 @@ struct worker_handle : worker_connection, worker_process, worker_assignment {
     }
 };
 
+// Runs a pool coroutine with a token of its own that is never stopped
+// (process_pool.cpp).
+task<void> shielded(task<void> body);
+
 // One class, its members defined across the four files: grouped below by
 // the file that defines them.
 class pool_core : public std::enable_shared_from_this<pool_core> {

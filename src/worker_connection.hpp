@@ -54,4 +54,9 @@ struct worker_connection {
     bool violated = false;   // killed for a protocol violation: its frames were not all read
 };
 
+struct worker_handle;
+
+// Reads the worker's frames until EOF (spawned by spawn_worker).
+task<void> read_worker(std::shared_ptr<pool_core> core, worker_handle* worker);
+
 } // namespace coproc::detail
