@@ -30,4 +30,12 @@ struct worker_process {
     ::siginfo_t exit_info{};
 };
 
+// Defined in worker_process.cpp, used by the constructor (process_pool.cpp)
+// and by the scheduler.
+void add_huge_page_tunable(std::vector<std::string>& environment);
+bool failed_by_itself(const ::siginfo_t& info);
+std::string describe_shortage(int error);
+std::string describe_exit(const ::siginfo_t& info);
+task<void> sleep_idle(event_loop* loop, std::chrono::milliseconds duration);
+
 } // namespace coproc::detail
