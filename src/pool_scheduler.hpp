@@ -6,9 +6,12 @@
 
 #include <coproc/detail/work_item.hpp>
 
+#include <atomic>
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
+#include <mutex>
 
 namespace coproc::detail {
 
@@ -20,5 +23,11 @@ struct worker_assignment {
     // timer can tell whether it stayed idle all along.
     std::uint64_t generation = 0;
 };
+
+// The blocking get()'s waiters, defined in pool_scheduler.cpp: deliver
+// notifies them, wait_work_item (process_pool.cpp) waits.
+extern std::mutex waiters_mutex;
+extern std::condition_variable waiters_cv;
+extern std::atomic<int> blocked_waiters;
 
 } // namespace coproc::detail
