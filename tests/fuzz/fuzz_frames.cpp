@@ -1,6 +1,6 @@
 // Frames as the parent reads them from a worker's socket: headers
 // (wire::read_header), then each payload decoded as the parent decodes its
-// kind (src/process_pool.cpp, handle_frames and handle_answer): HELLO's
+// kind (src/worker_connection.cpp, handle_frames and handle_answer): HELLO's
 // version and pid, ERROR's transported exception (decode_exception), a
 // RESULT of a function returning std::vector<std::string>, and the count
 // that starts a large RESULT received in place (prepare_block_result).

@@ -199,7 +199,7 @@ void encode_into(byte_buffer& out, const T&... values) {
 // them alive until they are sent. When the owner is a block container of
 // type T handed over as an rvalue (the bytes are its elements), `container`
 // is type_tag<T>: once the worker has read them all, the container's memory
-// may be reused (process_pool.cpp, take_sent_blocks).
+// may be reused (worker_connection.cpp, take_sent_blocks).
 struct attached_bytes {
     std::size_t offset;
     const std::byte* data;

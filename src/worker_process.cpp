@@ -1,0 +1,373 @@
+// One worker's life: start, watch, kill, reap. This step of DESIGN.md's
+// data flow:
+//
+//  event loop                                                                workers
+//  ----------                                                                -------
+//  worker life: spawn, HELLO, pidfd watch, reap, replace
+//
+//   spawn_worker  socketpair and posix_spawn; then read_worker (in
+//                 worker_connection.cpp), watch_worker and hello_timer
+//   watch_worker  poll the worker's pidfd; on exit reap it (waitid) and fail
+//                 or retry the tasks it held
+//   timers        hello (start_timeout), idle (idle_timeout), cancel grace
+//
+// Worker phases:
+//
+//   starting --HELLO--> [initializing --RESULT 0-->] ready --(max_tasks_per_child,
+//       |                    |                          |    idle_timeout, shutdown)--> retiring
+//       +--------------------+--------------------------+------(process exits)------------+--> exited
+//
+// An exit is handled once on_reaped (here) and the reader's EOF
+// (on_reader_done) have both been seen: on_worker_exit (pool_scheduler.cpp)
+// says what it means for the pool and for the tasks the worker held.
+
+#include "worker_process.hpp"
+#include "pool_core.hpp"
+
+#include <coproc/cancellation.hpp>
+#include <coproc/detail/wire.hpp>
+
+#include <fcntl.h>
+#include <poll.h>
+#include <spawn.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <csignal>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <system_error>
+#include <vector>
+
+namespace coproc::detail {
+
+namespace {
+
+namespace wire = detail::wire;
+
+constexpr int worker_socket_in_child = 3;
+
+// Errors of socketpair and posix_spawn that a later attempt may not meet:
+// a resource limit or a shortage, not a fault of the worker program.
+bool passing_shortage(int error) noexcept {
+    return error == EAGAIN || error == ENOMEM || error == EMFILE || error == ENFILE || error == ENOBUFS;
+}
+
+task<void> watch_worker(std::shared_ptr<pool_core> core, worker_handle* worker) {
+    if (worker->pidfd < 0) {
+        // No pidfd: poll for the exit every 2 ms (never blocking the loop).
+        while (!core->destroyed) {
+            ::siginfo_t info{};
+            const int result = ::waitid(P_PID, static_cast<::id_t>(worker->pid), &info, WEXITED | WNOHANG);
+            if (result == 0 && info.si_pid != 0) {
+                core->on_reaped(*worker, info);
+                break;
+            }
+            if (result < 0 && errno != EINTR) break;
+            try {
+                co_await core->loop.sleep_for(std::chrono::milliseconds{2});
+            } catch (...) {
+                break;
+            }
+        }
+        core->release_coroutine(*worker);
+        co_return;
+    }
+    // A pidfd polls readable once its process has exited; waitid with
+    // WNOHANG then reaps it without ever blocking the loop thread.
+    while (!core->destroyed && worker->pidfd >= 0) {
+        try {
+            co_await core->loop.poll(worker->pidfd, POLLIN);
+        } catch (...) {
+            break; // only when the loop itself goes away
+        }
+        if (core->destroyed || worker->pidfd < 0) break;
+        ::siginfo_t info{};
+        int result;
+        do {
+            result = ::waitid(static_cast<::idtype_t>(P_PIDFD), static_cast<::id_t>(worker->pidfd), &info, WEXITED | WNOHANG);
+        } while (result < 0 && errno == EINTR);
+        if (result == 0 && info.si_pid != 0) {
+            core->on_reaped(*worker, info);
+            break;
+        }
+        if (result < 0) break; // ECHILD: nothing left to reap
+    }
+    core->release_coroutine(*worker);
+}
+
+// Retires a worker that stays idle for idle_timeout.
+task<void> idle_timer(std::shared_ptr<pool_core> core, worker_handle* worker, std::uint64_t generation) {
+    try {
+        co_await with_stop_token(sleep_idle(&core->loop, core->idle_timeout()), worker->lifetime_stop.get_token());
+        if (!core->destroyed) core->idle_timer_fired(*worker, generation);
+    } catch (...) {
+        // Stopped: the worker exited or the pool is gone.
+        worker->idle_timer = false;
+    }
+    core->release_coroutine(*worker);
+}
+
+// Kills a worker that has not said HELLO within start_timeout (counts as a
+// startup failure): a program that runs but does not speak the protocol.
+task<void> hello_timer(std::shared_ptr<pool_core> core, worker_handle* worker) {
+    try {
+        co_await with_stop_token(sleep_idle(&core->loop, core->start_timeout()), worker->lifetime_stop.get_token());
+        if (!core->destroyed && worker->state == worker_handle::phase::starting) {
+            core->kill_worker(*worker, "nothing: it did not say HELLO within " +
+                                           std::to_string(core->start_timeout().count()) +
+                                           " ms (is it a coproc worker program?)");
+        }
+    } catch (...) {
+        // Stopped: the worker exited or the pool is gone.
+    }
+    core->release_coroutine(*worker);
+}
+
+// Kills the worker if the cancelled task `id` is still there after the
+// grace period.
+task<void> cancel_grace_timer(std::shared_ptr<pool_core> core, worker_handle* worker, std::uint64_t id) {
+    try {
+        co_await with_stop_token(sleep_idle(&core->loop, core->cancel_grace()), worker->lifetime_stop.get_token());
+        if (!core->destroyed) core->grace_expired(*worker, id);
+    } catch (...) {
+        // Stopped: the worker exited or the pool is gone.
+    }
+    core->release_coroutine(*worker);
+}
+
+} // namespace
+
+// Adds glibc.malloc.hugetlb=1 to GLIBC_TUNABLES in `environment`, unless
+// that tunable is set there already.
+void add_huge_page_tunable(std::vector<std::string>& environment) {
+    constexpr std::string_view variable = "GLIBC_TUNABLES=";
+    constexpr std::string_view tunable = "glibc.malloc.hugetlb";
+    for (auto& entry : environment) {
+        if (!entry.starts_with(variable)) continue;
+        const std::string_view list = std::string_view{entry}.substr(variable.size());
+        for (std::size_t at = 0; at <= list.size();) {
+            const std::size_t end = std::min(list.find(':', at), list.size());
+            if (list.substr(at, end - at).starts_with(std::string(tunable) + "=")) return;
+            at = end + 1;
+        }
+        entry += list.empty() ? "" : ":";
+        entry += std::string(tunable) + "=1";
+        return;
+    }
+    environment.push_back(std::string(variable) + std::string(tunable) + "=1");
+}
+
+// True when a process ended by itself: an exit code, or a signal of its own
+// making (a crash, abort()). SIGKILL, SIGTERM and the like come from outside.
+bool failed_by_itself(const ::siginfo_t& info) {
+    if (info.si_code == CLD_EXITED) return true;
+    switch (info.si_status) {
+    case SIGSEGV:
+    case SIGBUS:
+    case SIGILL:
+    case SIGFPE:
+    case SIGABRT:
+    case SIGSYS:
+    case SIGTRAP:
+        return true;
+    default:
+        return false;
+    }
+}
+
+// Which limit an error of socketpair or posix_spawn ran into.
+std::string describe_shortage(int error) {
+    ::rlimit limit{};
+    switch (error) {
+    case EMFILE:
+        ::getrlimit(RLIMIT_NOFILE, &limit);
+        return "this process reached its limit on open files, RLIMIT_NOFILE (ulimit -n), now " +
+               std::to_string(limit.rlim_cur);
+    case ENFILE: return "the system reached its limit on open files (fs.file-max)";
+    case EAGAIN:
+        ::getrlimit(RLIMIT_NPROC, &limit);
+        return "a limit on processes was reached: RLIMIT_NPROC (ulimit -u), now " +
+               (limit.rlim_cur == RLIM_INFINITY ? std::string("unlimited") : std::to_string(limit.rlim_cur)) +
+               ", kernel.threads-max, kernel.pid_max or a cgroup's pids.max";
+    default: return "the system is short of memory";
+    }
+}
+
+std::string describe_exit(const ::siginfo_t& info) {
+    if (info.si_code == CLD_EXITED) return "exited with code " + std::to_string(info.si_status);
+    std::string text = "was killed by signal " + std::to_string(info.si_status);
+    if (const char* name = ::sigdescr_np(info.si_status)) text += std::string(" (") + name + ")";
+    return text;
+}
+
+task<void> sleep_idle(event_loop* loop, std::chrono::milliseconds duration) { co_await loop->sleep_for(duration); }
+
+// --- start (loop thread)
+
+std::vector<char*> pool_core::worker_environment() {
+    std::vector<char*> pointers;
+    pointers.reserve(environment_storage_.size() + 1);
+    for (auto& entry : environment_storage_) pointers.push_back(entry.data());
+    pointers.push_back(nullptr);
+    return pointers;
+}
+
+void pool_core::spawn_worker() {
+    int fds[2];
+    if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) {
+        throw std::system_error(errno, std::system_category(), "coproc: socketpair for a worker");
+    }
+    int child_end = fds[1];
+    if (child_end == worker_socket_in_child) {
+        // dup2 onto itself would keep FD_CLOEXEC set; move it out of the way.
+        child_end = ::fcntl(fds[1], F_DUPFD_CLOEXEC, worker_socket_in_child + 1);
+        const int error = errno;
+        ::close(fds[1]);
+        if (child_end < 0) {
+            ::close(fds[0]);
+            throw std::system_error(error, std::system_category(), "coproc: socketpair for a worker");
+        }
+    }
+    ::posix_spawn_file_actions_t actions;
+    ::posix_spawn_file_actions_init(&actions);
+    ::posix_spawn_file_actions_adddup2(&actions, child_end, worker_socket_in_child);
+    ::posix_spawn_file_actions_addclosefrom_np(&actions, worker_socket_in_child + 1);
+    ::posix_spawnattr_t attributes;
+    ::posix_spawnattr_init(&attributes);
+    ::sigset_t signals;
+    ::sigemptyset(&signals);
+    ::posix_spawnattr_setsigmask(&attributes, &signals);
+    ::sigfillset(&signals);
+    ::posix_spawnattr_setsigdefault(&attributes, &signals);
+    ::posix_spawnattr_setflags(&attributes, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+
+    std::string flag = "--coproc-worker";
+    char* argv[] = {executable_.data(), flag.data(), nullptr};
+    auto envp = worker_environment();
+    ::pid_t pid = -1;
+    const int result = ::posix_spawn(&pid, executable_.c_str(), &actions, &attributes, argv, envp.data());
+    ::posix_spawn_file_actions_destroy(&actions);
+    ::posix_spawnattr_destroy(&attributes);
+    ::close(child_end);
+    if (result != 0) {
+        ::close(fds[0]);
+        if (passing_shortage(result)) {
+            throw std::system_error(result, std::system_category(), "coproc: posix_spawn of a worker");
+        }
+        // The program itself cannot be started (missing, not executable,
+        // not a program): no later attempt would do better.
+        throw broken_process_pool("coproc: cannot start the worker program '" + executable_ + "': " + std::strerror(result));
+    }
+    // Without pidfd_open (a tool or sandbox that hides it, such as
+    // valgrind 3.19), watch_worker falls back to polling waitid.
+    const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+    auto& worker = *workers_.emplace_back(std::make_unique<worker_handle>());
+    worker.pid = pid;
+    worker.socket = fds[0];
+    worker.pidfd = pidfd;
+    worker.coroutines = 3;
+    workers_started_.fetch_add(1, std::memory_order_relaxed);
+    workers_alive_.fetch_add(1, std::memory_order_relaxed);
+    loop.spawn(shielded(read_worker(shared_from_this(), &worker)));
+    loop.spawn(shielded(watch_worker(shared_from_this(), &worker)));
+    loop.spawn(shielded(hello_timer(shared_from_this(), &worker)));
+}
+
+void pool_core::initializer_failed(worker_handle& worker, std::exception_ptr cause) {
+    std::string what = "unknown error";
+    try {
+        std::rethrow_exception(cause);
+    } catch (const std::exception& e) {
+        what = e.what();
+    } catch (...) {
+    }
+    // No worker of this pool can serve any more: break_pool kills them all.
+    break_pool("coproc: the pool's initializer " + std::string(options_.initializer.function_name) + " failed in worker " +
+                   std::to_string(worker.pid) + ": " + what + "; the pool is broken",
+               std::move(cause));
+}
+
+// --- exit: kill, reap, free (loop thread)
+
+void pool_core::kill_worker(worker_handle& worker, const std::string& reason, bool violation) noexcept {
+    if (worker.state == worker_handle::phase::exited || worker.reaped) return;
+    if (worker.kill_reason.empty()) worker.kill_reason = reason;
+    worker.condemned = true;
+    worker.violated = worker.violated || violation;
+    ::kill(worker.pid, SIGKILL);
+}
+
+void pool_core::on_reaped(worker_handle& worker, const ::siginfo_t& info) {
+    worker.reaped = true;
+    worker.exit_info = info;
+    // The reader may still be waiting: after the frames already in the
+    // socket, make it see EOF even if some other process holds the peer end.
+    if (worker.socket >= 0) ::shutdown(worker.socket, SHUT_RD);
+    if (worker.reader_done) on_worker_exit(worker);
+}
+
+void pool_core::release_coroutine(worker_handle& worker) noexcept {
+    if (--worker.coroutines > 0 || worker.state != worker_handle::phase::exited) return;
+    worker.close_descriptors();
+    if (destroyed) return; // destroy() and ~pool_core own the list now
+    workers_.remove_if([&](const std::unique_ptr<worker_handle>& entry) { return entry.get() == &worker; });
+    wake_waiters();
+}
+
+// --- timers: idle timeout, cancel grace (loop thread)
+
+void pool_core::start_idle_timer(worker_handle& worker) {
+    worker.idle_timer = true;
+    ++worker.coroutines;
+    loop.spawn(shielded(idle_timer(shared_from_this(), &worker, worker.generation)));
+}
+
+void pool_core::idle_timer_fired(worker_handle& worker, std::uint64_t generation) {
+    worker.idle_timer = false;
+    if (worker.state != worker_handle::phase::ready || worker.reaped || !worker.assigned.empty()) return;
+    if (worker.generation != generation) {
+        start_idle_timer(worker); // it worked meanwhile: a new idle period began
+        return;
+    }
+    send_bye(worker);
+    if (!worker.writing) start_writer(worker);
+}
+
+void pool_core::cancel_in_worker(std::uint64_t id, int pid, bool kill_now) {
+    for (auto& entry : workers_) {
+        worker_handle& worker = *entry;
+        if (worker.pid != pid || worker.state == worker_handle::phase::exited || worker.reaped) continue;
+        const bool held = std::any_of(worker.assigned.begin(), worker.assigned.end(),
+                                      [id](const work_item* item) { return item->id == id; });
+        if (!held) return; // its answer already came
+        if (kill_now) {
+            killed_for_cancel_.fetch_add(1, std::memory_order_relaxed);
+            kill_worker(worker, "nothing more: its task was cancelled with force");
+            return;
+        }
+        worker.queued.add_frame(wire::frame_kind::cancel, id);
+        if (!worker.writing) start_writer(worker);
+        ++worker.coroutines;
+        loop.spawn(shielded(cancel_grace_timer(shared_from_this(), &worker, id)));
+        return;
+    }
+}
+
+void pool_core::grace_expired(worker_handle& worker, std::uint64_t id) {
+    if (worker.state == worker_handle::phase::exited || worker.reaped) return;
+    const bool held = std::any_of(worker.assigned.begin(), worker.assigned.end(),
+                                  [id](const work_item* item) { return item->id == id; });
+    if (!held) return; // it stopped in time
+    killed_for_cancel_.fetch_add(1, std::memory_order_relaxed);
+    kill_worker(worker, "nothing more: its cancelled task had not returned after cancel_grace (" +
+                            std::to_string(options_.cancel_grace.count()) + " ms)");
+}
+
+} // namespace coproc::detail

@@ -1,0 +1,41 @@
+// One worker's life, private to src/: its part of worker_handle and what
+// the other files use of it. The code is in worker_process.cpp, whose top
+// draws this step of DESIGN.md's data flow and the worker's phases.
+#pragma once
+
+#include <coproc/event_loop.hpp>
+#include <coproc/task.hpp>
+
+#include <sys/wait.h>
+
+#include <chrono>
+#include <string>
+#include <vector>
+
+namespace coproc::detail {
+
+// A worker_handle's process.
+struct worker_process {
+    // Worker phases: drawn at the top of worker_process.cpp.
+    enum class phase { starting, initializing, ready, retiring, exited };
+
+    int pid = -1;
+    int pidfd = -1;
+    phase state = phase::starting;
+    std::string kill_reason; // why the parent killed it, if it did
+    // The pool sent it SIGKILL: nothing more is dispatched to it, whatever
+    // its phase, in the time until its exit is seen.
+    bool condemned = false;
+    bool idle_timer = false;
+    ::siginfo_t exit_info{};
+};
+
+// Defined in worker_process.cpp, used by the constructor (process_pool.cpp)
+// and by the scheduler.
+void add_huge_page_tunable(std::vector<std::string>& environment);
+bool failed_by_itself(const ::siginfo_t& info);
+std::string describe_shortage(int error);
+std::string describe_exit(const ::siginfo_t& info);
+task<void> sleep_idle(event_loop* loop, std::chrono::milliseconds duration);
+
+} // namespace coproc::detail
