@@ -84,7 +84,8 @@ task<void> shutdown_pool(std::shared_ptr<pool_core> core, shutdown_options optio
     while (!no_workers()) co_await pool_change<pool_holds>{core.get(), no_workers};
 }
 
-task<void> shutdown_and_signal(std::shared_ptr<pool_core> core, shutdown_options options, std::promise<void>* done) {
+task<void> shutdown_and_signal(std::shared_ptr<pool_core> core, shutdown_options options,
+                               std::shared_ptr<std::promise<void>> done) {
     try {
         co_await shutdown_pool(core, options);
         done->set_value();
@@ -363,9 +364,26 @@ void process_pool::shutdown_blocking(shutdown_options opts) {
         loop.run(shutdown(opts));
         return;
     }
-    std::promise<void> done;
-    auto finished = done.get_future();
-    loop.post([core = core_, opts, &done] { core->loop.spawn(detail::shutdown_and_signal(core, opts, &done)); });
+    // Shared: if this thread gives up (below), the posted shutdown may still
+    // run later and must find its promise alive.
+    auto done = std::make_shared<std::promise<void>>();
+    auto finished = done->get_future();
+    loop.post([core = core_, opts, done] { core->loop.spawn(detail::shutdown_and_signal(core, opts, done)); });
+    // The loop must keep running until this returns. One that stopped for
+    // good would leave this thread waiting for ever: after half a second in
+    // which no thread runs it (a loop between two runs comes back sooner),
+    // fail instead of hanging.
+    constexpr auto step = std::chrono::milliseconds{10};
+    constexpr int checks_allowed = 50;
+    int checks_stopped = 0;
+    while (finished.wait_for(step) != std::future_status::ready) {
+        checks_stopped = loop.running() ? 0 : checks_stopped + 1;
+        if (checks_stopped >= checks_allowed) {
+            throw std::logic_error("coproc: process_pool::shutdown_blocking: the pool's event loop stopped running "
+                                   "before the shutdown completed, so it never could; keep the loop running (in "
+                                   "the thread that runs it) until shutdown_blocking returns");
+        }
+    }
     finished.get();
 }
 

@@ -10,6 +10,8 @@
 #include <cstdlib>
 #include <set>
 #include <string>
+#include <thread>
+#include <atomic>
 #include <vector>
 
 #include <fcntl.h>
@@ -89,6 +91,20 @@ task<void> settle(future<int>* pending) {
 // Returns once the future is final, without awaiting it.
 task<void> pause_until_done(coproc::event_loop* loop, future<int>* pending) {
     while (!pending->done()) co_await loop->sleep_for(std::chrono::milliseconds{1});
+}
+
+// Returns once the pool refuses submits (after `started` is set).
+task<void> until_closed(coproc::event_loop* loop, coproc::process_pool* pool, const std::atomic<bool>* started) {
+    for (;;) {
+        co_await loop->sleep_for(std::chrono::milliseconds{1});
+        if (!started->load()) continue;
+        try {
+            auto probe = pool->submit<square>(1);
+            probe.cancel();
+        } catch (const coproc::pool_closed&) {
+            co_return;
+        }
+    }
 }
 
 task<void> shutdown_task(coproc::process_pool* pool) { co_await pool->shutdown({.wait = true}); }
@@ -256,7 +272,7 @@ TEST_CASE("with_timeout bounds shutdown(wait) and submit_async's wait for room: 
     run_bounded(loop, until_running(&loop, &running));
     auto queued = pool.submit<square>(1);
     // The queue is full: the wait for room ends with the deadline.
-    CHECK_THROWS_AS(loop.run(coproc::with_timeout(pool.submit_async<square>(2), 100ms)), coproc::timeout_error);
+    CHECK_THROWS_AS((void)loop.run(coproc::with_timeout(pool.submit_async<square>(2), 100ms)), coproc::timeout_error);
     // A task that never ends: the graceful shutdown ends with the deadline.
     CHECK_THROWS_AS(loop.run(coproc::with_timeout(shutdown_task(&pool), 200ms)), coproc::timeout_error);
     CHECK_THROWS_AS((void)pool.submit<square>(3), coproc::pool_closed); // it stays closed
@@ -285,4 +301,26 @@ TEST_CASE("a failing initializer is reported on stderr, where a user looks, even
     });
     CHECK(contains(printed, "initializer"));
     CHECK(contains(printed, "no config"));
+}
+
+TEST_CASE("shutdown_blocking fails instead of hanging when the pool's loop stops for good before the shutdown ran") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1}};
+    auto running = pool.submit<sleep_then>(2000, 1); // the shutdown must wait for it
+    run_bounded(loop, until_running(&loop, &running));
+    std::atomic<bool> posted{false};
+    std::string error;
+    std::thread closer([&] {
+        try {
+            posted = true;
+            pool.shutdown_blocking({.wait = true});
+        } catch (const std::logic_error& e) {
+            error = e.what();
+        }
+    });
+    // The loop runs until the shutdown has begun (the pool refuses
+    // submits), then stops for good.
+    run_bounded(loop, until_closed(&loop, &pool, &posted));
+    closer.join();
+    CHECK(contains(error, "stopped running before the shutdown completed"));
 }

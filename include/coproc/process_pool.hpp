@@ -281,9 +281,12 @@ public:
 
     // The blocking form of shutdown, for a thread that is not the loop's: it
     // returns once the awaitable form would complete. While another thread
-    // runs the loop, that loop must keep running until this returns; when no
-    // thread runs it, this thread runs it for the duration. On the loop's
-    // thread it throws std::logic_error (it could never return).
+    // runs the loop, that loop must keep running until this returns: if no
+    // thread runs it for half a second before the shutdown completed, this
+    // throws std::logic_error instead of waiting for ever (the pool stays
+    // closed). When no thread runs the loop, this thread runs it for the
+    // duration. On the loop's thread it throws std::logic_error (it could
+    // never return).
     void shutdown_blocking(shutdown_options opts = {});
 
     // CPython 3.14's terminate_workers() and kill_workers(): shut the pool
