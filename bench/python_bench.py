@@ -189,7 +189,7 @@ def main(argv):
         short_ms, long_task_s, late_ms = mixed(executor, long_s, short_count, 0.005)
         result = {"p50_ms": percentile(short_ms, 0.5), "p99_ms": percentile(short_ms, 0.99),
                   "max_ms": percentile(short_ms, 1.0), "short_tasks": short_count, "long_task_s": long_task_s,
-                  "submit_late_max_ms": late_ms}
+                  "over_100ms": sum(ms > 100 for ms in short_ms), "submit_late_max_ms": late_ms}
     else:
         print(f"unknown workload {workload}", file=sys.stderr)
         return 2
