@@ -79,8 +79,9 @@ double thread_cpu_seconds() {
 // time. Counting CPU time rather than wall time makes the work the same
 // however busy the machine is (python_bench.py's spin does the same with
 // time.thread_time). Returns the rounds done, so the loop is not optimized
-// away.
-long spin(double seconds) {
+// away, and the worker's pid, so the workload can tell which short tasks ran
+// on the long task's worker.
+std::pair<long, int> spin(double seconds) {
     const double end = thread_cpu_seconds() + seconds;
     std::uint64_t state = 1;
     long rounds = 0;
@@ -88,7 +89,7 @@ long spin(double seconds) {
         for (int i = 0; i < 4000; ++i) state = state * 6364136223846793005u + 1442695040888963407u; // a few us
         ++rounds;
     } while (thread_cpu_seconds() < end);
-    return rounds + static_cast<long>(state & 1u);
+    return {rounds + static_cast<long>(state & 1u), static_cast<int>(::getpid())};
 }
 
 // The mixed workload's warm-up task: it sleeps, so that two of them submitted
@@ -183,8 +184,15 @@ coproc::task<void> round_trips(coproc::process_pool* pool, int rounds) {
     for (int i = 0; i < rounds; ++i) co_await pool->submit<noop>();
 }
 
+struct short_task_record {
+    double submitted_ms = 0; // after the long task's submit
+    double ms = 0;           // submit to result
+    int pid = 0;             // the worker that ran it
+};
+
 struct mixed_figures {
-    std::vector<double> short_ms; // submit to result, per short task
+    std::vector<short_task_record> shorts;
+    int long_pid = 0;
     double long_s = 0;            // submit to result of the long task
     double late_max_ms = 0;       // the latest a short task was submitted after its due time
     std::size_t workers_started = 0;
@@ -192,14 +200,15 @@ struct mixed_figures {
 
 // Awaits one short task and records, on the loop, how long after its submit
 // its result arrived.
-coproc::task<void> record_short(coproc::future<long> pending, clock_type::time_point submitted, double* ms, int* left) {
+coproc::task<void> record_short(coproc::future<std::pair<long, int>> pending, clock_type::time_point submitted,
+                                short_task_record* record, int* left) {
     try {
-        co_await std::move(pending);
+        record->pid = (co_await std::move(pending)).second;
     } catch (const std::exception& failure) {
         std::fprintf(stderr, "mixed: a short task failed: %s\n", failure.what());
         std::exit(1);
     }
-    *ms = seconds_since(submitted) * 1e3;
+    record->ms = seconds_since(submitted) * 1e3;
     --*left;
 }
 
@@ -217,7 +226,7 @@ coproc::task<mixed_figures> measure_mixed(coproc::event_loop* loop, coproc::proc
     co_await std::move(second);
 
     mixed_figures figures;
-    figures.short_ms.assign(static_cast<std::size_t>(short_count), 0.0);
+    figures.shorts.resize(static_cast<std::size_t>(short_count));
     int left = short_count;
     const auto start = clock_type::now();
     auto long_task = pool->submit<spin>(long_s);
@@ -226,9 +235,11 @@ coproc::task<mixed_figures> measure_mixed(coproc::event_loop* loop, coproc::proc
         co_await loop->sleep_until(due);
         const auto submitted = clock_type::now();
         figures.late_max_ms = std::max(figures.late_max_ms, std::chrono::duration<double, std::milli>(submitted - due).count());
-        loop->spawn(record_short(pool->submit<spin>(0.001), submitted, &figures.short_ms[static_cast<std::size_t>(i)], &left));
+        auto& record = figures.shorts[static_cast<std::size_t>(i)];
+        record.submitted_ms = std::chrono::duration<double, std::milli>(submitted - start).count();
+        loop->spawn(record_short(pool->submit<spin>(0.001), submitted, &record, &left));
     }
-    co_await std::move(long_task);
+    figures.long_pid = (co_await std::move(long_task)).second;
     figures.long_s = seconds_since(start);
     // Each short task's time was taken by its own coroutine when its result
     // arrived; polling here for the last ones does not change them.
@@ -362,14 +373,27 @@ int main(int argc, char** argv) {
         const double long_s = quick ? 0.2 : 2.0;
         const int short_count = quick ? 40 : 400; // 200 per second for 0.2 s or 2 s
         const auto figures = loop.run(measure_mixed(&loop, &pool, long_s, short_count, std::chrono::milliseconds{5}));
+        std::vector<double> short_ms;
         // Short tasks that waited behind the long one are far slower than
-        // the rest, and too few to show in the p99: count them.
-        const auto over_100ms = std::count_if(figures.short_ms.begin(), figures.short_ms.end(), [](double ms) { return ms > 100; });
+        // the rest, and too few to show in the p99: when each was submitted,
+        // and whether it ran on the long task's worker.
+        std::string slow;
+        int on_long_worker = 0;
+        for (const auto& record : figures.shorts) {
+            short_ms.push_back(record.ms);
+            on_long_worker += record.pid == figures.long_pid;
+            if (record.ms > 100) {
+                char entry[96];
+                std::snprintf(entry, sizeof entry, "%s{\"submitted_ms\": %.1f, \"ms\": %.1f, \"on_long_worker\": %s}",
+                              slow.empty() ? "" : ", ", record.submitted_ms, record.ms,
+                              record.pid == figures.long_pid ? "true" : "false");
+                slow += entry;
+            }
+        }
         std::printf("{\"p50_ms\": %.3f, \"p99_ms\": %.3f, \"max_ms\": %.3f, \"short_tasks\": %d, \"long_task_s\": %.3f, "
-                    "\"over_100ms\": %td, \"submit_late_max_ms\": %.3f, \"workers\": %zu}\n",
-                    percentile(figures.short_ms, 0.5), percentile(figures.short_ms, 0.99),
-                    percentile(figures.short_ms, 1.0), short_count, figures.long_s, over_100ms, figures.late_max_ms,
-                    figures.workers_started);
+                    "\"over_100ms\": [%s], \"short_on_long_worker\": %d, \"submit_late_max_ms\": %.3f, \"workers\": %zu}\n",
+                    percentile(short_ms, 0.5), percentile(short_ms, 0.99), percentile(short_ms, 1.0), short_count,
+                    figures.long_s, slow.c_str(), on_long_worker, figures.late_max_ms, figures.workers_started);
     } else if (workload == "roundtrips") {
         const int rounds = argc > arg + 1 ? std::atoi(argv[arg + 1]) : 1000;
         coproc::process_pool pool{loop, pool_options()};

@@ -221,7 +221,8 @@ def targets(table):
     add("under 512 bytes of parent memory per queued future", v, v is not None and v < 512, "bytes")
     v, python = get(table, "p99_ms", "coproc"), get(table, "p99_ms", "python")
     add("mixed: short tasks' p99 under 5 ms, and below Python's executor's", v,
-        v is not None and python is not None and v < 5 and v < python, f"ms; Python {fmt(python)} ms")
+        v is not None and python is not None and v < 5 and v < python,
+        f"ms; Python {fmt(python)} ms; coproc's max {fmt(get(table, 'max_ms', 'coproc'))} ms")
     return t
 
 

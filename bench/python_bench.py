@@ -41,7 +41,8 @@ def count_primes(bounds):
 
 def spin(seconds):
     """A CPU-bound task: arithmetic until this thread has used `seconds` of
-    CPU time (coproc_bench.cpp's spin does the same)."""
+    CPU time (coproc_bench.cpp's spin does the same). Returns the rounds done
+    and the worker's pid."""
     end = time.thread_time() + seconds
     state = 1
     rounds = 0
@@ -50,7 +51,7 @@ def spin(seconds):
             state = (state * 1103515245 + 12345) & 0xFFFFFFFF
         rounds += 1
         if time.thread_time() >= end:
-            return rounds
+            return rounds, os.getpid()
 
 
 def pause_then_pid(seconds):
@@ -62,17 +63,20 @@ def mixed(executor, long_s, short_count, period):
     """One long task, then short_count short ones, one every period seconds,
     submitted on schedule by a thread whether or not the earlier ones have
     finished. Returns the short tasks' submit-to-result times (ms), the long
-    task's (s) and the latest a submit came after its due time (ms)."""
+    task's (s), the latest a submit came after its due time (ms), the short
+    tasks slower than 100 ms (when submitted, how long, whether on the long
+    task's worker) and how many short tasks ran on the long task's worker."""
     # Both workers running before the clock starts, as in coproc_bench.
     warm = [executor.submit(pause_then_pid, 0.05) for _ in range(2)]
     for future in warm:
         future.result()
     short_ms = [None] * short_count
+    submitted_ms = [None] * short_count
+    pids = [None] * short_count
     all_done = threading.Event()
     lock = threading.Lock()
     left = [short_count]
     late = [0.0]
-
     failures = []
 
     def record(future, index, submitted):
@@ -81,6 +85,8 @@ def mixed(executor, long_s, short_count, period):
         short_ms[index] = (time.perf_counter() - submitted) * 1e3
         if future.exception() is not None:
             failures.append(future.exception())
+        else:
+            pids[index] = future.result()[1]
         with lock:
             left[0] -= 1
             if left[0] == 0:
@@ -94,6 +100,7 @@ def mixed(executor, long_s, short_count, period):
                 time.sleep(delay)
             submitted = time.perf_counter()
             late[0] = max(late[0], (submitted - due) * 1e3)
+            submitted_ms[index] = (submitted - start) * 1e3
             future = executor.submit(spin, 0.001)
             future.add_done_callback(lambda f, index=index, submitted=submitted: record(f, index, submitted))
 
@@ -102,12 +109,14 @@ def mixed(executor, long_s, short_count, period):
     thread = threading.Thread(target=submitter, args=(start,))
     thread.start()
     thread.join()
-    long_task.result()
+    long_pid = long_task.result()[1]
     long_task_s = time.perf_counter() - start
     all_done.wait()
     if failures:
         raise failures[0]
-    return short_ms, long_task_s, late[0]
+    slow = [{"submitted_ms": submitted_ms[i], "ms": short_ms[i], "on_long_worker": pids[i] == long_pid}
+            for i in range(short_count) if short_ms[i] > 100]
+    return short_ms, long_task_s, late[0], slow, sum(pid == long_pid for pid in pids)
 
 
 def make_executor(kind):
@@ -186,10 +195,10 @@ def main(argv):
         result = {"speedup": inline_s / pool_s, "inline_s": inline_s, "pool_s": pool_s, "match": pooled == inline}
     elif workload == "mixed":
         long_s, short_count = (0.2, 40) if quick else (2.0, 400)  # short tasks: 200 per second
-        short_ms, long_task_s, late_ms = mixed(executor, long_s, short_count, 0.005)
+        short_ms, long_task_s, late_ms, slow, on_long_worker = mixed(executor, long_s, short_count, 0.005)
         result = {"p50_ms": percentile(short_ms, 0.5), "p99_ms": percentile(short_ms, 0.99),
                   "max_ms": percentile(short_ms, 1.0), "short_tasks": short_count, "long_task_s": long_task_s,
-                  "over_100ms": sum(ms > 100 for ms in short_ms), "submit_late_max_ms": late_ms}
+                  "over_100ms": slow, "short_on_long_worker": on_long_worker, "submit_late_max_ms": late_ms}
     else:
         print(f"unknown workload {workload}", file=sys.stderr)
         return 2
