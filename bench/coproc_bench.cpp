@@ -15,6 +15,11 @@
 //   startup       pool construction to first result, and shutdown (ms)
 //   cpu           a CPU-heavy function on 2 workers against inline: speedup
 //   memory        parent heap bytes per queued future, 1,000,000 queued
+//   mixed         a pool with max_workers = 2 and default options otherwise:
+//                 one CPU-bound task of 2 s submitted first, then CPU-bound
+//                 tasks of 1 ms at 200 per second for 2 s, each submitted on
+//                 schedule by a timer on the loop; p50/p99/max of the short
+//                 tasks' submit-to-result time (ms). --quick: 0.2 s and 0.2 s
 //   roundtrips N  N sequential no-op round trips (run under callgrind by the
 //                 harness to count instructions per round trip)
 #include <coproc/coproc.hpp>
@@ -26,6 +31,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
+#include <ctime>
 #include <malloc.h>
 #include <map>
 #include <span>
@@ -60,6 +67,37 @@ long count_primes(long from, long to) {
 // count_primes in a worker, with the worker's pid: the harness reports how
 // the tasks were shared between the workers.
 std::pair<long, int> count_primes_where(long from, long to) { return {count_primes(from, to), static_cast<int>(::getpid())}; }
+
+// This thread's CPU time, in seconds.
+double thread_cpu_seconds() {
+    timespec now{};
+    ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &now);
+    return static_cast<double>(now.tv_sec) + static_cast<double>(now.tv_nsec) * 1e-9;
+}
+
+// A CPU-bound task: arithmetic until this thread has used `seconds` of CPU
+// time. Counting CPU time rather than wall time makes the work the same
+// however busy the machine is (python_bench.py's spin does the same with
+// time.thread_time). Returns the rounds done, so the loop is not optimized
+// away, and the worker's pid, so the workload can tell which short tasks ran
+// on the long task's worker.
+std::pair<long, int> spin(double seconds) {
+    const double end = thread_cpu_seconds() + seconds;
+    std::uint64_t state = 1;
+    long rounds = 0;
+    do {
+        for (int i = 0; i < 4000; ++i) state = state * 6364136223846793005u + 1442695040888963407u; // a few us
+        ++rounds;
+    } while (thread_cpu_seconds() < end);
+    return {rounds + static_cast<long>(state & 1u), static_cast<int>(::getpid())};
+}
+
+// The mixed workload's warm-up task: it sleeps, so that two of them submitted
+// together need both workers.
+int pause_then_pid(int milliseconds) {
+    ::usleep(static_cast<useconds_t>(milliseconds) * 1000);
+    return static_cast<int>(::getpid());
+}
 
 double seconds_since(clock_type::time_point start) { return std::chrono::duration<double>(clock_type::now() - start).count(); }
 
@@ -144,6 +182,70 @@ coproc::task<std::vector<std::pair<long, int>>> primes_in_pool(coproc::process_p
 
 coproc::task<void> round_trips(coproc::process_pool* pool, int rounds) {
     for (int i = 0; i < rounds; ++i) co_await pool->submit<noop>();
+}
+
+struct short_task_record {
+    double submitted_ms = 0; // after the long task's submit
+    double ms = 0;           // submit to result
+    int pid = 0;             // the worker that ran it
+};
+
+struct mixed_figures {
+    std::vector<short_task_record> shorts;
+    int long_pid = 0;
+    double long_s = 0;            // submit to result of the long task
+    double late_max_ms = 0;       // the latest a short task was submitted after its due time
+    std::size_t workers_started = 0;
+};
+
+// Awaits one short task and records, on the loop, how long after its submit
+// its result arrived.
+coproc::task<void> record_short(coproc::future<std::pair<long, int>> pending, clock_type::time_point submitted,
+                                short_task_record* record, int* left) {
+    try {
+        record->pid = (co_await std::move(pending)).second;
+    } catch (const std::exception& failure) {
+        std::fprintf(stderr, "mixed: a short task failed: %s\n", failure.what());
+        std::exit(1);
+    }
+    record->ms = seconds_since(submitted) * 1e3;
+    --*left;
+}
+
+// One long task, then `short_count` short ones, one every `period`, each
+// submitted when its timer fires whether or not the earlier ones have
+// finished: a server handing requests of very different lengths to the pool.
+coproc::task<mixed_figures> measure_mixed(coproc::event_loop* loop, coproc::process_pool* pool, double long_s,
+                                          int short_count, clock_type::duration period) {
+    // Both workers running before the clock starts, as in python_bench.py.
+    // The warm-up runs another function, so that the pool has measured
+    // nothing of spin when the workload starts, as for a new user.
+    auto first = pool->submit<pause_then_pid>(50);
+    auto second = pool->submit<pause_then_pid>(50);
+    co_await std::move(first);
+    co_await std::move(second);
+
+    mixed_figures figures;
+    figures.shorts.resize(static_cast<std::size_t>(short_count));
+    int left = short_count;
+    const auto start = clock_type::now();
+    auto long_task = pool->submit<spin>(long_s);
+    for (int i = 0; i < short_count; ++i) {
+        const auto due = start + period * (i + 1);
+        co_await loop->sleep_until(due);
+        const auto submitted = clock_type::now();
+        figures.late_max_ms = std::max(figures.late_max_ms, std::chrono::duration<double, std::milli>(submitted - due).count());
+        auto& record = figures.shorts[static_cast<std::size_t>(i)];
+        record.submitted_ms = std::chrono::duration<double, std::milli>(submitted - start).count();
+        loop->spawn(record_short(pool->submit<spin>(0.001), submitted, &record, &left));
+    }
+    figures.long_pid = (co_await std::move(long_task)).second;
+    figures.long_s = seconds_since(start);
+    // Each short task's time was taken by its own coroutine when its result
+    // arrived; polling here for the last ones does not change them.
+    while (left > 0) co_await loop->sleep_for(std::chrono::milliseconds{1});
+    figures.workers_started = pool->stats().workers_started;
+    co_return figures;
 }
 
 double percentile(std::vector<double> values, double p) {
@@ -265,6 +367,33 @@ int main(int argc, char** argv) {
         std::printf("{\"bytes_per_future\": %.1f, \"queued\": %zu}\n", static_cast<double>(after - before) / queued,
                     pool.stats().tasks_queued);
         for (auto& pending : futures) pending.cancel();
+    } else if (workload == "mixed") {
+        // Default options but max_workers: what a new user gets.
+        coproc::process_pool pool{loop, {.max_workers = 2}};
+        const double long_s = quick ? 0.2 : 2.0;
+        const int short_count = quick ? 40 : 400; // 200 per second for 0.2 s or 2 s
+        const auto figures = loop.run(measure_mixed(&loop, &pool, long_s, short_count, std::chrono::milliseconds{5}));
+        std::vector<double> short_ms;
+        // Short tasks that waited behind the long one are far slower than
+        // the rest, and too few to show in the p99: when each was submitted,
+        // and whether it ran on the long task's worker.
+        std::string slow;
+        int on_long_worker = 0;
+        for (const auto& record : figures.shorts) {
+            short_ms.push_back(record.ms);
+            on_long_worker += record.pid == figures.long_pid;
+            if (record.ms > 100) {
+                char entry[96];
+                std::snprintf(entry, sizeof entry, "%s{\"submitted_ms\": %.1f, \"ms\": %.1f, \"on_long_worker\": %s}",
+                              slow.empty() ? "" : ", ", record.submitted_ms, record.ms,
+                              record.pid == figures.long_pid ? "true" : "false");
+                slow += entry;
+            }
+        }
+        std::printf("{\"p50_ms\": %.3f, \"p99_ms\": %.3f, \"max_ms\": %.3f, \"short_tasks\": %d, \"long_task_s\": %.3f, "
+                    "\"over_100ms\": [%s], \"short_on_long_worker\": %d, \"submit_late_max_ms\": %.3f, \"workers\": %zu}\n",
+                    percentile(short_ms, 0.5), percentile(short_ms, 0.99), percentile(short_ms, 1.0), short_count,
+                    figures.long_s, slow.c_str(), on_long_worker, figures.late_max_ms, figures.workers_started);
     } else if (workload == "roundtrips") {
         const int rounds = argc > arg + 1 ? std::atoi(argv[arg + 1]) : 1000;
         coproc::process_pool pool{loop, pool_options()};

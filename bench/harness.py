@@ -35,6 +35,9 @@ WORKLOADS = [
     ("startup", "start_to_shutdown_ms", "ms", False),
     ("cpu", "speedup", "x", True),
     ("memory", "bytes_per_future", "bytes", False),
+    ("mixed", "p50_ms", "ms", False),
+    ("mixed", "p99_ms", "ms", False),
+    ("mixed", "max_ms", "ms", False),
     ("instructions", "per_round_trip", "instructions", False),
 ]
 
@@ -125,7 +128,7 @@ def main():
     def record(workload, system, result):
         samples.setdefault((workload, system), []).append(result)
 
-    workload_names = ["latency", "throughput", "map", "echo", "startup", "cpu", "memory"]
+    workload_names = ["latency", "throughput", "map", "echo", "startup", "cpu", "memory", "mixed"]
     for round_index in range(rounds):
         for workload in workload_names:
             for system in systems:
@@ -216,6 +219,10 @@ def targets(table):
     add("CPU-heavy speedup on 2 workers at least 1.9x", v, v is not None and v >= 1.9, "x")
     v = get(table, "bytes_per_future", "coproc")
     add("under 512 bytes of parent memory per queued future", v, v is not None and v < 512, "bytes")
+    v, python = get(table, "p99_ms", "coproc"), get(table, "p99_ms", "python")
+    add("mixed: short tasks' p99 under 5 ms, and below Python's executor's", v,
+        v is not None and python is not None and v < 5 and v < python,
+        f"ms; Python {fmt(python)} ms; coproc's max {fmt(get(table, 'max_ms', 'coproc'))} ms")
     return t
 
 

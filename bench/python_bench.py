@@ -6,7 +6,9 @@ workloads as coproc_bench. One workload per run; prints one JSON object.
     python_bench.py [--quick] {cpython,loky} WORKLOAD
 """
 import json
+import os
 import sys
+import threading
 import time
 
 
@@ -35,6 +37,86 @@ def count_primes(bounds):
             d += 1
         count += prime
     return count
+
+
+def spin(seconds):
+    """A CPU-bound task: arithmetic until this thread has used `seconds` of
+    CPU time (coproc_bench.cpp's spin does the same). Returns the rounds done
+    and the worker's pid."""
+    end = time.thread_time() + seconds
+    state = 1
+    rounds = 0
+    while True:
+        for _ in range(100):
+            state = (state * 1103515245 + 12345) & 0xFFFFFFFF
+        rounds += 1
+        if time.thread_time() >= end:
+            return rounds, os.getpid()
+
+
+def pause_then_pid(seconds):
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def mixed(executor, long_s, short_count, period):
+    """One long task, then short_count short ones, one every period seconds,
+    submitted on schedule by a thread whether or not the earlier ones have
+    finished. Returns the short tasks' submit-to-result times (ms), the long
+    task's (s), the latest a submit came after its due time (ms), the short
+    tasks slower than 100 ms (when submitted, how long, whether on the long
+    task's worker) and how many short tasks ran on the long task's worker."""
+    # Both workers running before the clock starts, as in coproc_bench.
+    warm = [executor.submit(pause_then_pid, 0.05) for _ in range(2)]
+    for future in warm:
+        future.result()
+    short_ms = [None] * short_count
+    submitted_ms = [None] * short_count
+    pids = [None] * short_count
+    all_done = threading.Event()
+    lock = threading.Lock()
+    left = [short_count]
+    late = [0.0]
+    failures = []
+
+    def record(future, index, submitted):
+        # Runs in the executor's thread that sets the result, or in the
+        # submitting thread when the task had already finished.
+        short_ms[index] = (time.perf_counter() - submitted) * 1e3
+        if future.exception() is not None:
+            failures.append(future.exception())
+        else:
+            pids[index] = future.result()[1]
+        with lock:
+            left[0] -= 1
+            if left[0] == 0:
+                all_done.set()
+
+    def submitter(start):
+        for index in range(short_count):
+            due = start + period * (index + 1)
+            delay = due - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            submitted = time.perf_counter()
+            late[0] = max(late[0], (submitted - due) * 1e3)
+            submitted_ms[index] = (submitted - start) * 1e3
+            future = executor.submit(spin, 0.001)
+            future.add_done_callback(lambda f, index=index, submitted=submitted: record(f, index, submitted))
+
+    start = time.perf_counter()
+    long_task = executor.submit(spin, long_s)
+    thread = threading.Thread(target=submitter, args=(start,))
+    thread.start()
+    thread.join()
+    long_pid = long_task.result()[1]
+    long_task_s = time.perf_counter() - start
+    all_done.wait()
+    if failures:
+        raise failures[0]
+    slow = [{"submitted_ms": submitted_ms[i], "ms": short_ms[i], "on_long_worker": pids[i] == long_pid}
+            for i in range(short_count) if short_ms[i] > 100]
+    return short_ms, long_task_s, late[0], slow, sum(pid == long_pid for pid in pids)
 
 
 def make_executor(kind):
@@ -111,6 +193,12 @@ def main(argv):
         pooled = list(executor.map(count_primes, ranges))
         pool_s = time.perf_counter() - start
         result = {"speedup": inline_s / pool_s, "inline_s": inline_s, "pool_s": pool_s, "match": pooled == inline}
+    elif workload == "mixed":
+        long_s, short_count = (0.2, 40) if quick else (2.0, 400)  # short tasks: 200 per second
+        short_ms, long_task_s, late_ms, slow, on_long_worker = mixed(executor, long_s, short_count, 0.005)
+        result = {"p50_ms": percentile(short_ms, 0.5), "p99_ms": percentile(short_ms, 0.99),
+                  "max_ms": percentile(short_ms, 1.0), "short_tasks": short_count, "long_task_s": long_task_s,
+                  "over_100ms": slow, "short_on_long_worker": on_long_worker, "submit_late_max_ms": late_ms}
     else:
         print(f"unknown workload {workload}", file=sys.stderr)
         return 2
