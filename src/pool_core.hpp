@@ -165,7 +165,13 @@ private:
     // Stops counting the item as running in a worker; idempotent, so that
     // whichever of cancel, the worker's answer, its death or destroy comes
     // first counts it once. Called with mutex_ held.
+    // It also stops counting it as cancelling (stats().tasks_cancelling):
+    // every call but cancel's is the item leaving its worker.
     void uncount_locked(work_item& item) noexcept {
+        if (item.cancelling) {
+            item.cancelling = false;
+            cancelling_.fetch_sub(1, std::memory_order_relaxed);
+        }
         if (!item.in_worker) return;
         item.in_worker = false;
         in_workers_.fetch_sub(1, std::memory_order_relaxed);
@@ -191,6 +197,8 @@ private:
 
     // --- worker_process.cpp
     void spawn_worker();
+    // The name workers show in ps and top: the worker program's file name.
+    std::string worker_program_name() const;
     void start_idle_timer(worker_handle& worker);
     std::vector<char*> worker_environment();
 
@@ -243,6 +251,7 @@ private:
     std::atomic<std::size_t> failed_{0};
     std::atomic<std::size_t> cancelled_{0};
     std::atomic<std::size_t> killed_for_cancel_{0};
+    std::atomic<std::size_t> cancelling_{0}; // cancelled, still in a worker (stats().tasks_cancelling)
 };
 
 } // namespace coproc::detail

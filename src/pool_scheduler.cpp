@@ -195,6 +195,9 @@ bool pool_core::cancel(work_item& item, bool force, std::exception_ptr reason) {
             queued_.fetch_sub(1, std::memory_order_relaxed);
         } else {
             uncount_locked(item); // the worker's late answer or death does not count it again
+            // Until the worker answers or dies, it holds a cancelled task.
+            item.cancelling = true;
+            cancelling_.fetch_add(1, std::memory_order_relaxed);
         }
         if (!reason) {
             reason = std::make_exception_ptr(cancelled_error(before == work_state::pending

@@ -569,6 +569,13 @@ void run_worker_if_requested(int argc, char** argv) {
     }
     // Programs a task execs must not hold the pool's socket open.
     ::fcntl(parent_socket, F_SETFD, FD_CLOEXEC);
+    // The pool starts workers as "coproc-worker:<program>": name the thread
+    // (what top shows, 15 characters at most) "coproc:<program>" too,
+    // rather than "exe" for a program re-executed through /proc/self/exe.
+    if (const std::string_view title = argv[0] != nullptr ? argv[0] : ""; title.starts_with("coproc-worker:")) {
+        const std::string name = "coproc:" + std::string(title.substr(std::string_view{"coproc-worker:"}.size()));
+        ::prctl(PR_SET_NAME, name.substr(0, 15).c_str());
+    }
     // process_pool_options::keep_result_memory in ms, set by the pool (its
     // default lives there); not set: nothing is kept.
     const char* keep = std::getenv("COPROC_KEEP_RESULT_MS");

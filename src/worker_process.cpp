@@ -37,6 +37,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <string_view>
 #include <cerrno>
 #include <csignal>
 #include <cstring>
@@ -219,6 +220,12 @@ std::vector<char*> pool_core::worker_environment() {
     return pointers;
 }
 
+std::string pool_core::worker_program_name() const {
+    if (options_.worker_executable.empty()) return ::program_invocation_short_name; // this program, re-executed
+    const std::string_view path = options_.worker_executable;
+    return std::string(path.substr(path.rfind('/') + 1));
+}
+
 void pool_core::spawn_worker() {
     int fds[2];
     if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) {
@@ -249,7 +256,10 @@ void pool_core::spawn_worker() {
     ::posix_spawnattr_setflags(&attributes, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
 
     std::string flag = "--coproc-worker";
-    char* argv[] = {executable_.data(), flag.data(), nullptr};
+    // What `ps` shows: the program's name behind a prefix that says it is a
+    // coproc worker (the worker also names its thread for `top`).
+    std::string title = "coproc-worker:" + worker_program_name();
+    char* argv[] = {title.data(), flag.data(), nullptr};
     auto envp = worker_environment();
     ::pid_t pid = -1;
     const int result = ::posix_spawn(&pid, executable_.c_str(), &actions, &attributes, argv, envp.data());

@@ -10,6 +10,8 @@
 #include <cstdlib>
 #include <set>
 #include <string>
+#include <fstream>
+#include <cerrno>
 #include <thread>
 #include <atomic>
 #include <vector>
@@ -323,4 +325,33 @@ TEST_CASE("shutdown_blocking fails instead of hanging when the pool's loop stops
     run_bounded(loop, until_closed(&loop, &pool, &posted));
     closer.join();
     CHECK(contains(error, "stopped running before the shutdown completed"));
+}
+
+TEST_CASE("workers are recognisable in ps and top: coproc workers of which program") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1}};
+    const int pid = run_bounded(loop, await_future(pool.submit<worker_pid>()));
+    const std::string program = program_invocation_short_name;
+    std::ifstream comm{"/proc/" + std::to_string(pid) + "/comm"};
+    std::string thread_name;
+    std::getline(comm, thread_name);
+    CHECK(thread_name == ("coproc:" + program).substr(0, 15));
+    std::ifstream cmdline{"/proc/" + std::to_string(pid) + "/cmdline"};
+    std::string first;
+    std::getline(cmdline, first, '\0');
+    CHECK(first == "coproc-worker:" + program);
+}
+
+TEST_CASE("stats() shows a cancelled task still running in its worker during the grace, until the worker is killed") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1, .cancel_grace = 300ms}};
+    auto running = pool.submit<busy_forever>();
+    run_bounded(loop, until_running(&loop, &running));
+    CHECK(pool.stats().tasks_cancelling == 0);
+    CHECK(running.cancel());
+    CHECK(pool.stats().tasks_cancelling == 1);
+    CHECK(pool.stats().tasks_running == 0);
+    CHECK(run_bounded(loop, square_after(&pool, 3)) == 9); // after the grace, on a replacement
+    CHECK(pool.stats().tasks_cancelling == 0);
+    CHECK(pool.stats().workers_killed_for_cancel == 1);
 }

@@ -198,6 +198,10 @@ struct pool_stats {
     std::size_t tasks_failed = 0;    // ended with an exception (cancellations excluded)
     std::size_t tasks_cancelled = 0;
     std::size_t workers_killed_for_cancel = 0; // cancelled tasks that outlived cancel_grace, or cancel(true)
+    // Cancelled (so counted in tasks_cancelled, not tasks_running) but still
+    // in a worker that has not given them up: running during cancel_grace,
+    // or sent and not yet dropped by the worker.
+    std::size_t tasks_cancelling = 0;
 };
 
 class process_pool {

@@ -97,6 +97,9 @@ public:
     unsigned retries_left = 0;
     unsigned requeues = 0; // sent to a worker that died before starting it
     bool in_worker = false; // counted in stats().tasks_running (pool mutex)
+    // Cancelled while in a worker that has not answered for it yet: counted
+    // in stats().tasks_cancelling (pool mutex).
+    bool cancelling = false;
     // Attached arguments were taken for the result (take_sent_blocks): the
     // CALL can never be sent again (loop thread).
     bool arguments_taken = false;
