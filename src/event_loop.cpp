@@ -103,8 +103,12 @@ public:
     event_loop_features features;
     bool ring_enabled = false;          // false while created with IORING_SETUP_R_DISABLED
     ::pid_t owner = 0;                  // kernel thread id of the thread that first ran the loop
-    // A thread is inside run(). Read by spawn() and the destructor on other
-    // threads to reject misuse; relaxed because it guards no other data.
+    // A thread is inside run(). Read by spawn(), running() and the
+    // destructor on other threads to reject misuse, and claimed by run():
+    // the thread whose exchange (acq_rel) turns it true sees what the last
+    // runner wrote before its release store turned it false (owner, the
+    // ring's state), so a thread that takes over an idle loop, or refuses
+    // to, reads them without a race. The other loads guard no data: relaxed.
     std::atomic<bool> running{false};
     bool shutting_down = false;         // in the destructor: completions are not delivered
     std::deque<std::coroutine_handle<>> ready;
@@ -444,7 +448,7 @@ void loop_core::serve(const bool& done) {
     // Leave nothing of the loop's own in the kernel between runs: the loop
     // may be destroyed on another thread, which cannot use this ring.
     disarm_wake();
-    running.store(false, std::memory_order_relaxed);
+    running.store(false, std::memory_order_release); // pairs with enter_run's exchange
 }
 
 void loop_core::shut_down() noexcept {
@@ -589,7 +593,7 @@ event_loop::~event_loop() {
 
 void event_loop::enter_run() {
     auto& core = *core_;
-    if (core.running.exchange(true, std::memory_order_relaxed)) {
+    if (core.running.exchange(true, std::memory_order_acq_rel)) {
         throw std::logic_error(is_loop_thread() ? "coproc: event_loop::run called from inside the loop"
                                                 : "coproc: event_loop::run called while another thread runs it");
     }
@@ -598,7 +602,7 @@ void event_loop::enter_run() {
     // checks for a single-issuer ring.
     const ::pid_t self = ::gettid();
     if (core.owner != 0 && core.owner != self && core.features.single_issuer) {
-        core.running.store(false, std::memory_order_relaxed);
+        core.running.store(false, std::memory_order_release);
         throw std::logic_error("coproc: event_loop::run called from a thread other than the one that first ran the "
                                "loop; the ring is single-issuer, so one thread drives it for its whole life");
     }
@@ -606,7 +610,7 @@ void event_loop::enter_run() {
         // liburing 2.3 declares io_uring_enable_rings but does not export it.
         if (::syscall(__NR_io_uring_register, core.ring.ring_fd, IORING_REGISTER_ENABLE_RINGS, nullptr, 0) < 0) {
             const int error = errno;
-            core.running.store(false, std::memory_order_relaxed);
+            core.running.store(false, std::memory_order_release);
             throw std::system_error(error, std::system_category(), "coproc: enabling the io_uring instance");
         }
         core.ring_enabled = true;
@@ -614,7 +618,7 @@ void event_loop::enter_run() {
     core.owner = self;
 }
 
-void event_loop::abandon_run() noexcept { core_->running.store(false, std::memory_order_relaxed); }
+void event_loop::abandon_run() noexcept { core_->running.store(false, std::memory_order_release); }
 
 void event_loop::start_root(std::coroutine_handle<detail::root_promise> root, std::stop_token token) {
     auto& promise = root.promise();

@@ -95,11 +95,12 @@ task<void> pause_until_done(coproc::event_loop* loop, future<int>* pending) {
     while (!pending->done()) co_await loop->sleep_for(std::chrono::milliseconds{1});
 }
 
-// Returns once the pool refuses submits (after `started` is set).
-task<void> until_closed(coproc::event_loop* loop, coproc::process_pool* pool, const std::atomic<bool>* started) {
+// Says it runs on the loop (`in_loop`), then returns once the pool refuses
+// submits.
+task<void> until_closed(coproc::event_loop* loop, coproc::process_pool* pool, std::atomic<bool>* in_loop) {
+    in_loop->store(true);
     for (;;) {
         co_await loop->sleep_for(std::chrono::milliseconds{1});
-        if (!started->load()) continue;
         try {
             auto probe = pool->submit<square>(1);
             probe.cancel();
@@ -310,11 +311,11 @@ TEST_CASE("shutdown_blocking fails instead of hanging when the pool's loop stops
     coproc::process_pool pool{loop, {.max_workers = 1}};
     auto running = pool.submit<sleep_then>(2000, 1); // the shutdown must wait for it
     run_bounded(loop, until_running(&loop, &running));
-    std::atomic<bool> posted{false};
+    std::atomic<bool> in_loop{false};
     std::string error;
     std::thread closer([&] {
+        while (!in_loop.load()) std::this_thread::yield(); // the loop runs: this posts to it
         try {
-            posted = true;
             pool.shutdown_blocking({.wait = true});
         } catch (const std::logic_error& e) {
             error = e.what();
@@ -322,7 +323,7 @@ TEST_CASE("shutdown_blocking fails instead of hanging when the pool's loop stops
     });
     // The loop runs until the shutdown has begun (the pool refuses
     // submits), then stops for good.
-    run_bounded(loop, until_closed(&loop, &pool, &posted));
+    run_bounded(loop, until_closed(&loop, &pool, &in_loop));
     closer.join();
     CHECK(contains(error, "stopped running before the shutdown completed"));
 }
