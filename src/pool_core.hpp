@@ -197,6 +197,12 @@ private:
 
     // --- worker_process.cpp
     void spawn_worker();
+    // A task its worker gave back unrun (RECALLED), already out of the
+    // worker's list: back to the front of the queue (pool_scheduler.cpp).
+    void take_back(work_item* item);
+    // Sends RECALLs to workers holding tasks they have not started while
+    // another worker is idle and nothing is queued (pool_scheduler.cpp).
+    void recall_for_idle(const std::vector<worker_handle*>& ready);
     // The name workers show in ps and top: the worker program's file name.
     std::string worker_program_name() const;
     void start_idle_timer(worker_handle& worker);
@@ -252,6 +258,7 @@ private:
     std::atomic<std::size_t> cancelled_{0};
     std::atomic<std::size_t> killed_for_cancel_{0};
     std::atomic<std::size_t> cancelling_{0}; // cancelled, still in a worker (stats().tasks_cancelling)
+    std::atomic<std::size_t> moved_{0};      // given back unrun by a busy worker (stats().tasks_moved)
 };
 
 } // namespace coproc::detail

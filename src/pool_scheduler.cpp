@@ -342,6 +342,16 @@ void pool_core::dispatch() {
     }
     std::size_t demand = 0;
     bool closing = false;
+    bool broken;
+    {
+        std::lock_guard lock{mutex_};
+        broken = broken_.has_value();
+    }
+    // Workers that could be started now for queued tasks.
+    const bool can_start = !destroyed && !broken && !terminated_ && !spawn_retry_pending_;
+    const std::size_t startable = can_start && live < static_cast<std::size_t>(max_workers_)
+                                      ? static_cast<std::size_t>(max_workers_) - live
+                                      : 0;
     {
         std::lock_guard lock{mutex_};
         dispatch_posted_ = false;
@@ -359,7 +369,10 @@ void pool_core::dispatch() {
                     break;
                 }
             }
-            if (target == nullptr && queued_.load(std::memory_order_relaxed) > starting) {
+            // Sent ahead to a busy worker only what the workers starting, and
+            // those the pool may still start, will not take: a task never
+            // waits behind another while a worker could be started for it.
+            if (target == nullptr && queued_.load(std::memory_order_relaxed) > starting + startable) {
                 const std::size_t allowed = prefetch_allowed(*item, starting);
                 for (worker_handle* worker : ready) {
                     if (worker->state != worker_handle::phase::ready || worker->assigned.size() >= allowed) continue;
@@ -383,6 +396,7 @@ void pool_core::dispatch() {
         demand = queued_.load(std::memory_order_relaxed);
         closing = closed_;
     }
+    if (demand == 0) recall_for_idle(ready);
     for (auto& worker : workers_) {
         if (worker->state == worker_handle::phase::exited) continue;
         const bool drained = worker->assigned.empty() && (worker->state == worker_handle::phase::retiring ||
@@ -394,7 +408,6 @@ void pool_core::dispatch() {
             start_idle_timer(*worker);
         }
     }
-    bool broken;
     {
         std::lock_guard lock{mutex_};
         broken = broken_.has_value();
@@ -418,6 +431,62 @@ void pool_core::dispatch() {
     // a worker gone, the queue moved) ends in a dispatch: wake them here
     // rather than at each such place, so that none is ever missed.
     if (!waiters_.empty()) wake_waiters();
+}
+
+// Work moves to the worker that is free: a task sent ahead to a busy worker
+// and not started there goes to an idle one. For each idle worker, the
+// worker holding the most such tasks is asked to give back half of them
+// (at least one), newest first; its first task is left alone (it runs, or
+// is about to). The worker answers RECALLED for each one it gives back
+// unrun, and take_back queues it again, at the front; one it has started
+// already runs there as usual. So a task is never run twice nor lost.
+void pool_core::recall_for_idle(const std::vector<worker_handle*>& ready) {
+    for (worker_handle* idle : ready) {
+        if (!idle->assigned.empty() || idle->state != worker_handle::phase::ready || idle->condemned) continue;
+        worker_handle* donor = nullptr;
+        std::size_t most = 0;
+        for (worker_handle* worker : ready) {
+            if (worker == idle || worker->state != worker_handle::phase::ready || worker->condemned) continue;
+            std::size_t unstarted = 0;
+            for (std::size_t i = 1; i < worker->assigned.size(); ++i) {
+                const work_item* item = worker->assigned[i];
+                unstarted += item->state() == work_state::dispatched && !item->recalling;
+            }
+            if (unstarted > most) {
+                most = unstarted;
+                donor = worker;
+            }
+        }
+        if (donor == nullptr) return; // nothing anywhere to take back
+        std::size_t wanted = std::max<std::size_t>(1, most / 2);
+        for (std::size_t i = donor->assigned.size(); i-- > 1 && wanted > 0;) {
+            work_item* item = donor->assigned[i];
+            if (item->state() != work_state::dispatched || item->recalling) continue;
+            item->recalling = true;
+            donor->queued.add_frame(wire::frame_kind::recall, item->id);
+            --wanted;
+        }
+        if (!donor->writing) start_writer(*donor);
+    }
+}
+
+void pool_core::take_back(work_item* item) {
+    item->recalling = false;
+    {
+        std::lock_guard lock{mutex_};
+        uncount_locked(*item);
+        if (!is_final(item->state())) {
+            // Unrun: a requeue that costs the task nothing (not counted in
+            // item->requeues, which bounds deaths before START).
+            item->set_state(work_state::pending);
+            pending_.push_front(item); // keeps its reference
+            queued_.fetch_add(1, std::memory_order_relaxed);
+            moved_.fetch_add(1, std::memory_order_relaxed);
+            item = nullptr;
+        }
+    }
+    if (item != nullptr) item->release(); // cancelled meanwhile
+    dispatch();
 }
 
 std::exception_ptr pool_core::broken_error_locked() const {

@@ -269,6 +269,9 @@ private:
             case wire::frame_kind::cancel:
                 cancel(header.work_id);
                 break;
+            case wire::frame_kind::recall:
+                recall(header.work_id);
+                break;
             case wire::frame_kind::bye: {
                 std::lock_guard lock{queue_mutex_};
                 bye_ = true;
@@ -429,6 +432,23 @@ private:
         const auto offset = wire::begin_frame(reply, wire::frame_kind::error, work_id);
         detail::encode_exception(std::make_exception_ptr(cancelled_error("coproc: cancelled before it started")), reply);
         wire::finish_frame(reply, offset);
+        send(reply);
+    }
+
+    // RECALL: a task still queued is dropped without running and the parent
+    // told so (RECALLED), to run it on another worker. One that started (or
+    // is done) is not given back, and nothing is said: its START went first.
+    // The queue mutex orders this against the runner taking the task.
+    void recall(std::uint64_t work_id) {
+        {
+            std::lock_guard lock{queue_mutex_};
+            const auto found = std::find_if(queue_.begin(), queue_.end(),
+                                            [work_id](const call& queued) { return queued.work_id == work_id; });
+            if (found == queue_.end()) return;
+            queue_.erase(found);
+        }
+        detail::byte_buffer reply;
+        wire::finish_frame(reply, wire::begin_frame(reply, wire::frame_kind::recalled, work_id));
         send(reply);
     }
 

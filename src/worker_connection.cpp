@@ -259,7 +259,8 @@ void pool_core::handle_frames(worker_handle& worker, std::span<const std::byte> 
             initializer_failed(worker, cause);
             continue;
         }
-        if (kind != wire::frame_kind::start && kind != wire::frame_kind::result && kind != wire::frame_kind::error) {
+        if (kind != wire::frame_kind::start && kind != wire::frame_kind::result && kind != wire::frame_kind::error &&
+            kind != wire::frame_kind::recalled) {
             throw protocol_violation("a frame of unknown kind " + std::to_string(header.kind));
         }
         const auto position = std::find_if(worker.assigned.begin(), worker.assigned.end(),
@@ -285,7 +286,14 @@ void pool_core::handle_frames(worker_handle& worker, std::span<const std::byte> 
             }
             continue;
         }
+        if (kind == wire::frame_kind::recalled) {
+            if (!item->recalling) throw protocol_violation("a RECALLED for a task that was not recalled");
+            worker.assigned.erase(position);
+            take_back(item);
+            continue;
+        }
         if (kind == wire::frame_kind::start) {
+            item->recalling = false; // it started: no RECALLED will come
             item->started = std::chrono::steady_clock::now();
             std::lock_guard lock{mutex_};
             if (item->state() == work_state::dispatched) item->set_state(work_state::running);

@@ -406,6 +406,12 @@ int count_run(std::string path, int index, int value) {
     return 2 * value;
 }
 
+int count_run_slowly(std::string path, int index, int milliseconds) {
+    std::this_thread::sleep_for(std::chrono::milliseconds{milliseconds});
+    (void)count_run(std::move(path), index, 0);
+    return static_cast<int>(::getpid());
+}
+
 void send_undecodable_error(std::uint64_t work_id) {
     coproc::detail::wire::frame_header header{3, static_cast<std::uint16_t>(coproc::detail::wire::frame_kind::error), 0,
                                               work_id};

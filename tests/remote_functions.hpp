@@ -107,6 +107,8 @@ void send_frame_for_unknown_work();
 // Adds one to the 32-bit counter `index` of the file `path` (mapped shared,
 // once per worker) and returns 2 * value: how often each task ran.
 int count_run(std::string path, int index, int value);
+// count_run after sleeping `milliseconds`; returns the worker's pid.
+int count_run_slowly(std::string path, int index, int milliseconds);
 // Sends an ERROR frame for `work_id` whose payload does not decode, then hangs.
 void send_undecodable_error(std::uint64_t work_id);
 // Sends the header of a RESULT frame of `size` bytes for `work_id` and the

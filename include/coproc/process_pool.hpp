@@ -202,6 +202,9 @@ struct pool_stats {
     // in a worker that has not given them up: running during cancel_grace,
     // or sent and not yet dropped by the worker.
     std::size_t tasks_cancelling = 0;
+    // Tasks sent ahead to a busy worker, given back unrun when another
+    // worker was idle, and run elsewhere.
+    std::size_t tasks_moved = 0;
 };
 
 class process_pool {

@@ -18,6 +18,10 @@
 //   ERROR   worker -> parent  transported exception (see remote_function.hpp)
 //   CANCEL  parent -> worker  (none): cancel the task with this work id
 //   BYE     parent -> worker  (none): finish what was sent, then exit
+//   RECALL  parent -> worker  (none): give back the task with this work id
+//                             if it has not started (another worker is idle)
+//   RECALLED worker -> parent (none): the task was given back unrun; a task
+//                             already started is not, and nothing is sent
 #pragma once
 
 #include <coproc/detail/byte_buffer.hpp>
@@ -32,7 +36,7 @@
 
 namespace coproc::detail::wire {
 
-inline constexpr std::uint16_t protocol_version = 1;
+inline constexpr std::uint16_t protocol_version = 2;
 
 enum class frame_kind : std::uint16_t {
     hello = 1,
@@ -42,6 +46,8 @@ enum class frame_kind : std::uint16_t {
     error = 5,
     cancel = 6,
     bye = 7,
+    recall = 8,
+    recalled = 9,
 };
 
 // Bits of frame_header::flags.

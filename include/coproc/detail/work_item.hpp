@@ -100,6 +100,9 @@ public:
     // Cancelled while in a worker that has not answered for it yet: counted
     // in stats().tasks_cancelling (pool mutex).
     bool cancelling = false;
+    // A RECALL was sent for it (dispatched, not started): the worker gives it
+    // back unrun (RECALLED) or has started it (loop thread).
+    bool recalling = false;
     // Attached arguments were taken for the result (take_sent_blocks): the
     // CALL can never be sent again (loop thread).
     bool arguments_taken = false;
