@@ -428,7 +428,10 @@ TEST_CASE("crash isolation: a segfault, abort, exit(3) or outside SIGKILL fails 
         const auto stats = pool.stats();
         CHECK(stats.tasks_failed == 4);
         CHECK(stats.tasks_completed == 200);
-        CHECK(stats.workers_started >= 5); // the first two, and a replacement per crash
+        // Each crash takes its worker with it, so four workers at least ran
+        // them; whether a fifth is needed depends on when the last crash
+        // comes (a task requeued from a dead worker may run last).
+        CHECK(stats.workers_started >= 4);
     }
     std::filesystem::remove(pid_file);
     leaks.verify();
