@@ -35,6 +35,7 @@
 #include <atomic>
 #include <chrono>
 #include <coroutine>
+#include <csignal>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
@@ -139,9 +140,12 @@ public:
     [[nodiscard]] std::chrono::milliseconds start_timeout() const noexcept { return options_.start_timeout; }
     void on_reaped(worker_handle& worker, const ::siginfo_t& info);
     void release_coroutine(worker_handle& worker) noexcept;
-    // Kills the worker; `violation`: for a protocol violation, after which
-    // its frames were not read to the end, so no task it held may be requeued.
-    void kill_worker(worker_handle& worker, const std::string& reason, bool violation = false) noexcept;
+    // Kills the worker (SIGKILL, or `signal`: terminate_workers sends
+    // SIGTERM) and condemns it: nothing more is dispatched to it.
+    // `violation`: for a protocol violation, after which its frames were not
+    // read to the end, so no task it held may be requeued.
+    void kill_worker(worker_handle& worker, const std::string& reason, bool violation = false,
+                     int signal = SIGKILL) noexcept;
     void initializer_failed(worker_handle& worker, std::exception_ptr cause);
     void idle_timer_fired(worker_handle& worker, std::uint64_t generation);
     [[nodiscard]] std::chrono::milliseconds idle_timeout() const noexcept { return options_.idle_timeout; }

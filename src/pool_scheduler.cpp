@@ -342,19 +342,16 @@ void pool_core::dispatch() {
     }
     std::size_t demand = 0;
     bool closing = false;
-    bool broken;
-    {
-        std::lock_guard lock{mutex_};
-        broken = broken_.has_value();
-    }
-    // Workers that could be started now for queued tasks.
-    const bool can_start = !destroyed && !broken && !terminated_ && !spawn_retry_pending_;
-    const std::size_t startable = can_start && live < static_cast<std::size_t>(max_workers_)
-                                      ? static_cast<std::size_t>(max_workers_) - live
-                                      : 0;
+    bool broken = false; // set once, on this thread (break_pool): read once here
     {
         std::lock_guard lock{mutex_};
         dispatch_posted_ = false;
+        broken = broken_.has_value();
+        // Workers that could be started now for queued tasks.
+        const bool can_start = !destroyed && !broken && !terminated_ && !spawn_retry_pending_;
+        const std::size_t startable = can_start && live < static_cast<std::size_t>(max_workers_)
+                                          ? static_cast<std::size_t>(max_workers_) - live
+                                          : 0;
         while (!pending_.empty()) {
             work_item* item = pending_.front();
             if (item->state() != work_state::pending) {
@@ -407,10 +404,6 @@ void pool_core::dispatch() {
             !worker->condemned && worker->assigned.empty() && !worker->idle_timer && !destroyed) {
             start_idle_timer(*worker);
         }
-    }
-    {
-        std::lock_guard lock{mutex_};
-        broken = broken_.has_value();
     }
     while (demand > starting && live < static_cast<std::size_t>(max_workers_) && !destroyed && !broken &&
            !terminated_ && !spawn_retry_pending_) {

@@ -196,12 +196,7 @@ void pool_core::terminate(int signal) {
     close(true); // shutdown(wait=false, cancel_futures=true); dispatch starts no worker now
     const std::string reason = signal == SIGKILL ? "nothing more: kill_workers() was called"
                                                  : "nothing more: terminate_workers() was called";
-    for (auto& worker : workers_) {
-        if (worker->state == worker_handle::phase::exited || worker->reaped) continue;
-        if (worker->kill_reason.empty()) worker->kill_reason = reason;
-        worker->condemned = true;
-        ::kill(worker->pid, signal);
-    }
+    for (auto& worker : workers_) kill_worker(*worker, reason, false, signal);
 }
 
 void pool_core::restart_workers() noexcept {

@@ -306,12 +306,12 @@ void pool_core::initializer_failed(worker_handle& worker, std::exception_ptr cau
 
 // --- exit: kill, reap, free (loop thread)
 
-void pool_core::kill_worker(worker_handle& worker, const std::string& reason, bool violation) noexcept {
+void pool_core::kill_worker(worker_handle& worker, const std::string& reason, bool violation, int signal) noexcept {
     if (worker.state == worker_handle::phase::exited || worker.reaped) return;
     if (worker.kill_reason.empty()) worker.kill_reason = reason;
     worker.condemned = true;
     worker.violated = worker.violated || violation;
-    ::kill(worker.pid, SIGKILL);
+    ::kill(worker.pid, signal);
 }
 
 void pool_core::on_reaped(worker_handle& worker, const ::siginfo_t& info) {
