@@ -85,6 +85,7 @@ public:
     void submit(io_request& request);
     void submit_cancel(io_request& request);
     void serve(const bool& done);
+    bool poll_step();
     void shut_down() noexcept;
     void link_root(root_promise& root) noexcept;
     void unlink_root(root_promise& root) noexcept;
@@ -123,15 +124,26 @@ private:
     void submit_and_reap(bool wait);
     void reap();
     void deliver(io_request* request, int result);
+    void unlink_in_flight(io_request& request) noexcept;
     void wake() noexcept;
     // Runs `push` under the foreign-queue mutex and wakes the loop.
     template <class Push>
     void push_foreign(Push push);
 
     int wake_fd_ = -1;
-    std::uint64_t wake_buffer_ = 0;
+    // Heap-allocated so that a loop destroyed on a foreign thread can leave
+    // it to the kernel (see shut_down).
+    std::unique_ptr<std::uint64_t> wake_buffer_ = std::make_unique<std::uint64_t>(0);
     io_request wake_request_;
     bool wake_armed_ = false;
+
+public:
+    // wait_fd(): registered as the ring's eventfd by the first poll_step(),
+    // so the kernel signals it with every completion it posts.
+    int notify_fd = -1;
+
+private:
+    bool notify_registered_ = false;
 
     io_request* in_flight_ = nullptr;   // doubly linked through prev/next_in_flight
     std::size_t in_flight_count_ = 0;
@@ -164,21 +176,24 @@ loop_core::loop_core(const event_loop_options& options) {
     features.submit_all = (flags & IORING_SETUP_SUBMIT_ALL) != 0;
     ring_enabled = (flags & IORING_SETUP_R_DISABLED) == 0;
     wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (wake_fd_ < 0) {
+    notify_fd = wake_fd_ < 0 ? -1 : ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (notify_fd < 0) {
         const int error = errno;
+        if (wake_fd_ >= 0) ::close(wake_fd_);
         ::io_uring_queue_exit(&ring);
         throw std::system_error(error, std::system_category(), "coproc: eventfd for the event loop");
     }
     wake_request_.kind = io_kind::read;
     wake_request_.fd = wake_fd_;
-    wake_request_.address = &wake_buffer_;
-    wake_request_.length = sizeof wake_buffer_;
+    wake_request_.address = wake_buffer_.get();
+    wake_request_.length = sizeof(std::uint64_t);
     wake_request_.offset = ~std::uint64_t{0};
 }
 
 loop_core::~loop_core() {
     if (!ring_closed) ::io_uring_queue_exit(&ring);
     ::close(wake_fd_);
+    ::close(notify_fd);
 }
 
 ::io_uring_sqe* loop_core::next_sqe() {
@@ -395,17 +410,21 @@ void loop_core::reap() {
     }
 }
 
+void loop_core::unlink_in_flight(io_request& request) noexcept {
+    if (request.prev_in_flight != nullptr) {
+        request.prev_in_flight->next_in_flight = request.next_in_flight;
+    } else {
+        in_flight_ = request.next_in_flight;
+    }
+    if (request.next_in_flight != nullptr) request.next_in_flight->prev_in_flight = request.prev_in_flight;
+    request.prev_in_flight = request.next_in_flight = nullptr;
+    --in_flight_count_;
+    request.in_flight = false;
+}
+
 void loop_core::deliver(io_request* request, int result) {
     if (request == nullptr) return; // a cancel request's own completion
-    if (request->prev_in_flight != nullptr) {
-        request->prev_in_flight->next_in_flight = request->next_in_flight;
-    } else {
-        in_flight_ = request->next_in_flight;
-    }
-    if (request->next_in_flight != nullptr) request->next_in_flight->prev_in_flight = request->prev_in_flight;
-    request->prev_in_flight = request->next_in_flight = nullptr;
-    --in_flight_count_;
-    request->in_flight = false;
+    unlink_in_flight(*request);
     request->result = result;
     if (request == &wake_request_) {
         wake_armed_ = false;
@@ -451,9 +470,42 @@ void loop_core::serve(const bool& done) {
     running.store(false, std::memory_order_release); // pairs with enter_run's exchange
 }
 
+bool loop_core::poll_step() {
+    current_loop_scope scope{this};
+    if (!notify_registered_) {
+        const int result = ::io_uring_register_eventfd(&ring, notify_fd);
+        if (result < 0) throw std::system_error(-result, std::system_category(), "coproc: io_uring_register_eventfd");
+        notify_registered_ = true;
+    }
+    // Consume the readiness first: whatever arrives from here on signals
+    // the descriptor again.
+    std::uint64_t count;
+    [[maybe_unused]] const auto consumed = ::read(notify_fd, &count, sizeof count);
+    if (!wake_armed_) arm_wake();
+    drain_foreign();
+    run_ready();
+    submit_and_reap(false);
+    // The wake read stays armed between calls: a post() from another thread
+    // completes it, and the completion signals notify_fd. The reap may just
+    // have consumed it.
+    if (!wake_armed_) {
+        arm_wake();
+        ::io_uring_submit(&ring);
+    }
+    return !ready.empty() || has_foreign_.load(std::memory_order_relaxed);
+}
+
 void loop_core::shut_down() noexcept {
     shutting_down = true;
     const bool can_use_ring = ring_enabled && (!features.single_issuer || owner == ::gettid());
+    if (!can_use_ring && wake_armed_) {
+        // Left armed between poll_ready() calls. The kernel cancels it when
+        // the ring closes, possibly after this core is gone: leave it the
+        // buffer it reads into.
+        (void)wake_buffer_.release();
+        unlink_in_flight(wake_request_);
+        wake_armed_ = false;
+    }
     if (in_flight_count_ > 0 && !can_use_ring) {
         // Only the thread that ran this single-issuer ring may submit, so
         // nothing can be cancelled from here, and closing the ring does not
@@ -617,6 +669,21 @@ void event_loop::enter_run() {
     }
     core.owner = self;
 }
+
+bool event_loop::poll_ready() {
+    enter_run();
+    bool more = false;
+    try {
+        more = core_->poll_step();
+    } catch (...) {
+        abandon_run();
+        throw;
+    }
+    core_->running.store(false, std::memory_order_release); // pairs with enter_run's exchange
+    return more;
+}
+
+int event_loop::wait_fd() const noexcept { return core_->notify_fd; }
 
 void event_loop::abandon_run() noexcept { core_->running.store(false, std::memory_order_release); }
 

@@ -10,6 +10,8 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <poll.h>
+#include <sys/epoll.h>
 #include <sys/utsname.h>
 #include <thread>
 #include <vector>
@@ -310,4 +312,139 @@ TEST_CASE("ring set-up falls back to fewer flags when the kernel rejects a set w
 
 TEST_CASE("event_loop_options with zero entries is rejected") {
     CHECK_THROWS_AS(coproc::event_loop(coproc::event_loop_options{.entries = 0}), std::invalid_argument);
+}
+
+// --- driving the loop from another event loop: poll_ready() and wait_fd()
+
+namespace {
+
+task<void> echo_count(coproc::event_loop* loop, int fd, int messages, int* received) {
+    std::byte buffer[1];
+    for (int i = 0; i < messages; ++i) {
+        if (co_await loop->recv(fd, buffer) != 1) co_return;
+        ++*received;
+    }
+}
+
+// Drives `loop` with poll_ready() until `done()`, waiting on wait_fd() with
+// an edge-triggered epoll between calls, as Asio's reactor does. Fails the
+// test when no wake-up comes within `bound` while work is outstanding.
+template <class Done>
+bool drive_edge_triggered(coproc::event_loop& loop, Done done, std::chrono::milliseconds bound) {
+    const int epoll = ::epoll_create1(EPOLL_CLOEXEC);
+    REQUIRE(epoll >= 0);
+    ::epoll_event interest{};
+    interest.events = EPOLLIN | EPOLLET;
+    REQUIRE(::epoll_ctl(epoll, EPOLL_CTL_ADD, loop.wait_fd(), &interest) == 0);
+    bool woke_every_time = true;
+    while (!done()) {
+        if (loop.poll_ready()) continue;
+        if (done()) break;
+        ::epoll_event event{};
+        if (::epoll_wait(epoll, &event, 1, static_cast<int>(bound.count())) != 1) {
+            woke_every_time = false;
+            break;
+        }
+    }
+    ::close(epoll);
+    return woke_every_time;
+}
+
+} // namespace
+
+TEST_CASE("poll_ready runs what is ready without blocking; wait_fd wakes for a timer") {
+    coproc::event_loop loop;
+    int counter = 0;
+    loop.spawn(add_after(&loop, &counter, 30ms));
+    const auto start = std::chrono::steady_clock::now();
+    CHECK_FALSE(loop.poll_ready()); // the task now sleeps; nothing is ready
+    CHECK(std::chrono::steady_clock::now() - start < 25ms);
+    CHECK(counter == 0);
+    CHECK_FALSE(loop.running());
+    ::pollfd watch{loop.wait_fd(), POLLIN, 0};
+    REQUIRE(::poll(&watch, 1, 5000) == 1); // level-triggered: the timer's completion
+    while (counter == 0 && loop.poll_ready()) {
+    }
+    if (counter == 0) loop.poll_ready();
+    CHECK(counter == 1);
+    // Once nothing happens, the readiness is consumed: a level-triggered
+    // poller does not spin.
+    CHECK_FALSE(loop.poll_ready());
+    CHECK_FALSE(loop.poll_ready());
+    CHECK(::poll(&watch, 1, 0) == 0);
+}
+
+TEST_CASE("wait_fd turns readable for post() from another thread, edge-triggered, with no lost wake-up") {
+    coproc::event_loop loop;
+    CHECK_FALSE(loop.poll_ready());
+    constexpr int posts = 2000;
+    std::atomic<int> ran{0};
+    std::thread poster([&] {
+        for (int i = 0; i < posts; ++i) {
+            loop.post([&] { ran.fetch_add(1, std::memory_order_relaxed); });
+            if (i % 64 == 0) std::this_thread::sleep_for(100us);
+        }
+    });
+    const bool woke = drive_edge_triggered(loop, [&] { return ran.load() == posts; }, 5000ms);
+    poster.join();
+    CHECK(woke);
+    CHECK(ran.load() == posts);
+}
+
+TEST_CASE("wait_fd turns readable for each completion of socket I/O, edge-triggered") {
+    coproc::event_loop loop;
+    socket_pair sockets;
+    constexpr int messages = 500;
+    int received = 0;
+    loop.spawn(echo_count(&loop, sockets.first(), messages, &received));
+    CHECK_FALSE(loop.poll_ready());
+    std::thread sender([&] {
+        for (int i = 0; i < messages; ++i) {
+            REQUIRE(::send(sockets.second(), "x", 1, MSG_NOSIGNAL) == 1);
+            std::this_thread::sleep_for(50us);
+        }
+    });
+    const bool woke = drive_edge_triggered(loop, [&] { return received == messages; }, 5000ms);
+    sender.join();
+    CHECK(woke);
+    CHECK(received == messages);
+}
+
+TEST_CASE("stop() from another thread reaches a loop driven by poll_ready") {
+    coproc::event_loop loop;
+    auto alive = std::make_shared<bool>(false);
+    bool cancelled = false;
+    loop.spawn(sleeps_forever(&loop, alive, &cancelled));
+    CHECK_FALSE(loop.poll_ready());
+    REQUIRE(*alive);
+    std::thread stopper([&] { loop.stop(); });
+    const bool woke = drive_edge_triggered(loop, [&] { return !*alive; }, 5000ms);
+    stopper.join();
+    CHECK(woke);
+    CHECK(cancelled);
+}
+
+TEST_CASE("poll_ready follows run()'s thread rules") {
+    coproc::event_loop loop;
+    CHECK_FALSE(loop.poll_ready());
+    if (loop.features().single_issuer) {
+        std::thread other([&] { CHECK_THROWS_AS(loop.poll_ready(), std::logic_error); });
+        other.join();
+    }
+    loop.post([&] { CHECK_THROWS_AS(loop.poll_ready(), std::logic_error); });
+    run_bounded(loop, pause_for(&loop, 1ms), 5s);
+}
+
+TEST_CASE("a loop left between poll_ready calls with work pending is destroyed cleanly") {
+    const int fds_before = count_open_fds();
+    auto alive = std::make_shared<bool>(false);
+    {
+        coproc::event_loop loop;
+        socket_pair sockets;
+        loop.spawn(receives_forever(&loop, sockets.first(), alive));
+        CHECK_FALSE(loop.poll_ready());
+        CHECK(*alive);
+    }
+    CHECK_FALSE(*alive);
+    CHECK(count_open_fds() == fds_before);
 }

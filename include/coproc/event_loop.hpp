@@ -245,6 +245,30 @@ public:
     // The io_uring set-up flags that were accepted by the kernel.
     [[nodiscard]] const event_loop_features& features() const noexcept;
 
+    // --- driving the loop from another event loop (Asio's io_context, a
+    // GUI's, epoll of your own): poll_ready() plus wait_fd().
+
+    // Runs on the calling thread, without blocking, what is ready now:
+    // functions posted and stops requested by other threads, ready
+    // coroutines, and the completions the kernel has delivered. Returns true
+    // when more is ready at once (call again soon), false when everything
+    // left waits on I/O, timers or other threads; wait_fd() then turns
+    // readable when that changes. The thread rules are run()'s: the first
+    // thread to drive the loop (by run() or poll_ready()) owns it for good,
+    // and poll_ready() from inside the loop throws std::logic_error. Between
+    // calls no thread is inside run(), so spawn() may be called there.
+    bool poll_ready();
+
+    // A file descriptor, owned by the loop, that becomes readable whenever
+    // the loop gets work after the first poll_ready(): a completion, a
+    // post(), a stop(), a coroutine scheduled from another thread. Each such
+    // event is a fresh wake-up of the descriptor, so it suits an
+    // edge-triggered epoll such as Asio's reactor: when poll_ready() returns
+    // false, start waiting right away, before returning to the outer loop,
+    // and no event is missed. poll_ready() consumes the readiness, so a
+    // level-triggered poll(2) works too. Never read, write or close it.
+    [[nodiscard]] int wait_fd() const noexcept;
+
     // --- awaitable operations; co_await them from coroutines the loop runs.
 
     // Resumes the awaiter on the loop thread, after everything already ready.
