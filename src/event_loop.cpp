@@ -1,4 +1,6 @@
-// The io_uring event loop. liburing appears here and nowhere in the headers.
+// The event loop's core, whatever the backend: the ready queue, the queue
+// that other threads fill, the roots, and the operations in flight. The
+// backends (loop_backend.hpp) perform the operations.
 //
 // One iteration of the loop, on the loop thread:
 //
@@ -6,22 +8,21 @@
 //                             threads, cancellations asked for by other threads,
 //                             stop())
 //   resume ready coroutines  (those present when the step began)
-//   submit + wait            (wait only when nothing is ready)
-//   reap completions         (each resumes the coroutine awaiting it)
+//   process                  (the backend starts what was submitted, waits only
+//                             when nothing is ready, and reports what ended;
+//                             each report resumes the coroutine awaiting it)
 //
-// Other threads never touch the ring: they push onto the foreign queue under
-// its mutex and write the eventfd, on which the loop keeps a read pending.
+// Other threads never touch the backend's structures: they push onto the
+// foreign queue under its mutex and wake the backend.
 
 #include <coproc/cancellation.hpp>
 #include <coproc/event_loop.hpp>
 
-#include "ring_setup.hpp"
+#include "loop_backend.hpp"
 
-#include <liburing.h>
-#include <linux/time_types.h>
-#include <sys/eventfd.h>
-#include <sys/syscall.h>
 #include <unistd.h>
+
+#include <cstdlib>
 
 #include <atomic>
 #include <cstdio>
@@ -33,9 +34,6 @@
 #include <thread>
 #include <vector>
 
-static_assert(sizeof(coproc::detail::kernel_timespec) == sizeof(__kernel_timespec));
-static_assert(offsetof(coproc::detail::kernel_timespec, tv_nsec) == offsetof(__kernel_timespec, tv_nsec));
-
 namespace coproc {
 namespace detail {
 
@@ -44,9 +42,6 @@ class loop_core;
 namespace {
 // The loop the calling thread is running right now (inside run()), if any.
 thread_local loop_core* current_loop = nullptr;
-
-// user_data of completions the loop ignores: those of its cancel requests.
-constexpr std::uint64_t ignored_completion = 0;
 } // namespace
 
 const char* io_kind_name(io_kind kind) noexcept {
@@ -74,7 +69,7 @@ void throw_cancelled(io_kind kind) {
     throw cancelled_error(std::string("coproc: ") + io_kind_name(kind) + " cancelled by a stop request");
 }
 
-class loop_core {
+class loop_core final : public completion_sink {
 public:
     explicit loop_core(const event_loop_options& options);
     ~loop_core();
@@ -98,12 +93,13 @@ public:
     void request_stop();
     void forget_foreign_cancel(io_request& request) noexcept;
 
-    io_uring ring{};
-    bool ring_closed = false;
+    // completion_sink: the backend reports an operation's end.
+    void complete(io_request& request, int result) override;
+
+    std::unique_ptr<loop_backend> backend;
+    event_loop_backend_info backend_info;
     event_loop* owner_loop = nullptr;   // the event_loop this core belongs to
-    event_loop_features features;
-    bool ring_enabled = false;          // false while created with IORING_SETUP_R_DISABLED
-    ::pid_t owner = 0;                  // kernel thread id of the thread that first ran the loop
+    ::pid_t owner = 0;                  // kernel thread id of the thread that last drove the loop
     // A thread is inside run(). Read by spawn(), running() and the
     // destructor on other threads to reject misuse, and claimed by run():
     // the thread whose exchange (acq_rel) turns it true sees what the last
@@ -116,34 +112,12 @@ public:
     event_loop::exception_handler handler;
 
 private:
-    ::io_uring_sqe* next_sqe();
-    void arm_wake();
-    void disarm_wake() noexcept;
     void drain_foreign();
     void run_ready();
-    void submit_and_reap(bool wait);
-    void reap();
-    void deliver(io_request* request, int result);
     void unlink_in_flight(io_request& request) noexcept;
-    void wake() noexcept;
     // Runs `push` under the foreign-queue mutex and wakes the loop.
     template <class Push>
     void push_foreign(Push push);
-
-    int wake_fd_ = -1;
-    // Heap-allocated so that a loop destroyed on a foreign thread can leave
-    // it to the kernel (see shut_down).
-    std::unique_ptr<std::uint64_t> wake_buffer_ = std::make_unique<std::uint64_t>(0);
-    io_request wake_request_;
-    bool wake_armed_ = false;
-
-public:
-    // wait_fd(): registered as the ring's eventfd by the first poll_step(),
-    // so the kernel signals it with every completion it posts.
-    int notify_fd = -1;
-
-private:
-    bool notify_registered_ = false;
 
     io_request* in_flight_ = nullptr;   // doubly linked through prev/next_in_flight
     std::size_t in_flight_count_ = 0;
@@ -162,50 +136,53 @@ private:
     bool stop_requested_ = false;
 };
 
+namespace {
+// The backend that options and COPROC_BACKEND ask for; falls back from
+// io_uring to epoll when io_uring cannot be set up and was not required.
+std::unique_ptr<loop_backend> choose_backend(completion_sink& sink, const event_loop_options& options,
+                                             event_loop_backend_info& info) {
+    event_loop_backend wanted = options.backend;
+    const char* origin = "event_loop_options::backend";
+    if (wanted == event_loop_backend::automatic) {
+        if (const char* variable = std::getenv("COPROC_BACKEND"); variable != nullptr && *variable != '\0') {
+            const std::string value = variable;
+            if (value == "epoll") {
+                wanted = event_loop_backend::epoll;
+            } else if (value == "io_uring") {
+                wanted = event_loop_backend::io_uring;
+            } else if (value != "auto" && value != "automatic") {
+                throw std::invalid_argument("coproc: COPROC_BACKEND=" + value +
+                                            " is not a backend; use io_uring, epoll or auto");
+            }
+            origin = "COPROC_BACKEND";
+        }
+    }
+    switch (wanted) {
+    case event_loop_backend::io_uring:
+        info = {event_loop_backend::io_uring, {}};
+        return make_uring_backend(sink, options);
+    case event_loop_backend::epoll:
+        info = {event_loop_backend::epoll,
+                std::string("requested by ") + origin + (origin[0] == 'C' ? "=epoll" : "")};
+        return make_epoll_backend(sink, options);
+    case event_loop_backend::automatic: break;
+    }
+    try {
+        info = {event_loop_backend::io_uring, {}};
+        return make_uring_backend(sink, options);
+    } catch (const io_uring_unavailable& unavailable) {
+        info = {event_loop_backend::epoll, unavailable.what()};
+        return make_epoll_backend(sink, options);
+    }
+}
+} // namespace
+
 loop_core::loop_core(const event_loop_options& options) {
     if (options.entries == 0) throw std::invalid_argument("coproc: event_loop_options::entries must be positive");
-    unsigned flags = 0;
-    const int result = create_ring(ring, options.entries, default_ring_setup_attempts(), flags);
-    if (result != 0) {
-        throw io_uring_unavailable(-result, describe_io_uring_setup_failure(-result, read_io_uring_disabled_sysctl()));
-    }
-    features.setup_flags = flags;
-    features.single_issuer = (flags & IORING_SETUP_SINGLE_ISSUER) != 0;
-    features.defer_taskrun = (flags & IORING_SETUP_DEFER_TASKRUN) != 0;
-    features.coop_taskrun = (flags & IORING_SETUP_COOP_TASKRUN) != 0;
-    features.submit_all = (flags & IORING_SETUP_SUBMIT_ALL) != 0;
-    ring_enabled = (flags & IORING_SETUP_R_DISABLED) == 0;
-    wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    notify_fd = wake_fd_ < 0 ? -1 : ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (notify_fd < 0) {
-        const int error = errno;
-        if (wake_fd_ >= 0) ::close(wake_fd_);
-        ::io_uring_queue_exit(&ring);
-        throw std::system_error(error, std::system_category(), "coproc: eventfd for the event loop");
-    }
-    wake_request_.kind = io_kind::read;
-    wake_request_.fd = wake_fd_;
-    wake_request_.address = wake_buffer_.get();
-    wake_request_.length = sizeof(std::uint64_t);
-    wake_request_.offset = ~std::uint64_t{0};
+    backend = choose_backend(*this, options, backend_info);
 }
 
-loop_core::~loop_core() {
-    if (!ring_closed) ::io_uring_queue_exit(&ring);
-    ::close(wake_fd_);
-    ::close(notify_fd);
-}
-
-::io_uring_sqe* loop_core::next_sqe() {
-    ::io_uring_sqe* sqe = ::io_uring_get_sqe(&ring);
-    if (sqe == nullptr) {
-        // The submission queue is full: hand it to the kernel and retry.
-        ::io_uring_submit(&ring);
-        sqe = ::io_uring_get_sqe(&ring);
-        if (sqe == nullptr) throw std::system_error(EBUSY, std::system_category(), "coproc: io_uring submission queue full");
-    }
-    return sqe;
-}
+loop_core::~loop_core() = default;
 
 void loop_core::submit(io_request& request) {
     if (current_loop != this) {
@@ -213,45 +190,7 @@ void loop_core::submit(io_request& request) {
                                " awaited outside the loop's thread; event_loop operations must be awaited by "
                                "coroutines the loop runs");
     }
-    ::io_uring_sqe* sqe = next_sqe();
-    switch (request.kind) {
-    case io_kind::read:
-        ::io_uring_prep_read(sqe, request.fd, request.address, static_cast<unsigned>(request.length), request.offset);
-        break;
-    case io_kind::write:
-        ::io_uring_prep_write(sqe, request.fd, request.address, static_cast<unsigned>(request.length), request.offset);
-        break;
-    case io_kind::recv:
-        ::io_uring_prep_recv(sqe, request.fd, request.address, request.length, static_cast<int>(request.flags));
-        break;
-    case io_kind::send:
-        ::io_uring_prep_send(sqe, request.fd, request.address, request.length, static_cast<int>(request.flags));
-        break;
-    case io_kind::sendmsg:
-        ::io_uring_prep_sendmsg(sqe, request.fd, static_cast<const ::msghdr*>(request.address), request.flags);
-        break;
-    case io_kind::recvmsg:
-        ::io_uring_prep_recvmsg(sqe, request.fd, static_cast<::msghdr*>(request.address), request.flags);
-        break;
-    case io_kind::poll:
-        ::io_uring_prep_poll_add(sqe, request.fd, request.flags);
-        break;
-    case io_kind::accept:
-        ::io_uring_prep_accept(sqe, request.fd, static_cast<::sockaddr*>(request.address),
-                               static_cast<::socklen_t*>(request.address2), static_cast<int>(request.flags));
-        break;
-    case io_kind::connect:
-        ::io_uring_prep_connect(sqe, request.fd, static_cast<const ::sockaddr*>(request.address),
-                                static_cast<::socklen_t>(request.length));
-        break;
-    case io_kind::close:
-        ::io_uring_prep_close(sqe, request.fd);
-        break;
-    case io_kind::timeout:
-        ::io_uring_prep_timeout(sqe, reinterpret_cast<__kernel_timespec*>(&request.deadline), 0, IORING_TIMEOUT_ABS);
-        break;
-    }
-    ::io_uring_sqe_set_data(sqe, &request);
+    backend->submit(request);
     request.in_flight = true;
     request.prev_in_flight = nullptr;
     request.next_in_flight = in_flight_;
@@ -260,22 +199,7 @@ void loop_core::submit(io_request& request) {
     ++in_flight_count_;
 }
 
-void loop_core::submit_cancel(io_request& request) {
-    ::io_uring_sqe* sqe = next_sqe();
-    ::io_uring_prep_cancel(sqe, &request, 0);
-    ::io_uring_sqe_set_data64(sqe, ignored_completion);
-}
-
-void loop_core::arm_wake() {
-    submit(wake_request_);
-    wake_armed_ = true;
-}
-
-void loop_core::wake() noexcept {
-    const std::uint64_t one = 1;
-    // EAGAIN means the counter is saturated: the loop is bound to wake anyway.
-    [[maybe_unused]] const auto written = ::write(wake_fd_, &one, sizeof one);
-}
+void loop_core::submit_cancel(io_request& request) { backend->cancel(request); }
 
 template <class Push>
 void loop_core::push_foreign(Push push) {
@@ -285,9 +209,9 @@ void loop_core::push_foreign(Push push) {
         push();
         first = !has_foreign_.exchange(true, std::memory_order_relaxed);
     }
-    // Only the push that makes the queue non-empty writes the eventfd; the
+    // Only the push that makes the queue non-empty wakes the backend; the
     // loop clears the flag under the mutex when it takes the queue.
-    if (first) wake();
+    if (first) backend->wake();
 }
 
 void loop_core::post(std::function<void()> fn) {
@@ -372,44 +296,6 @@ void loop_core::run_ready() {
     }
 }
 
-void loop_core::submit_and_reap(bool wait) {
-    int result = 0;
-    if (wait) {
-        result = ::io_uring_submit_and_wait(&ring, 1);
-    } else if (::io_uring_sq_ready(&ring) > 0 || in_flight_count_ > 0) {
-        // With IORING_SETUP_DEFER_TASKRUN completions are only posted while
-        // this thread is in io_uring_enter with GETEVENTS.
-        result = ::io_uring_submit_and_get_events(&ring);
-    }
-    if (result < 0 && result != -EINTR && result != -EAGAIN && result != -EBUSY && result != -ETIME) {
-        std::fprintf(stderr, "coproc: io_uring_enter failed: %s; the event loop cannot continue\n",
-                     std::strerror(-result));
-        std::terminate();
-    }
-    reap();
-}
-
-void loop_core::reap() {
-    struct completion {
-        io_request* request;
-        int result;
-    };
-    constexpr unsigned batch_size = 64;
-    for (;;) {
-        ::io_uring_cqe* cqes[batch_size];
-        const unsigned count = ::io_uring_peek_batch_cqe(&ring, cqes, batch_size);
-        if (count == 0) return;
-        completion batch[batch_size];
-        for (unsigned i = 0; i < count; ++i) {
-            batch[i] = {reinterpret_cast<io_request*>(::io_uring_cqe_get_data64(cqes[i])), cqes[i]->res};
-        }
-        // Release the ring slots before resuming anyone: resumed coroutines
-        // submit, and the kernel may then post more completions.
-        ::io_uring_cq_advance(&ring, count);
-        for (unsigned i = 0; i < count; ++i) deliver(batch[i].request, batch[i].result);
-    }
-}
-
 void loop_core::unlink_in_flight(io_request& request) noexcept {
     if (request.prev_in_flight != nullptr) {
         request.prev_in_flight->next_in_flight = request.next_in_flight;
@@ -422,21 +308,10 @@ void loop_core::unlink_in_flight(io_request& request) noexcept {
     request.in_flight = false;
 }
 
-void loop_core::deliver(io_request* request, int result) {
-    if (request == nullptr) return; // a cancel request's own completion
-    unlink_in_flight(*request);
-    request->result = result;
-    if (request == &wake_request_) {
-        wake_armed_ = false;
-        return;
-    }
-    if (!shutting_down) request->waiter.resume();
-}
-
-void loop_core::disarm_wake() noexcept {
-    if (!wake_armed_) return;
-    submit_cancel(wake_request_);
-    while (wake_armed_) submit_and_reap(true);
+void loop_core::complete(io_request& request, int result) {
+    unlink_in_flight(request);
+    request.result = result;
+    if (!shutting_down) request.waiter.resume();
 }
 
 namespace {
@@ -458,55 +333,28 @@ private:
 void loop_core::serve(const bool& done) {
     current_loop_scope scope{this};
     while (!done) {
-        if (!wake_armed_) arm_wake();
         drain_foreign();
         run_ready();
         if (done) break;
-        submit_and_reap(ready.empty() && !has_foreign_.load(std::memory_order_relaxed));
+        backend->process(ready.empty() && !has_foreign_.load(std::memory_order_relaxed));
     }
-    // Leave nothing of the loop's own in the kernel between runs: the loop
-    // may be destroyed on another thread, which cannot use this ring.
-    disarm_wake();
+    backend->leave_run();
     running.store(false, std::memory_order_release); // pairs with enter_run's exchange
 }
 
 bool loop_core::poll_step() {
     current_loop_scope scope{this};
-    if (!notify_registered_) {
-        const int result = ::io_uring_register_eventfd(&ring, notify_fd);
-        if (result < 0) throw std::system_error(-result, std::system_category(), "coproc: io_uring_register_eventfd");
-        notify_registered_ = true;
-    }
-    // Consume the readiness first: whatever arrives from here on signals
-    // the descriptor again.
-    std::uint64_t count;
-    [[maybe_unused]] const auto consumed = ::read(notify_fd, &count, sizeof count);
-    if (!wake_armed_) arm_wake();
+    backend->begin_poll();
     drain_foreign();
     run_ready();
-    submit_and_reap(false);
-    // The wake read stays armed between calls: a post() from another thread
-    // completes it, and the completion signals notify_fd. The reap may just
-    // have consumed it.
-    if (!wake_armed_) {
-        arm_wake();
-        ::io_uring_submit(&ring);
-    }
-    return !ready.empty() || has_foreign_.load(std::memory_order_relaxed);
+    backend->process(false);
+    backend->end_poll();
+    return !ready.empty() || has_foreign_.load(std::memory_order_relaxed) || backend->has_pending();
 }
 
 void loop_core::shut_down() noexcept {
     shutting_down = true;
-    const bool can_use_ring = ring_enabled && (!features.single_issuer || owner == ::gettid());
-    if (!can_use_ring && wake_armed_) {
-        // Left armed between poll_ready() calls. The kernel cancels it when
-        // the ring closes, possibly after this core is gone: leave it the
-        // buffer it reads into.
-        (void)wake_buffer_.release();
-        unlink_in_flight(wake_request_);
-        wake_armed_ = false;
-    }
-    if (in_flight_count_ > 0 && !can_use_ring) {
+    if (in_flight_count_ > 0 && !backend->can_cancel_here(owner)) {
         // Only the thread that ran this single-issuer ring may submit, so
         // nothing can be cancelled from here, and closing the ring does not
         // wait for work the kernel already started. Freeing the frames that
@@ -532,7 +380,7 @@ void loop_core::shut_down() noexcept {
         for (io_request* request = in_flight_; request != nullptr; request = request->next_in_flight) {
             submit_cancel(*request);
         }
-        while (in_flight_count_ > 0) submit_and_reap(true);
+        while (in_flight_count_ > 0) backend->process(true);
     }
     while (roots_ != nullptr) {
         // The promise's destructor unlinks the root.
@@ -649,23 +497,12 @@ void event_loop::enter_run() {
         throw std::logic_error(is_loop_thread() ? "coproc: event_loop::run called from inside the loop"
                                                 : "coproc: event_loop::run called while another thread runs it");
     }
-    // Kernel thread ids, unlike pthread ids, are not reused while the
-    // process has other threads alive for long, and they are what the kernel
-    // checks for a single-issuer ring.
     const ::pid_t self = ::gettid();
-    if (core.owner != 0 && core.owner != self && core.features.single_issuer) {
+    try {
+        core.backend->claim(self, core.owner);
+    } catch (...) {
         core.running.store(false, std::memory_order_release);
-        throw std::logic_error("coproc: event_loop::run called from a thread other than the one that first ran the "
-                               "loop; the ring is single-issuer, so one thread drives it for its whole life");
-    }
-    if (!core.ring_enabled) {
-        // liburing 2.3 declares io_uring_enable_rings but does not export it.
-        if (::syscall(__NR_io_uring_register, core.ring.ring_fd, IORING_REGISTER_ENABLE_RINGS, nullptr, 0) < 0) {
-            const int error = errno;
-            core.running.store(false, std::memory_order_release);
-            throw std::system_error(error, std::system_category(), "coproc: enabling the io_uring instance");
-        }
-        core.ring_enabled = true;
+        throw;
     }
     core.owner = self;
 }
@@ -683,7 +520,7 @@ bool event_loop::poll_ready() {
     return more;
 }
 
-int event_loop::wait_fd() const noexcept { return core_->notify_fd; }
+int event_loop::wait_fd() const noexcept { return core_->backend->wait_fd(); }
 
 void event_loop::abandon_run() noexcept { core_->running.store(false, std::memory_order_release); }
 
@@ -725,7 +562,18 @@ event_loop* event_loop::current() noexcept {
     return detail::current_loop != nullptr ? detail::current_loop->owner_loop : nullptr;
 }
 
-const event_loop_features& event_loop::features() const noexcept { return core_->features; }
+const event_loop_features& event_loop::features() const noexcept { return core_->backend->features(); }
+
+const event_loop_backend_info& event_loop::backend() const noexcept { return core_->backend_info; }
+
+const char* to_string(event_loop_backend backend) noexcept {
+    switch (backend) {
+    case event_loop_backend::automatic: return "automatic";
+    case event_loop_backend::io_uring: return "io_uring";
+    case event_loop_backend::epoll: return "epoll";
+    }
+    return "unknown";
+}
 
 void event_loop::report_unhandled(std::exception_ptr error) noexcept { core_->report(std::move(error)); }
 

@@ -286,7 +286,7 @@ TEST_CASE("a loop constructed on one thread can be run on another") {
 }
 
 TEST_CASE("the ring uses single-issuer and deferred task-run where the kernel has them") {
-    coproc::event_loop loop;
+    coproc::event_loop loop{coproc::event_loop_options{.backend = coproc::event_loop_backend::io_uring}};
     const auto& features = loop.features();
     if (kernel_version() >= 601) {
         CHECK(features.single_issuer);
@@ -318,6 +318,9 @@ TEST_CASE("event_loop_options with zero entries is rejected") {
 
 namespace {
 
+// poll_ready() needs the epoll backend (see event_loop.hpp).
+const coproc::event_loop_options externally_driven{.backend = coproc::event_loop_backend::epoll};
+
 task<void> echo_count(coproc::event_loop* loop, int fd, int messages, int* received) {
     std::byte buffer[1];
     for (int i = 0; i < messages; ++i) {
@@ -337,7 +340,8 @@ bool drive_edge_triggered(coproc::event_loop& loop, Done done, std::chrono::mill
     interest.events = EPOLLIN | EPOLLET;
     REQUIRE(::epoll_ctl(epoll, EPOLL_CTL_ADD, loop.wait_fd(), &interest) == 0);
     bool woke_every_time = true;
-    while (!done()) {
+    const auto give_up = std::chrono::steady_clock::now() + 4 * bound;
+    while (!done() && std::chrono::steady_clock::now() < give_up) {
         if (loop.poll_ready()) continue;
         if (done()) break;
         ::epoll_event event{};
@@ -350,10 +354,15 @@ bool drive_edge_triggered(coproc::event_loop& loop, Done done, std::chrono::mill
     return woke_every_time;
 }
 
+task<int> receive_nothing_quickly(coproc::event_loop* loop) {
+    co_await loop->sleep_for(1ms);
+    co_return 0;
+}
+
 } // namespace
 
 TEST_CASE("poll_ready runs what is ready without blocking; wait_fd wakes for a timer") {
-    coproc::event_loop loop;
+    coproc::event_loop loop{externally_driven};
     int counter = 0;
     loop.spawn(add_after(&loop, &counter, 30ms));
     const auto start = std::chrono::steady_clock::now();
@@ -375,7 +384,7 @@ TEST_CASE("poll_ready runs what is ready without blocking; wait_fd wakes for a t
 }
 
 TEST_CASE("wait_fd turns readable for post() from another thread, edge-triggered, with no lost wake-up") {
-    coproc::event_loop loop;
+    coproc::event_loop loop{externally_driven};
     CHECK_FALSE(loop.poll_ready());
     constexpr int posts = 2000;
     std::atomic<int> ran{0};
@@ -392,15 +401,18 @@ TEST_CASE("wait_fd turns readable for post() from another thread, edge-triggered
 }
 
 TEST_CASE("wait_fd turns readable for each completion of socket I/O, edge-triggered") {
-    coproc::event_loop loop;
+    coproc::event_loop loop{externally_driven};
     socket_pair sockets;
     constexpr int messages = 500;
     int received = 0;
     loop.spawn(echo_count(&loop, sockets.first(), messages, &received));
     CHECK_FALSE(loop.poll_ready());
+    std::atomic<int> sent{0};
     std::thread sender([&] {
-        for (int i = 0; i < messages; ++i) {
-            REQUIRE(::send(sockets.second(), "x", 1, MSG_NOSIGNAL) == 1);
+        // Bounded: a receiver that stopped must not leave this thread blocked.
+        const auto give_up = std::chrono::steady_clock::now() + 10s;
+        while (sent.load() < messages && std::chrono::steady_clock::now() < give_up) {
+            if (::send(sockets.second(), "x", 1, MSG_NOSIGNAL | MSG_DONTWAIT) == 1) sent.fetch_add(1);
             std::this_thread::sleep_for(50us);
         }
     });
@@ -411,7 +423,7 @@ TEST_CASE("wait_fd turns readable for each completion of socket I/O, edge-trigge
 }
 
 TEST_CASE("stop() from another thread reaches a loop driven by poll_ready") {
-    coproc::event_loop loop;
+    coproc::event_loop loop{externally_driven};
     auto alive = std::make_shared<bool>(false);
     bool cancelled = false;
     loop.spawn(sleeps_forever(&loop, alive, &cancelled));
@@ -425,7 +437,7 @@ TEST_CASE("stop() from another thread reaches a loop driven by poll_ready") {
 }
 
 TEST_CASE("poll_ready follows run()'s thread rules") {
-    coproc::event_loop loop;
+    coproc::event_loop loop{externally_driven};
     CHECK_FALSE(loop.poll_ready());
     if (loop.features().single_issuer) {
         std::thread other([&] { CHECK_THROWS_AS(loop.poll_ready(), std::logic_error); });
@@ -439,7 +451,7 @@ TEST_CASE("a loop left between poll_ready calls with work pending is destroyed c
     const int fds_before = count_open_fds();
     auto alive = std::make_shared<bool>(false);
     {
-        coproc::event_loop loop;
+        coproc::event_loop loop{externally_driven};
         socket_pair sockets;
         loop.spawn(receives_forever(&loop, sockets.first(), alive));
         CHECK_FALSE(loop.poll_ready());
@@ -447,4 +459,17 @@ TEST_CASE("a loop left between poll_ready calls with work pending is destroyed c
     }
     CHECK_FALSE(*alive);
     CHECK(count_open_fds() == fds_before);
+}
+
+TEST_CASE("poll_ready on an io_uring loop throws std::logic_error that names the fix") {
+    coproc::event_loop loop{coproc::event_loop_options{.backend = coproc::event_loop_backend::io_uring}};
+    CHECK(loop.wait_fd() == -1);
+    try {
+        loop.poll_ready();
+        FAIL("poll_ready did not throw");
+    } catch (const std::logic_error& e) {
+        CHECK(std::string(e.what()).find("event_loop_backend::epoll") != std::string::npos);
+    }
+    CHECK_FALSE(loop.running());
+    CHECK(run_bounded(loop, receive_nothing_quickly(&loop), 5s) == 0); // still usable with run()
 }

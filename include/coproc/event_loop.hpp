@@ -1,5 +1,5 @@
 // coproc/event_loop.hpp - coproc::event_loop, a single-threaded coroutine
-// runtime on io_uring.
+// runtime on io_uring, or on epoll where io_uring is not allowed.
 //
 // One thread drives the loop by calling run(); every coroutine the loop runs,
 // and every completion of an operation below, resumes on that thread. Other
@@ -10,10 +10,10 @@
 //     int n = loop.run(count_bytes(loop, fd));       // drives the loop until done
 //
 // Every awaitable operation (sleep_for, read, recv, ...) honours the stop
-// token of the coroutine awaiting it: a stop request cancels the io_uring
-// operation (IORING_OP_ASYNC_CANCEL) and the coroutine resumes with
-// coproc::cancelled_error once the kernel has reported the operation's end,
-// never before, so buffers it uses stay valid until then. If the operation
+// token of the coroutine awaiting it: a stop request cancels the operation
+// (IORING_OP_ASYNC_CANCEL on io_uring) and the coroutine resumes with
+// coproc::cancelled_error once the operation is really over, never before,
+// so buffers it uses stay valid until then. If the operation
 // completed before the cancel took effect, its result is delivered as usual.
 // Any other failure throws std::system_error whose code is the errno and whose
 // what() names the operation ("coproc: recv: Connection reset by peer").
@@ -35,6 +35,7 @@
 #include <optional>
 #include <span>
 #include <stop_token>
+#include <string>
 #include <sys/socket.h>
 #include <system_error>
 #include <type_traits>
@@ -62,14 +63,41 @@ void settle_request(io_request& request) noexcept;
 [[noreturn]] void abandoned_in_flight(const io_request& request) noexcept;
 } // namespace detail
 
+// What performs the loop's operations. Both give every operation, its
+// cancellation and the process pool the same behaviour.
+enum class event_loop_backend {
+    // io_uring where the kernel allows it, else epoll. The environment
+    // variable COPROC_BACKEND (io_uring, epoll or auto) overrides this
+    // choice, and only this one, so an unchanged program runs on either.
+    automatic,
+    io_uring, // io_uring or nothing: the constructor throws io_uring_unavailable
+    epoll,    // epoll, eventfd and timerfd; works under any seccomp profile
+};
+
+// Which backend a loop runs on, and why.
+struct event_loop_backend_info {
+    event_loop_backend kind = event_loop_backend::io_uring; // never automatic
+    // Empty on io_uring. On epoll, why: "requested by
+    // event_loop_options::backend", "requested by COPROC_BACKEND=epoll", or
+    // why io_uring could not be set up, as io_uring_unavailable::what()
+    // says it (the cause and the fix).
+    std::string reason;
+};
+
+// Name of a backend: "automatic", "io_uring", "epoll".
+const char* to_string(event_loop_backend backend) noexcept;
+
 // Options of an event_loop.
 struct event_loop_options {
     // Submission queue size. The completion queue is sized larger, and the
     // loop never loses a completion when it overflows (IORING_FEAT_NODROP).
+    // Unused on epoll, except that it must be positive.
     unsigned entries = 256;
+    event_loop_backend backend = event_loop_backend::automatic;
 };
 
-// Which optional io_uring set-up flags the running kernel accepted.
+// Which optional io_uring set-up flags the running kernel accepted (all
+// false on the epoll backend).
 struct event_loop_features {
     bool single_issuer = false;     // IORING_SETUP_SINGLE_ISSUER
     bool defer_taskrun = false;     // IORING_SETUP_DEFER_TASKRUN
@@ -78,7 +106,7 @@ struct event_loop_features {
     unsigned setup_flags = 0;       // the flags the ring was created with
 };
 
-// An awaitable io_uring operation; returned by event_loop's member functions.
+// An awaitable operation; returned by event_loop's member functions.
 // Result is what co_await yields: std::size_t (bytes), int (a new fd),
 // unsigned (poll events) or void. Movable until awaited; awaiting it once
 // submits it. Not API beyond being awaitable.
@@ -180,10 +208,13 @@ public:
     using clock = std::chrono::steady_clock;
     using exception_handler = std::function<void(std::exception_ptr)>;
 
-    // Creates the io_uring instance with the best set-up flags the kernel
-    // accepts (see features()). Throws coproc::io_uring_unavailable when
-    // io_uring cannot be used at all, std::system_error for other failures
-    // (eventfd creation).
+    // Chooses the backend (see event_loop_backend): by default an io_uring
+    // instance with the best set-up flags the kernel accepts (see
+    // features()), or epoll when io_uring cannot be set up. Throws
+    // coproc::io_uring_unavailable only when io_uring was required (by
+    // options or COPROC_BACKEND=io_uring) and cannot be used,
+    // std::invalid_argument for a COPROC_BACKEND value it does not know,
+    // std::system_error for other failures (eventfd creation).
     explicit event_loop(options opts = {});
 
     // Destroys the loop without running anything more: operations in flight
@@ -245,8 +276,19 @@ public:
     // The io_uring set-up flags that were accepted by the kernel.
     [[nodiscard]] const event_loop_features& features() const noexcept;
 
+    // The backend this loop runs on and, when it is not what was asked
+    // for, why.
+    [[nodiscard]] const event_loop_backend_info& backend() const noexcept;
+
     // --- driving the loop from another event loop (Asio's io_context, a
-    // GUI's, epoll of your own): poll_ready() plus wait_fd().
+    // GUI's, epoll of your own): poll_ready() plus wait_fd(). This needs a
+    // loop on the epoll backend (event_loop_options{.backend =
+    // event_loop_backend::epoll}). On io_uring with deferred task-run,
+    // completions reach the ring only while the loop's thread is inside
+    // io_uring_enter, and the one way to tell another poller, an eventfd
+    // registered with the ring, was seen to lose signals on Linux 6.18; so
+    // poll_ready() on an io_uring loop throws std::logic_error, and
+    // wait_fd() is -1 there.
 
     // Runs on the calling thread, without blocking, what is ready now:
     // functions posted and stops requested by other threads, ready
@@ -257,10 +299,11 @@ public:
     // thread to drive the loop (by run() or poll_ready()) owns it for good,
     // and poll_ready() from inside the loop throws std::logic_error. Between
     // calls no thread is inside run(), so spawn() may be called there.
+    // Throws std::logic_error on the io_uring backend.
     bool poll_ready();
 
     // A file descriptor, owned by the loop, that becomes readable whenever
-    // the loop gets work after the first poll_ready(): a completion, a
+    // the loop gets work (-1 on io_uring): a completion, a
     // post(), a stop(), a coroutine scheduled from another thread. Each such
     // event is a fresh wake-up of the descriptor, so it suits an
     // edge-triggered epoll such as Asio's reactor: when poll_ready() returns

@@ -2,7 +2,8 @@
 //
 // An io_request lives inside the awaiter of an event_loop operation, that is
 // in the awaiting coroutine's frame, from submission until its completion has
-// been delivered. The ring's user_data points at it, and the buffers it names
+// been delivered. The backend refers to it (io_uring: the ring's user_data;
+// epoll: its lists of waiting operations and timers), and the buffers it names
 // belong to the awaiting coroutine, which stays suspended until the kernel's
 // completion arrives, so no buffer is released while the kernel may still
 // touch it, even when the operation is cancelled.
@@ -10,6 +11,7 @@
 
 #include <atomic>
 #include <coroutine>
+#include <cstddef>
 #include <cstdint>
 
 namespace coproc {
@@ -59,6 +61,16 @@ struct io_request {
     // Links of the loop's list of operations in flight (loop thread only).
     io_request* prev_in_flight = nullptr;
     io_request* next_in_flight = nullptr;
+
+    // The epoll backend's bookkeeping (loop thread only): where it holds the
+    // operation, its links in a descriptor's list of waiting operations, the
+    // readiness it waits for, or its place in the timer heap.
+    std::uint8_t backend_state = 0;
+    std::uint8_t backend_flags = 0;
+    std::uint32_t waiting_events = 0;
+    io_request* prev_waiting = nullptr;
+    io_request* next_waiting = nullptr;
+    std::size_t timer_index = 0;
 
     // Set by the stop callback, on whatever thread requested the stop; read
     // on the loop thread after the stop callback has been deregistered,
