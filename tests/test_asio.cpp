@@ -648,10 +648,13 @@ TEST_CASE("cancelling a running task: partial and terminal stop its token; total
             marker_file stopped{"asio-running-stopped"};
             asio::cancellation_signal signal;
             outcome seen;
-            coproc::async_submit<asio_test::wait_for_stop>(b.pool(), started.path(), stopped.path(), 600,
+            coproc::async_submit<asio_test::wait_for_stop>(b.pool(), started.path(), stopped.path(), 1500,
                                                            record_on(b.io, seen, signal));
             REQUIRE(b.wait_until([&] { return started.exists(); }));
-            b.pause(50ms); // the START frame has reached the parent
+            // The worker sent START before it ran the function; give the
+            // parent time to read it (slow under sanitizers), so that the
+            // task is running there, not merely dispatched.
+            b.pause(300ms);
             const auto cancelled_at = std::chrono::steady_clock::now();
             signal.emit(type);
             run_io(b.io);
@@ -659,7 +662,7 @@ TEST_CASE("cancelling a running task: partial and terminal stop its token; total
             CHECK(seen.slot_cleared);
             if (type == asio::cancellation_type::total) {
                 CHECK_FALSE(seen.error);
-                CHECK(seen.value == 600);
+                CHECK(seen.value == 1500);
                 CHECK_FALSE(stopped.exists());
                 CHECK(b.pool().stats().tasks_cancelled == 0);
             } else {
@@ -685,7 +688,7 @@ TEST_CASE("terminal cancellation of a running task that ignores its stop token k
         outcome seen;
         coproc::async_submit<asio_test::spin_after_start>(b.pool(), started.path(), record_on(b.io, seen, signal));
         REQUIRE(b.wait_until([&] { return started.exists(); }));
-        b.pause(50ms);
+        b.pause(300ms);
         signal.emit(asio::cancellation_type::terminal);
         REQUIRE(b.wait_until([&] { return seen.calls == 1; }));
         CHECK(is_aborted(seen.error));
