@@ -134,7 +134,7 @@ struct bridge {
         if (kind == mode::own_thread) {
             thread.emplace(std::move(options));
         } else {
-            loop.emplace();
+            loop.emplace(coproc::driven_loop_options);
             own_pool.emplace(*loop, std::move(options));
         }
         if (start_now) start();
@@ -553,7 +553,7 @@ TEST_CASE("handlers bound to a strand run in that strand, one at a time, on an i
 
 TEST_CASE("asio_driver: the loop runs on the io_context's thread, and run() returns once nothing is outstanding") {
     asio::io_context io;
-    coproc::event_loop loop;
+    coproc::event_loop loop{coproc::driven_loop_options};
     coproc::process_pool pool{loop, {.max_workers = 1}};
     coproc::asio_driver driver{io, loop};
     // Nothing outstanding: the driver does not keep run() busy.
@@ -582,7 +582,7 @@ coproc::task<void> tick_then_release(coproc::event_loop* loop, coproc::asio_driv
 
 TEST_CASE("asio_driver: a hold keeps the loop driven without operations until it is released") {
     asio::io_context io;
-    coproc::event_loop loop;
+    coproc::event_loop loop{coproc::driven_loop_options};
     coproc::asio_driver driver{io, loop};
     auto hold = driver.keep_driving();
     int ticks = 0;
@@ -594,7 +594,7 @@ TEST_CASE("asio_driver: a hold keeps the loop driven without operations until it
 
 TEST_CASE("asio_driver: one driver per loop") {
     asio::io_context io;
-    coproc::event_loop loop;
+    coproc::event_loop loop{coproc::driven_loop_options};
     coproc::asio_driver driver{io, loop};
     CHECK_THROWS_AS(coproc::asio_driver(io, loop), std::logic_error);
 }
@@ -967,7 +967,7 @@ TEST_CASE("destroying the io_context last destroys the handlers it never ran") {
 }
 
 TEST_CASE("one thread: destroying the io_context first destroys the handlers and stops the driver; pool and loop go after") {
-    coproc::event_loop loop;
+    coproc::event_loop loop{coproc::driven_loop_options};
     coproc::process_pool pool{loop, {.max_workers = 1, .cancel_grace = 50ms}};
     std::optional<coproc::asio_driver> driver;
     bool called = false;
@@ -996,7 +996,7 @@ TEST_CASE("one thread: destroying the io_context first destroys the handlers and
 
 TEST_CASE("one thread: destroying the pool between two runs of the io_context: each handler gets operation_aborted") {
     asio::io_context io;
-    coproc::event_loop loop;
+    coproc::event_loop loop{coproc::driven_loop_options};
     auto pool = std::make_unique<coproc::process_pool>(loop, coproc::process_pool_options{.max_workers = 1});
     coproc::asio_driver driver{io, loop};
     outcome running;
@@ -1024,7 +1024,7 @@ TEST_CASE("one thread: the driver, the pool and the loop destroyed before the io
     std::exception_ptr map_error;
     std::exception_ptr shutdown_error;
     {
-        coproc::event_loop loop;
+        coproc::event_loop loop{coproc::driven_loop_options};
         coproc::process_pool pool{loop, {.max_workers = 1}};
         coproc::asio_driver driver{io, loop};
         coproc::async_submit<pool_test::sleep_then>(pool, 10000, 1, record_on(io, running));
@@ -1041,4 +1041,15 @@ TEST_CASE("one thread: the driver, the pool and the loop destroyed before the io
     CHECK(is_aborted(running.error));
     CHECK(is_aborted(map_error));
     CHECK(is_aborted(shutdown_error));
+}
+
+TEST_CASE("asio_driver refuses a loop on io_uring, and says how to create one it can drive") {
+    asio::io_context io;
+    coproc::event_loop loop{coproc::event_loop_options{.backend = coproc::event_loop_backend::io_uring}};
+    try {
+        coproc::asio_driver driver{io, loop};
+        FAIL("the driver accepted an io_uring loop");
+    } catch (const std::logic_error& e) {
+        CHECK(std::string(e.what()).find("driven_loop_options") != std::string::npos);
+    }
 }

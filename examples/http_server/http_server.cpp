@@ -263,7 +263,7 @@ int main(int argc, char** argv) {
     const int max_pending = option(argc, argv, "--max-pending", 64);
 
     asio::io_context io;
-    coproc::event_loop loop;
+    coproc::event_loop loop{coproc::driven_loop_options}; // epoll: what an asio_driver drives
     // One task per worker at a time (no prefetch), so that max_pending
     // counts exactly the requests waiting for a worker.
     coproc::process_pool pool{loop, {.max_workers = workers,

@@ -228,6 +228,11 @@ auto async_shutdown(process_pool& pool, shutdown_options options, CompletionToke
 // thread (or while no thread runs it). The operations above may be
 // initiated from any thread. Destroying the io_context first is allowed:
 // the driver then stops driving; destroy the driver before the loop.
+// The options of a loop that an asio_driver drives: the epoll backend,
+// which is what event_loop::poll_ready() needs (see event_loop.hpp).
+//     coproc::event_loop loop{coproc::driven_loop_options};
+inline constexpr event_loop_options driven_loop_options{.backend = event_loop_backend::epoll};
+
 class asio_driver {
 public:
     // Keeps the driver driving the loop while it exists (for coroutines
@@ -257,8 +262,9 @@ public:
     };
 
     // Starts driving `loop` from `io`. Throws std::logic_error when another
-    // driver drives `loop`, std::system_error when the wake-up descriptor
-    // cannot be duplicated.
+    // driver drives `loop` or when `loop` is not on the epoll backend
+    // (create it with driven_loop_options), std::system_error when the
+    // wake-up descriptor cannot be duplicated.
     asio_driver(asio::io_context& io, event_loop& loop);
     // Stops driving: the pending wait is cancelled. Operations still
     // outstanding then complete only if something else drives the loop, or
@@ -321,10 +327,10 @@ public:
     void release() noexcept;
     // After this thread posted to the loop (a submit, a cancel): steps the
     // loop soon, whether or not its wake-up descriptor turns readable.
-    // TRICKY: a post() made on the driving thread between two poll_ready()
-    // calls has been seen not to turn wait_fd() readable (io_uring with
-    // DEFER_TASKRUN; reported to the loop's maintainers), which would leave
-    // the operation waiting for ever; the nudge does not depend on it.
+    // A post() to the loop wakes wait_fd() on its own; the nudge makes the
+    // step come without a round trip through the reactor. (It was first a
+    // workaround for io_uring loops, whose registered eventfd lost wake-ups
+    // on Linux 6.18; a driven loop is on epoll now, see driven_loop_options.)
     void nudge() noexcept;
     [[nodiscard]] bool wanted() const noexcept {
         // acquire: pairs with the acq_rel changes, so a driver that sees
@@ -979,8 +985,19 @@ inline void asio_driver::hold::release() noexcept {
     if (auto demand = std::move(demand_)) demand->release();
 }
 
+namespace detail::asio_bridge {
+inline event_loop& drivable(event_loop& loop) {
+    if (loop.backend().kind != event_loop_backend::epoll) {
+        throw std::logic_error("coproc::asio_driver needs a loop on the epoll backend: create it as "
+                               "coproc::event_loop loop{coproc::driven_loop_options} (io_uring cannot wake another "
+                               "poller reliably; see event_loop::poll_ready)");
+    }
+    return loop;
+}
+} // namespace detail::asio_bridge
+
 inline asio_driver::asio_driver(asio::io_context& io, event_loop& loop)
-    : core_(std::make_shared<detail::asio_bridge::driver_core>(io, loop)) {
+    : core_(std::make_shared<detail::asio_bridge::driver_core>(io, detail::asio_bridge::drivable(loop))) {
     auto registry = asio::use_service<detail::asio_bridge::registry_service>(io).registry();
     core_->start();
     registry->add_driver(core_);
