@@ -4,7 +4,8 @@ crash, a client that disconnects, a full queue and SIGTERM. The server
 listens on 127.0.0.1 on a free port it picks itself (--port 0) and prints.
 Every step is bounded in time; at the end no worker process may be left.
 
-usage: http_server_test.py PATH_TO_http_server
+usage: http_server_test.py [LAUNCHER...] PATH_TO_http_server
+(a launcher such as tests/seccomp_exec runs the server under it)
 """
 import os
 import select
@@ -13,7 +14,7 @@ import subprocess
 import sys
 import time
 
-SERVER = sys.argv[1]
+SERVER = sys.argv[1:]  # the server's command, launcher included
 STEP_SECONDS = 20
 LONG = 10**12  # a /work that would run for hours: only a cancel ends it
 
@@ -66,7 +67,7 @@ def is_worker(pid):
 
 
 def main():
-    server = subprocess.Popen([SERVER, "--port", "0", "--workers", "1", "--max-pending", "1"],
+    server = subprocess.Popen(SERVER + ["--port", "0", "--workers", "1", "--max-pending", "1"],
                               stdout=subprocess.PIPE, text=True)
     workers = set()
     background = []
