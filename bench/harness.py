@@ -272,8 +272,9 @@ def write_markdown(report, out):
             if field in costs:
                 lines.append(f"| {meaning} | {fmt(costs[field])} |")
     lines += ["", "Why a target is missed, and what would close the gap: see bench/README.md.", ""]
-    # The runtime's TCP echo section comes from bench/echo_compare.py
-    # (`bench/run --echo`); a full run keeps it as it was.
+    # The sections from the runtime's TCP echo on come from other commands
+    # (bench/echo_compare.py, `bench/run --echo`; bench/backends.py,
+    # `bench/run --backends`); a full run keeps them as they were.
     path = os.path.join(out, "RESULTS.md")
     if os.path.exists(path):
         with open(path) as previous:
