@@ -172,12 +172,16 @@ TEST_CASE("a future that loses a when_any is cancelled in the worker") {
     marker_file marker{"when-any"};
     coproc::event_loop loop;
     coproc::process_pool pool{loop, {.max_workers = 2, .cancel_grace = 5000ms}};
-    auto race = coproc::when_any(await_future(pool.submit<cooperative_wait>(10'000, marker.path())),
-                                 await_future(pool.submit<sleep_then>(50, 7)));
+    // Running before the race ends, however slow the machine: a task still
+    // queued would be cancelled without ever reaching a worker.
+    auto slow = pool.submit<cooperative_wait>(10'000, marker.path());
+    run_bounded(loop, until_running(&loop, &slow));
+    auto race = coproc::when_any(await_future(std::move(slow)), await_future(pool.submit<sleep_then>(50, 7)));
     const auto winner = run_bounded(loop, std::move(race));
     CHECK(winner.index() == 1);
     CHECK(std::get<1>(winner) == 7);
-    run_bounded(loop, pause_for(&loop, 200ms));
+    // The worker writes the marker when its stop token fires; bounded wait.
+    for (int i = 0; i < 500 && !marker.exists(); ++i) run_bounded(loop, pause_for(&loop, 20ms));
     CHECK(marker.exists());
     CHECK(pool.stats().workers_killed_for_cancel == 0);
 }
