@@ -272,8 +272,17 @@ def write_markdown(report, out):
             if field in costs:
                 lines.append(f"| {meaning} | {fmt(costs[field])} |")
     lines += ["", "Why a target is missed, and what would close the gap: see bench/README.md.", ""]
-    with open(os.path.join(out, "RESULTS.md"), "w") as md:
-        md.write("\n".join(lines))
+    # The http workload's section (bench/http_bench.py, `bench/run --http`)
+    # is kept as it is.
+    path = os.path.join(out, "RESULTS.md")
+    http_section = ""
+    if os.path.exists(path):
+        old = open(path).read()
+        start, end = "<!-- http: written by bench/http_bench.py -->", "<!-- end of http -->"
+        if start in old and end in old:
+            http_section = old[old.index(start):old.index(end) + len(end)] + "\n"
+    with open(path, "w") as md:
+        md.write("\n".join(lines) + ("\n" + http_section if http_section else ""))
 
 
 def plot(table, systems, out):
