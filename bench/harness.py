@@ -274,16 +274,19 @@ def write_markdown(report, out):
     lines += ["", "Why a target is missed, and what would close the gap: see bench/README.md.", ""]
     # The sections from the runtime's TCP echo on come from other commands
     # (bench/echo_compare.py, `bench/run --echo`; bench/backends.py,
-    # `bench/run --backends`); a full run keeps them as they were.
+    # `bench/run --backends`; bench/http_bench.py, `bench/run --http`); a
+    # full run keeps them as they were.
     path = os.path.join(out, "RESULTS.md")
+    kept = ""
     if os.path.exists(path):
         with open(path) as previous:
             text = previous.read()
-        start = text.find("## Runtime: TCP echo")
-        if start >= 0:
-            lines += [text[start:]]
+        starts = [i for i in (text.find("## Runtime: TCP echo"), text.find("<!-- http: written by bench/http_bench.py -->"),
+                              text.find("## The process pool on both backends")) if i >= 0]
+        if starts:
+            kept = text[min(starts):]
     with open(path, "w") as md:
-        md.write("\n".join(lines))
+        md.write("\n".join(lines) + ("\n" + kept if kept else ""))
 
 
 def plot(table, systems, out):
