@@ -103,7 +103,7 @@ public:
     [[nodiscard]] std::size_t depth(const work_item& item) const noexcept;
     [[nodiscard]] std::size_t prefetch_allowed(const work_item& item, std::size_t starting) const noexcept;
     void close(bool cancel_pending);
-    bool cancel(work_item& item, bool force, std::exception_ptr reason = nullptr);
+    bool cancel(work_item& item, bool force, std::exception_ptr reason = nullptr, bool kill_after_grace = true);
     bool await(work_item& item, std::coroutine_handle<> awaiting);
     void forget(work_item& item, std::coroutine_handle<> awaiting) noexcept;
     void add_callback(work_item& item, std::function<void()> callback);
@@ -134,7 +134,7 @@ public:
     void on_reader_done(worker_handle& worker);
 
     // --- worker_process.cpp: a worker's life; coroutine bodies
-    void cancel_in_worker(std::uint64_t id, int pid, bool kill_now);
+    void cancel_in_worker(std::uint64_t id, int pid, bool kill_now, bool kill_after_grace = true);
     void grace_expired(worker_handle& worker, std::uint64_t id);
     [[nodiscard]] std::chrono::milliseconds cancel_grace() const noexcept { return options_.cancel_grace; }
     [[nodiscard]] std::chrono::milliseconds start_timeout() const noexcept { return options_.start_timeout; }

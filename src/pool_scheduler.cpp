@@ -184,7 +184,7 @@ bool pool_core::submit(work_item* item, bool encoding_failed, bool throw_when_fu
     return true;
 }
 
-bool pool_core::cancel(work_item& item, bool force, std::exception_ptr reason) {
+bool pool_core::cancel(work_item& item, bool force, std::exception_ptr reason, bool kill_after_grace) {
     completion done;
     work_state before;
     {
@@ -212,10 +212,10 @@ bool pool_core::cancel(work_item& item, bool force, std::exception_ptr reason) {
     deliver(done);
     const bool remote = before != work_state::pending;
     const bool kill_now = force && before == work_state::running;
-    auto follow_up = [weak = weak_from_this(), id = item.id, pid = item.worker_pid, remote, kill_now] {
+    auto follow_up = [weak = weak_from_this(), id = item.id, pid = item.worker_pid, remote, kill_now, kill_after_grace] {
         auto core = weak.lock();
         if (!core) return;
-        if (remote) core->cancel_in_worker(id, pid, kill_now);
+        if (remote) core->cancel_in_worker(id, pid, kill_now, kill_after_grace);
         core->wake_waiters(); // room in the queue for submit_async
     };
     if (loop.is_loop_thread()) {

@@ -277,9 +277,9 @@ void forget_awaiter(work_item& item, std::coroutine_handle<> awaiting) noexcept 
     item.pool->forget(item, awaiting);
 }
 
-bool cancel_work_item(work_item& item, bool force) {
+bool cancel_work_item(work_item& item, bool force, bool kill_after_grace) {
     if (is_final(item.state())) return false;
-    return item.pool->cancel(item, force);
+    return item.pool->cancel(item, force, nullptr, kill_after_grace);
 }
 
 void add_work_item_callback(work_item& item, std::function<void()> callback) {

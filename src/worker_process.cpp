@@ -350,7 +350,7 @@ void pool_core::idle_timer_fired(worker_handle& worker, std::uint64_t generation
     if (!worker.writing) start_writer(worker);
 }
 
-void pool_core::cancel_in_worker(std::uint64_t id, int pid, bool kill_now) {
+void pool_core::cancel_in_worker(std::uint64_t id, int pid, bool kill_now, bool kill_after_grace) {
     for (auto& entry : workers_) {
         worker_handle& worker = *entry;
         if (worker.pid != pid || worker.state == worker_handle::phase::exited || worker.reaped) continue;
@@ -364,6 +364,7 @@ void pool_core::cancel_in_worker(std::uint64_t id, int pid, bool kill_now) {
         }
         worker.queued.add_frame(wire::frame_kind::cancel, id);
         if (!worker.writing) start_writer(worker);
+        if (!kill_after_grace) return; // future::request_stop: the task may run on
         ++worker.coroutines;
         loop.spawn(shielded(cancel_grace_timer(shared_from_this(), &worker, id)));
         return;

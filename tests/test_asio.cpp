@@ -703,6 +703,27 @@ TEST_CASE("terminal cancellation of a running task that ignores its stop token k
     }
 }
 
+TEST_CASE("partial cancellation of a running task that ignores its stop token never kills its worker") {
+    for (const auto how : both_modes) {
+        const std::string mode_text = mode_name(how);
+        CAPTURE(mode_text);
+        bridge b{how, {.max_workers = 1, .cancel_grace = 100ms}};
+        auto hold = how == mode::one_thread ? b.driver->keep_driving() : coproc::asio_driver::hold{};
+        marker_file started{"asio-spinning-partial"};
+        asio::cancellation_signal signal;
+        outcome seen;
+        coproc::async_submit<asio_test::spin_after_start>(b.pool(), started.path(), record_on(b.io, seen, signal));
+        REQUIRE(b.wait_until([&] { return started.exists(); }));
+        b.pause(300ms);
+        signal.emit(asio::cancellation_type::partial);
+        REQUIRE(b.wait_until([&] { return seen.calls == 1; }));
+        CHECK(is_aborted(seen.error));
+        b.pause(600ms); // six grace periods
+        CHECK(b.pool().stats().workers_killed_for_cancel == 0);
+        CHECK(b.pool().stats().tasks_cancelling == 1);
+    }
+}
+
 TEST_CASE("cancelling a finished task does nothing: the handler gets the result") {
     for (const auto how : both_modes) {
         for (const auto type : all_types) {

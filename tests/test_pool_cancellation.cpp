@@ -120,6 +120,35 @@ TEST_CASE("cancel(force) kills a running task's worker at once, even a cooperati
     CHECK(pool.stats().workers_killed_for_cancel == 1);
 }
 
+TEST_CASE("request_stop asks a running task to stop and never kills its worker, even past cancel_grace") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1, .cancel_grace = 100ms}};
+    {
+        // A task that ignores its token keeps its worker: no kill after the grace.
+        auto spinning = pool.submit<busy_forever>();
+        run_bounded(loop, until_running(&loop, &spinning));
+        CHECK(spinning.request_stop());
+        CHECK(is_cancelled(loop, std::move(spinning))); // the future ends at once
+        run_bounded(loop, pause_for(&loop, 600ms));    // six grace periods
+        CHECK(pool.stats().workers_killed_for_cancel == 0);
+        CHECK(pool.stats().tasks_cancelling == 1); // its worker still holds it
+        CHECK(pool.stats().workers_alive == 1);
+    }
+    {
+        // A cooperative task sees its token.
+        marker_file marker{"request-stop"};
+        coproc::process_pool cooperative{loop, {.max_workers = 1, .cancel_grace = 100ms}};
+        auto running = cooperative.submit<cooperative_wait>(10'000, marker.path());
+        run_bounded(loop, until_running(&loop, &running));
+        CHECK(running.request_stop());
+        CHECK(is_cancelled(loop, std::move(running)));
+        for (int i = 0; i < 500 && !marker.exists(); ++i) run_bounded(loop, pause_for(&loop, 20ms));
+        CHECK(marker.exists());
+        CHECK(run_bounded(loop, await_future(cooperative.submit<square>(3))) == 9); // the worker is free again
+        CHECK(cooperative.stats().workers_killed_for_cancel == 0);
+    }
+}
+
 TEST_CASE("cancel of a finished task returns false and leaves its result") {
     coproc::event_loop loop;
     coproc::process_pool pool{loop, {.max_workers = 1}};

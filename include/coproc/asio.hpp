@@ -152,10 +152,11 @@ using submit_signature = typename signature_of<R>::type;
 //  - terminal (what use_awaitable and awaitable operators send) and partial:
 //    a pending task is removed from the queue and never runs; a task sent
 //    to a worker but not started is dropped by the worker unrun; a running
-//    task has its std::stop_token stopped, and if it has not returned
-//    within process_pool_options::cancel_grace its worker is killed and
-//    replaced (coproc cannot stop a running task in any gentler way, so the
-//    two types act alike). The handler gets operation_aborted at once.
+//    task has its std::stop_token stopped. With terminal, a task that has
+//    not returned within process_pool_options::cancel_grace then has its
+//    worker killed and replaced (future::cancel); with partial it is never
+//    killed and keeps its worker until it returns (future::request_stop).
+//    The handler gets operation_aborted at once.
 //  - total: only a task that has not started running is cancelled, as
 //    above; a running task runs on (cancelling it would leave side
 //    effects), and the handler gets its outcome.
@@ -788,12 +789,17 @@ public:
 
     void request_cancel(asio::cancellation_type type) noexcept override {
         using ct = asio::cancellation_type;
-        const bool stop_it = (type & (ct::terminal | ct::partial)) != ct::none;
+        const bool terminal = (type & ct::terminal) != ct::none;
+        const bool stop_it = terminal || (type & ct::partial) != ct::none;
         const bool before_start = (type & ct::total) != ct::none;
         try {
             if (target_ == cancel_target::task) {
                 if (!task_ || task_->done()) return;
-                if (stop_it || (before_start && !task_->running())) task_->cancel();
+                if (terminal || (before_start && !task_->running())) {
+                    task_->cancel(); // a running task: stop token, then a kill after cancel_grace
+                } else if (stop_it) {
+                    task_->request_stop(); // partial: the stop token only, never a kill
+                }
             } else if (stop_it) {
                 stop_.request_stop();
             }

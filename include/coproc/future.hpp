@@ -103,6 +103,13 @@ public:
     // to the worker cannot be queued.
     bool cancel(bool force = false) { return detail::cancel_work_item(checked(), force); }
 
+    // Cancels the task as cancel() does, except that a running task is only
+    // asked to stop, through its std::stop_token, and its worker is never
+    // killed for it: a task that ignores the token keeps its worker busy
+    // until it returns (its result is then discarded). What Asio's
+    // cancellation_type::partial asks for. Thread-safe.
+    bool request_stop() { return detail::cancel_work_item(checked(), false, false); }
+
     // True once the task ended cancelled (by cancel(), by its awaiter's stop
     // token, by shutdown with cancel_futures, or by the pool's destruction).
     [[nodiscard]] bool cancelled() const { return checked().state() == detail::work_state::cancelled; }

@@ -175,8 +175,9 @@ void forget_awaiter(work_item& item, std::coroutine_handle<> awaiting) noexcept;
 // Cancels the item in any state but a final one: a pending item never runs;
 // a dispatched or running one ends cancelled at once while its worker is
 // told to stop it (and killed if it does not stop within the grace period,
-// or at once with `force`). False when the item is already final.
-bool cancel_work_item(work_item& item, bool force = false);
+// or at once with `force`; never, without `kill_after_grace`). False when
+// the item is already final.
+bool cancel_work_item(work_item& item, bool force = false, bool kill_after_grace = true);
 // Adds a callback run on the pool's loop thread when the item is final, or
 // runs it at once when it already is. The callback must not throw
 // (future::add_done_callback wraps the user's in one that reports).
