@@ -519,23 +519,35 @@ inline void loop_demand::release() noexcept {
 }
 
 // One unit of demand on a loop, from an operation's start until its
-// handler is posted.
+// handler is posted. Thread-safe: the loop's thread resets it when the
+// operation completes while the initiating thread, or a cancellation, may
+// still nudge through it (ThreadSanitizer saw that race).
 class driver_ticket {
 public:
     driver_ticket() noexcept = default;
     explicit driver_ticket(const event_loop& loop) : demand_(demand_table::of(loop)) { demand_->acquire(); }
-    driver_ticket(driver_ticket&& other) noexcept : demand_(std::move(other.demand_)) {}
+    driver_ticket(driver_ticket&& other) noexcept : demand_(other.take()) {}
     driver_ticket& operator=(driver_ticket&&) = delete;
     ~driver_ticket() { reset(); }
     void nudge() const noexcept {
-        if (demand_) demand_->nudge();
+        std::shared_ptr<loop_demand> demand;
+        {
+            std::lock_guard lock{mutex_};
+            demand = demand_;
+        }
+        if (demand) demand->nudge();
     }
     void reset() noexcept {
-        if (auto demand = std::move(demand_)) demand->release();
+        if (auto demand = take()) demand->release();
     }
 
 private:
-    std::shared_ptr<loop_demand> demand_;
+    std::shared_ptr<loop_demand> take() noexcept {
+        std::lock_guard lock{mutex_};
+        return std::move(demand_);
+    }
+    mutable std::mutex mutex_;
+    std::shared_ptr<loop_demand> demand_; // mutex_
 };
 
 // --- operations
