@@ -624,7 +624,9 @@ void pool_core::on_worker_exit(worker_handle& worker) {
             item->release(); // cancelled while here
             continue;
         }
-        const bool started = item->state() != work_state::dispatched;
+        // START seen, or the start word says it was running: a worker may
+        // die running a task whose START it had not sent yet.
+        const bool started = item->state() != work_state::dispatched || worker.started(item->id);
         if (broken) {
             complete(item, work_state::failed, broken_error());
             item->release();

@@ -29,6 +29,7 @@
 #include <coproc/worker.hpp>
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -153,6 +154,7 @@ public:
     worker_session(int fd, std::chrono::milliseconds keep_result_memory) : fd_(fd), keep_for_(keep_result_memory) {}
 
     [[noreturn]] void serve() {
+        map_start_word();
         send_hello();
         std::thread runner;
         try {
@@ -192,6 +194,17 @@ private:
             attached.clear();
         }
     };
+
+    // The start word, when the parent passed one (wire.hpp).
+    void map_start_word() {
+        const char* variable = std::getenv(wire::start_word_variable);
+        if (variable == nullptr) return;
+        const int fd = std::atoi(variable);
+        void* mapped = ::mmap(nullptr, sizeof(std::uint64_t), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (mapped == MAP_FAILED) return;
+        ::close(fd);
+        start_word_ = static_cast<std::uint64_t*>(mapped);
+    }
 
     void send_hello() {
         detail::byte_buffer frame;
@@ -492,6 +505,11 @@ private:
         }
         if (!held.empty()) send(held);
         keep_spare(held); // a large result sent from where it was
+        if ((task.flags & wire::frame_flag::initializer) == 0 && start_word_ != nullptr) {
+            // The task's START went out above; the word says the same to a
+            // parent that reads it after this worker's death.
+            std::atomic_ref<std::uint64_t>{*start_word_}.store(task.work_id, std::memory_order_release);
+        }
 
         outgoing reply;
         std::uint64_t function_id = 0;
@@ -555,6 +573,7 @@ private:
     }
 
     int fd_;
+    std::uint64_t* start_word_ = nullptr;
     std::mutex write_mutex_;
     std::mutex queue_mutex_;
     std::condition_variable queue_changed_;

@@ -294,7 +294,11 @@ void pool_core::handle_frames(worker_handle& worker, std::span<const std::byte> 
         }
         if (kind == wire::frame_kind::start) {
             item->recalling = false; // it started: no RECALLED will come
-            item->started = std::chrono::steady_clock::now();
+            // A late START says how long the task had run by then, so that
+            // the run time averaged for prefetching is the task's own.
+            std::uint32_t ran_us = 0;
+            if (payload.size() == sizeof ran_us) std::memcpy(&ran_us, payload.data(), sizeof ran_us);
+            item->started = std::chrono::steady_clock::now() - std::chrono::microseconds{ran_us};
             std::lock_guard lock{mutex_};
             if (item->state() == work_state::dispatched) item->set_state(work_state::running);
             continue;
