@@ -429,6 +429,11 @@ int count_run_then_die(std::string path, int index) {
     return 0;
 }
 
+std::int64_t monotonic_ns(int tag) {
+    (void)tag;
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
 void send_undecodable_error(std::uint64_t work_id) {
     coproc::detail::wire::frame_header header{3, static_cast<std::uint16_t>(coproc::detail::wire::frame_kind::error), 0,
                                               work_id};

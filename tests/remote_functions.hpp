@@ -114,6 +114,9 @@ int count_run_slowly(std::string path, int index, int milliseconds);
 // count_run, then the worker kills itself (SIGKILL) at once, long before
 // the watcher would have said START.
 int count_run_then_die(std::string path, int index);
+// CLOCK_MONOTONIC (the same clock in every process) when the task ran, in
+// ns: tells in which order a worker ran tasks. `tag` is only passed along.
+std::int64_t monotonic_ns(int tag);
 // Sends an ERROR frame for `work_id` whose payload does not decode, then hangs.
 void send_undecodable_error(std::uint64_t work_id);
 // Sends the header of a RESULT frame of `size` bytes for `work_id` and the

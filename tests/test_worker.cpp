@@ -7,6 +7,7 @@
 #include "remote_functions.hpp"
 #include "support.hpp"
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -116,10 +117,13 @@ TEST_CASE("CALLs that arrive while a task runs are queued and run after it, in o
     coproc::process_pool pool{loop, {.max_workers = 1, .prefetch = 4}};
     auto first = pool.submit<sleep_then_pid>(50);
     run_bounded(loop, until_running(&loop, &first));
-    std::vector<future<int>> later;
-    for (int i = 0; i < 3; ++i) later.push_back(pool.submit<sleep_then>(0, i));
+    std::vector<future<std::int64_t>> later;
+    for (int i = 0; i < 3; ++i) later.push_back(pool.submit<monotonic_ns>(i));
     const int pid = run_bounded(loop, await_future(std::move(first)));
-    CHECK(run_bounded(loop, await_all(std::move(later))) == std::vector<int>{0, 1, 2});
+    const auto ran_at = run_bounded(loop, await_all(std::move(later)));
+    REQUIRE(ran_at.size() == 3);
+    CHECK(ran_at[0] < ran_at[1]); // in the order they were submitted
+    CHECK(ran_at[1] < ran_at[2]);
     CHECK(run_bounded(loop, await_future(pool.submit<worker_pid>())) == pid);
     CHECK(pool.stats().workers_started == 1);
 }
