@@ -270,19 +270,41 @@ private:
             send(frames.bytes);
             return;
         }
+        if (frames.attached.empty()) { // a late START and its RESULT: the usual short task
+            ::iovec parts[2] = {{const_cast<std::byte*>(frames.start.data()), frames.start.size()},
+                                {const_cast<std::byte*>(frames.bytes.data()), frames.bytes.size()}};
+            std::lock_guard lock{write_mutex_};
+            write_parts(parts, 2);
+            return;
+        }
         std::vector<::iovec> parts = detail::wire_parts(frames.bytes, frames.attached);
         if (!frames.start.empty()) {
             parts.insert(parts.begin(), ::iovec{const_cast<std::byte*>(frames.start.data()), frames.start.size()});
         }
         std::lock_guard lock{write_mutex_};
-        for (std::size_t next = 0; next < parts.size();) {
+        write_parts(parts.data(), parts.size());
+    }
+
+    // With write_mutex_ held: sends parts[0, count) whole (empty ones
+    // skipped), advancing them as they go.
+    void write_parts(::iovec* parts, std::size_t count) {
+        std::size_t next = 0;
+        while (next < count && parts[next].iov_len == 0) ++next;
+        while (next < count) {
             ::msghdr message{};
-            message.msg_iov = parts.data() + next;
-            message.msg_iovlen = std::min<std::size_t>(parts.size() - next, IOV_MAX);
+            message.msg_iov = parts + next;
+            message.msg_iovlen = std::min<std::size_t>(count - next, IOV_MAX);
             const ssize_t n = ::sendmsg(fd_, &message, MSG_NOSIGNAL);
             if (n < 0 && errno == EINTR) continue;
             if (n <= 0) quit(0); // the parent is gone
-            next = detail::consume_parts(parts, next, static_cast<std::size_t>(n));
+            auto sent = static_cast<std::size_t>(n);
+            while (next < count && (sent > 0 || parts[next].iov_len == 0)) {
+                const std::size_t taken = std::min(sent, parts[next].iov_len);
+                parts[next].iov_base = static_cast<std::byte*>(parts[next].iov_base) + taken;
+                parts[next].iov_len -= taken;
+                sent -= taken;
+                if (parts[next].iov_len == 0) ++next;
+            }
         }
     }
 
