@@ -187,7 +187,8 @@ bool pool_core::submit(work_item* item, bool encoding_failed, bool throw_when_fu
     if (item->deadline != std::chrono::steady_clock::time_point{}) start_deadline_timer(item);
     if (post_dispatch) {
         if (loop.is_loop_thread()) {
-            loop.spawn(shielded(dispatch_soon(weak_from_this())));
+            // Not shielded: it awaits nothing, so no stop can cut it short.
+            loop.spawn(dispatch_soon(weak_from_this()));
         } else {
             loop.post([weak = weak_from_this()] {
                 if (auto core = weak.lock()) core->dispatch();
