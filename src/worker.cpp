@@ -780,38 +780,42 @@ private:
     }
 
     // One wake-up of the watcher: the timer fired, or a frame arrived while
-    // a task runs (`readable`), or both.
+    // a task runs (`readable`), or both. Main reads no frame while a task
+    // runs, so the reading role is free here whenever a task runs.
     void watch(bool timer_fired, bool readable) {
         std::unique_lock lock{mutex_};
         if (timer_fired) timer_armed_ = false;
-        if (!running_) return; // the timer of a task that ended: nothing to do
+        if (!running_ || bye_) return; // the timer of a task that ended, or nothing more will come
         const auto ran = clock_type::now() - running_since_;
-        if (ran < start_delay) { // set for an earlier task, which ended before it fired
+        if (ran < start_delay) {
+            // Set for an earlier task, which ended before it fired; or a
+            // frame for a task that began while the watcher was reading for
+            // the one before (it watched on): read it all the same.
             if (!timer_armed_) {
                 timer_armed_ = true;
                 set_watch_timer(start_delay - ran);
             }
-            return;
+            if (!readable) return;
+        } else {
+            if (std::exchange(start_owed_, false)) {
+                const detail::byte_buffer frame = start_frame(running_id_, ran);
+                // Taken before mutex_ is released: main, once the task ends,
+                // sends its RESULT after this START, never before.
+                std::unique_lock write_lock{write_mutex_};
+                lock.unlock();
+                write_all(frame);
+                write_lock.unlock();
+                lock.lock();
+                if (!running_) return;
+            }
+            if (!socket_watched_) {
+                // From now on a frame wakes the watcher; one already waiting
+                // does at once.
+                watch_socket();
+                return;
+            }
+            if (!readable) return;
         }
-        if (std::exchange(start_owed_, false)) {
-            const detail::byte_buffer frame = start_frame(running_id_, ran);
-            // Taken before mutex_ is released: main, once the task ends,
-            // sends its RESULT after this START, never before.
-            std::unique_lock write_lock{write_mutex_};
-            lock.unlock();
-            write_all(frame);
-            write_lock.unlock();
-            lock.lock();
-            if (!running_) return;
-        }
-        if (bye_ || reading_) return; // nothing more to read, or being read
-        if (!socket_watched_) {
-            // From now on a frame wakes the watcher; one already waiting does
-            // at once.
-            watch_socket();
-            return;
-        }
-        if (!readable) return;
         reading_ = true;
         do {
             lock.unlock();
