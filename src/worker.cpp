@@ -190,7 +190,17 @@ public:
         send_hello();
         start_watcher();
         serve_calls();
-        quit(0); // BYE, and every call that came before it answered
+        // BYE, and every call that came before it answered. The watcher is
+        // stopped and joined first: a process that ends with threads still
+        // running is held back a second by ThreadSanitizer (atexit_sleep_ms),
+        // and the tests retire hundreds of workers.
+        {
+            std::lock_guard lock{mutex_};
+            stopping_ = true;
+            set_watch_timer(std::chrono::nanoseconds{1});
+        }
+        watcher_.join();
+        quit(0);
     }
 
 private:
@@ -740,7 +750,7 @@ private:
             quit(thread_start_failed_exit);
         }
         try {
-            std::thread{[this] { run_watcher(); }}.detach(); // the process ends with _exit
+            watcher_ = std::thread{[this] { run_watcher(); }};
         } catch (const std::system_error& e) {
             std::fputs(describe_thread_failure("watcher", e,
                                                "the worker exits with code " + std::to_string(thread_start_failed_exit))
@@ -760,7 +770,9 @@ private:
         ::timerfd_settime(timer_fd_, 0, &when, nullptr);
     }
 
-    [[noreturn]] void run_watcher() {
+    // Until the session ends (stopping_); a worker that ends otherwise ends
+    // with _exit, watcher and all.
+    void run_watcher() {
         for (;;) {
             ::epoll_event events[2];
             const int count = ::epoll_wait(epoll_fd_, events, 2, -1);
@@ -775,17 +787,19 @@ private:
                     readable = true;
                 }
             }
-            watch(timer_fired, readable);
+            if (!watch(timer_fired, readable)) return;
         }
     }
 
     // One wake-up of the watcher: the timer fired, or a frame arrived while
-    // a task runs (`readable`), or both. Main reads no frame while a task
-    // runs, so the reading role is free here whenever a task runs.
-    void watch(bool timer_fired, bool readable) {
+    // a task runs (`readable`), or both; false when the session ends. Main
+    // reads no frame while a task runs, so the reading role is free here
+    // whenever a task runs.
+    bool watch(bool timer_fired, bool readable) {
         std::unique_lock lock{mutex_};
+        if (stopping_) return false;
         if (timer_fired) timer_armed_ = false;
-        if (!running_ || bye_) return; // the timer of a task that ended, or nothing more will come
+        if (!running_ || bye_) return true; // the timer of a task that ended, or nothing more will come
         const auto ran = clock_type::now() - running_since_;
         if (ran < start_delay) {
             // Set for an earlier task, which ended before it fired; or a
@@ -795,7 +809,7 @@ private:
                 timer_armed_ = true;
                 set_watch_timer(start_delay - ran);
             }
-            if (!readable) return;
+            if (!readable) return true;
         } else {
             if (std::exchange(start_owed_, false)) {
                 const detail::byte_buffer frame = start_frame(running_id_, ran);
@@ -806,15 +820,15 @@ private:
                 write_all(frame);
                 write_lock.unlock();
                 lock.lock();
-                if (!running_) return;
+                if (!running_) return true;
             }
             if (!socket_watched_) {
                 // From now on a frame wakes the watcher; one already waiting
                 // does at once.
                 watch_socket();
-                return;
+                return true;
             }
-            if (!readable) return;
+            if (!readable) return true;
         }
         reading_ = true;
         do {
@@ -828,6 +842,7 @@ private:
         if (running_ && !bye_) watch_socket();
         lock.unlock();
         reader_free_.notify_one(); // main may wait for the frame just read
+        return true;
     }
 
     // Puts the socket in the watcher's epoll set, or re-arms it there:
@@ -863,6 +878,8 @@ private:
     bool running_ = false;
     bool start_owed_ = false;     // the running task's START is not sent yet
     bool timer_armed_ = false;    // the watcher's timer is set and has not fired
+    bool stopping_ = false;       // the session ends: the watcher returns
+    std::thread watcher_;
     std::uint64_t running_id_ = 0;
     clock_type::time_point running_since_{};
     std::stop_source running_stop_;
