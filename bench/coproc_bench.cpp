@@ -7,6 +7,9 @@
 // Workloads (no-op tasks unless said), with 2 workers:
 //   latency       sequential submit + await of a no-op: p50/p99 round trip (us)
 //   throughput    many concurrent no-op submits, all awaited: tasks/s
+//                 (both also give the context switches per task of the
+//                 parent and of the workers, all threads: voluntary,
+//                 involuntary; see switch_counts.hpp)
 //   map           map over N integers, chunksize 1000: items/s
 //   echo          a 64 MiB byte buffer to a worker and back: GiB/s of the
 //                 first echo in a fresh pool, and the median of 5 more; and,
@@ -20,8 +23,11 @@
 //                 tasks of 1 ms at 200 per second for 2 s, each submitted on
 //                 schedule by a timer on the loop; p50/p99/max of the short
 //                 tasks' submit-to-result time (ms). --quick: 0.2 s and 0.2 s
-//   roundtrips N  N sequential no-op round trips (run under callgrind by the
-//                 harness to count instructions per round trip)
+//   roundtrips N  N sequential no-op round trips, then a shutdown (run under
+//                 callgrind by the harness to count instructions per round
+//                 trip, in the parent and in the workers)
+#include "switch_counts.hpp"
+
 #include <coproc/coproc.hpp>
 
 #include <algorithm>
@@ -114,16 +120,21 @@ coproc::process_pool_options pool_options() {
     return options;
 }
 
+// Context switches per task of the last measured loop (see switch_counts.hpp).
+std::string switches;
+
 coproc::task<std::vector<double>> measure_latency(coproc::process_pool* pool, int rounds) {
     co_await pool->submit<noop>(); // workers up
     co_await pool->submit<noop>();
     std::vector<double> micros;
     micros.reserve(static_cast<std::size_t>(rounds));
+    const auto before = bench::switch_snapshot::now();
     for (int i = 0; i < rounds; ++i) {
         const auto start = clock_type::now();
         co_await pool->submit<noop>();
         micros.push_back(seconds_since(start) * 1e6);
     }
+    switches = bench::switches_json(before, bench::switch_snapshot::now(), rounds, "worker");
     co_return micros;
 }
 
@@ -131,12 +142,15 @@ coproc::task<double> measure_throughput(coproc::process_pool* pool, int tasks) {
     std::vector<coproc::future<void>> warm;
     for (int i = 0; i < 4; ++i) warm.push_back(pool->submit<noop>());
     for (auto& pending : warm) co_await std::move(pending);
+    const auto before = bench::switch_snapshot::now();
     const auto start = clock_type::now();
     std::vector<coproc::future<void>> futures;
     futures.reserve(static_cast<std::size_t>(tasks));
     for (int i = 0; i < tasks; ++i) futures.push_back(pool->submit<noop>());
     for (auto& pending : futures) co_await std::move(pending);
-    co_return tasks / seconds_since(start);
+    const double rate = tasks / seconds_since(start);
+    switches = bench::switches_json(before, bench::switch_snapshot::now(), tasks, "worker");
+    co_return rate;
 }
 
 coproc::task<double> measure_map(coproc::process_pool* pool, std::int64_t items) {
@@ -182,6 +196,14 @@ coproc::task<std::vector<std::pair<long, int>>> primes_in_pool(coproc::process_p
 
 coproc::task<void> round_trips(coproc::process_pool* pool, int rounds) {
     for (int i = 0; i < rounds; ++i) co_await pool->submit<noop>();
+}
+
+// The same, then a shutdown that lets the workers exit on their own (BYE),
+// rather than the SIGKILL of a pool destroyed while they run: a worker
+// under callgrind writes its profile when it exits.
+coproc::task<void> round_trips_then_shutdown(coproc::process_pool* pool, int rounds) {
+    co_await round_trips(pool, rounds);
+    co_await pool->shutdown();
 }
 
 struct short_task_record {
@@ -285,10 +307,12 @@ int main(int argc, char** argv) {
     if (workload == "latency") {
         coproc::process_pool pool{loop, pool_options()};
         const auto micros = loop.run(measure_latency(&pool, quick ? 200 : 20'000));
-        std::printf("{\"p50_us\": %.3f, \"p99_us\": %.3f}\n", percentile(micros, 0.5), percentile(micros, 0.99));
+        std::printf("{\"p50_us\": %.3f, \"p99_us\": %.3f, %s}\n", percentile(micros, 0.5), percentile(micros, 0.99),
+                    switches.c_str());
     } else if (workload == "throughput") {
         coproc::process_pool pool{loop, pool_options()};
-        std::printf("{\"tasks_per_s\": %.1f}\n", loop.run(measure_throughput(&pool, quick ? 2'000 : 500'000)));
+        const double rate = loop.run(measure_throughput(&pool, quick ? 2'000 : 500'000));
+        std::printf("{\"tasks_per_s\": %.1f, %s}\n", rate, switches.c_str());
     } else if (workload == "map") {
         coproc::process_pool pool{loop, pool_options()};
         std::printf("{\"items_per_s\": %.1f}\n", loop.run(measure_map(&pool, quick ? 100'000 : 10'000'000)));
@@ -397,7 +421,7 @@ int main(int argc, char** argv) {
     } else if (workload == "roundtrips") {
         const int rounds = argc > arg + 1 ? std::atoi(argv[arg + 1]) : 1000;
         coproc::process_pool pool{loop, pool_options()};
-        loop.run(round_trips(&pool, rounds));
+        loop.run(round_trips_then_shutdown(&pool, rounds));
         std::printf("{\"rounds\": %d}\n", rounds);
     } else {
         std::fprintf(stderr, "unknown workload %s\n", workload.c_str());

@@ -7,7 +7,11 @@ RESULTS.md, results.json and plot.png into the output directory.
 Systems: the plain socket-pair programs (the physical limit), coproc,
 Python's ProcessPoolExecutor and loky's reusable executor (when joblib is
 installed). Each (workload, system) pair runs --rounds times, in rotation,
-and the median is reported. --smoke runs tiny sizes once: it checks the
+and the median is reported. Latency and throughput run in two placements,
+each beside the plain anchor in the same round: free on every core, and
+all processes on one core (`taskset -c 0`; workers and the plain peer
+inherit it), reported as the workloads `latency_one_core` and
+`throughput_one_core`. --smoke runs tiny sizes once: it checks the
 harness, not speed, and its figures mean nothing.
 """
 import argparse
@@ -23,11 +27,27 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 PYTHON = "/usr/bin/python3"  # Debian's python3: the anchor users would have
 
+# Context switches per task (per message for plain), all threads, from
+# /proc: of the parent, and of the workers (plain: of its peer).
+SWITCHES = [
+    ("parent_voluntary_cs", "switches/task", False),
+    ("parent_involuntary_cs", "switches/task", False),
+    ("worker_voluntary_cs", "switches/task", False),
+    ("worker_involuntary_cs", "switches/task", False),
+]
+
 # (workload, metric, unit, higher is better)
 WORKLOADS = [
     ("latency", "p50_us", "us", False),
     ("latency", "p99_us", "us", False),
+    *[("latency", metric, unit, higher) for metric, unit, higher in SWITCHES],
+    ("latency_one_core", "p50_us", "us", False),
+    ("latency_one_core", "p99_us", "us", False),
+    *[("latency_one_core", metric, unit, higher) for metric, unit, higher in SWITCHES],
     ("throughput", "tasks_per_s", "tasks/s", True),
+    *[("throughput", metric, unit, higher) for metric, unit, higher in SWITCHES],
+    ("throughput_one_core", "tasks_per_s", "tasks/s", True),
+    *[("throughput_one_core", metric, unit, higher) for metric, unit, higher in SWITCHES],
     ("map", "items_per_s", "items/s", True),
     ("echo", "gib_per_s", "GiB/s", True),
     ("echo", "repeat_gib_per_s", "GiB/s", True),
@@ -39,7 +59,12 @@ WORKLOADS = [
     ("mixed", "p99_ms", "ms", False),
     ("mixed", "max_ms", "ms", False),
     ("instructions", "per_round_trip", "instructions", False),
+    ("instructions", "worker_per_round_trip", "instructions", False),
 ]
+
+# Where the processes may run: the workload's name suffix and the command prefix.
+PLACEMENTS = {"": [], "_one_core": ["taskset", "-c", "0"]}
+PLACED = ("latency", "throughput")
 
 # memory_costs' figures (ms), and what each one is.
 COST_FIELDS = {
@@ -72,24 +97,56 @@ def run_json(command, timeout=900):
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+def flatten_switches(result):
+    """coproc_bench's and plain_socketpair's switch counts, [voluntary,
+    involuntary] per task, as the metrics of SWITCHES (plain's peer in the
+    worker's place)."""
+    for side, key in (("parent", "parent_switches"), ("worker", "worker_switches"), ("worker", "peer_switches")):
+        if key in result:
+            result[f"{side}_voluntary_cs"], result[f"{side}_involuntary_cs"] = result[key]
+    return result
+
+
+def callgrind_total(path):
+    with open(path) as profile:
+        summary = [line for line in profile if line.startswith("summary:") or line.startswith("totals:")]
+    return int(summary[-1].split()[1]) if summary else None
+
+
 def callgrind_instructions(bench, smoke):
-    """Instructions the parent spends per no-op round trip: the difference of
-    two callgrind runs with different round counts, divided by the difference."""
+    """Instructions per no-op round trip, in the parent and in the workers
+    (callgrind follows them: --trace-children): the difference of two runs
+    with different round counts, divided by the difference, which cancels
+    start-up and shutdown."""
     if shutil.which("valgrind") is None:
         return None
-    totals = []
+    parent, workers = [], []
     counts = (50, 150) if smoke else (500, 2500)
     for count in counts:
-        out = os.path.join("/tmp", f"coproc-callgrind-{os.getpid()}-{count}.out")
-        completed = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", bench, "roundtrips", str(count)],
-                                   capture_output=True, text=True, timeout=900)
-        if completed.returncode != 0:
-            raise RuntimeError(f"callgrind failed: {completed.stderr[-2000:]}")
-        with open(out) as profile:
-            summary = [line for line in profile if line.startswith("summary:") or line.startswith("totals:")]
-        os.remove(out)
-        totals.append(int(summary[-1].split()[1]))
-    return {"per_round_trip": (totals[1] - totals[0]) / (counts[1] - counts[0])}
+        prefix = os.path.join("/tmp", f"coproc-callgrind-{os.getpid()}-{count}")
+        process = subprocess.Popen(["valgrind", "--tool=callgrind", "--trace-children=yes",
+                                    f"--callgrind-out-file={prefix}.%p", bench, "roundtrips", str(count)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _, stderr = process.communicate(timeout=900)
+        if process.returncode != 0:
+            raise RuntimeError(f"callgrind failed: {stderr[-2000:]}")
+        directory, stem = os.path.split(prefix)
+        worker_total = 0
+        for name in os.listdir(directory):
+            if not name.startswith(stem + "."):
+                continue
+            path = os.path.join(directory, name)
+            total = callgrind_total(path)
+            os.remove(path)
+            if name == f"{stem}.{process.pid}":
+                parent.append(total)
+            elif total is None:
+                raise RuntimeError(f"callgrind: a worker of {bench} left no profile (killed before it exited?)")
+            else:
+                worker_total += total
+        workers.append(worker_total)
+    span = counts[1] - counts[0]
+    return {"per_round_trip": (parent[1] - parent[0]) / span, "worker_per_round_trip": (workers[1] - workers[0]) / span}
 
 
 def machine():
@@ -131,23 +188,26 @@ def main():
     workload_names = ["latency", "throughput", "map", "echo", "startup", "cpu", "memory", "mixed"]
     for round_index in range(rounds):
         for workload in workload_names:
-            for system in systems:
-                if system == "plain":
-                    if workload not in PLAIN:
-                        continue
-                    result = run_json([plain] + quick + [PLAIN[workload]])
-                    for ours, theirs in PLAIN_METRIC.items():
-                        if theirs in result:
-                            result[ours] = result[theirs]
-                elif system == "coproc":
-                    result = run_json([coproc_bench] + quick + [workload])
-                else:
-                    if workload == "memory":
-                        continue
-                    kind = "cpython" if system == "python" else "loky"
-                    result = run_json([PYTHON, python_bench] + quick + [kind, workload])
-                record(workload, system, result)
-                print(f"round {round_index + 1}/{rounds} {workload:10} {system:7} {json.dumps(result)}", flush=True)
+            for suffix, prefix in (PLACEMENTS.items() if workload in PLACED else [("", [])]):
+                for system in systems:
+                    if system == "plain":
+                        if workload not in PLAIN:
+                            continue
+                        result = run_json(prefix + [plain] + quick + [PLAIN[workload]])
+                        for ours, theirs in PLAIN_METRIC.items():
+                            if theirs in result:
+                                result[ours] = result[theirs]
+                    elif system == "coproc":
+                        result = run_json(prefix + [coproc_bench] + quick + [workload])
+                    else:
+                        if workload == "memory":
+                            continue
+                        kind = "cpython" if system == "python" else "loky"
+                        result = run_json(prefix + [PYTHON, python_bench] + quick + [kind, workload])
+                    flatten_switches(result)
+                    record(workload + suffix, system, result)
+                    print(f"round {round_index + 1}/{rounds} {workload + suffix:19} {system:7} {json.dumps(result)}",
+                          flush=True)
             if workload == "echo":
                 # The pieces a large echo is made of, timed without coproc.
                 result = run_json([memory_costs] + quick)
@@ -161,12 +221,12 @@ def main():
         print("instructions: valgrind is not installed; skipped")
 
     # Medians per metric.
-    table = {}
+    table = {}  # "workload/metric" -> system -> median
     for workload, metric, unit, higher in WORKLOADS:
         for system in systems:
             values = [sample[metric] for sample in samples.get((workload, system), []) if metric in sample]
             if values:
-                table.setdefault(metric, {})[system] = statistics.median(values)
+                table.setdefault(f"{workload}/{metric}", {})[system] = statistics.median(values)
     costs = {}
     for field in COST_FIELDS:
         values = [sample[field] for sample in samples.get(("memory_costs", "plain"), []) if field in sample]
@@ -189,8 +249,14 @@ def main():
     return 0
 
 
-def get(table, metric, system):
-    return table.get(metric, {}).get(system)
+# The workload each metric name means when none is given.
+DEFAULT_WORKLOAD = {}
+for _workload, _metric, _, _ in WORKLOADS:
+    DEFAULT_WORKLOAD.setdefault(_metric, _workload)
+
+
+def get(table, metric, system, workload=None):
+    return table.get(f"{workload or DEFAULT_WORKLOAD[metric]}/{metric}", {}).get(system)
 
 
 def ratio(a, b):
@@ -207,6 +273,16 @@ def targets(table):
     add("round-trip p50 at most 1.5x the plain socketpair ping-pong", r, r is not None and r <= 1.5, "coproc/plain p50")
     r = ratio(get(table, "tasks_per_s", "coproc"), get(table, "tasks_per_s", "plain"))
     add("concurrent-submit throughput at least half the plain pipelined rate", r, r is not None and r >= 0.5, "coproc/plain")
+    # Issue 15, in both placements.
+    r = ratio(get(table, "p50_us", "coproc", "latency_one_core"), get(table, "p50_us", "plain", "latency_one_core"))
+    add("one core: round-trip p50 at most 1.3x the plain ping-pong", r, r is not None and r <= 1.3, "coproc/plain p50")
+    r = ratio(get(table, "p50_us", "coproc"), get(table, "p50_us", "plain"))
+    add("free: round-trip p50 at most 1.2x the plain ping-pong", r, r is not None and r <= 1.2, "coproc/plain p50")
+    r = ratio(get(table, "tasks_per_s", "coproc", "throughput_one_core"),
+              get(table, "tasks_per_s", "plain", "throughput_one_core"))
+    add("one core: throughput at least the plain pipelined rate", r, r is not None and r >= 1, "coproc/plain")
+    r = ratio(get(table, "tasks_per_s", "coproc"), get(table, "tasks_per_s", "plain"))
+    add("free: throughput at least the plain pipelined rate", r, r is not None and r >= 1, "coproc/plain")
     r = ratio(get(table, "tasks_per_s", "coproc"), get(table, "tasks_per_s", "python"))
     add("concurrent-submit throughput at least 20x Python's", r, r is not None and r >= 20, "coproc/python")
     r = ratio(get(table, "items_per_s", "coproc"), get(table, "items_per_s", "python"))
@@ -236,6 +312,16 @@ def fmt(value):
     return f"{value:.3f}"
 
 
+PLACEMENT_NOTES = {
+    "latency": "Free on both cores. `*_cs`: context switches per round trip, all threads, from /proc "
+               "(voluntary: the thread blocked; involuntary: it was preempted); `worker` is plain's peer.",
+    "latency_one_core": "All processes on one core (`taskset -c 0`), beside the plain ping-pong pinned the same way.",
+    "throughput": "Free on both cores. `*_cs`: context switches per task (plain: per message).",
+    "throughput_one_core": "All processes on one core (`taskset -c 0`), beside the plain pipelined rate pinned the same way.",
+    "instructions": "Per no-op round trip, callgrind: the parent's, and the workers' (all threads) beside it.",
+}
+
+
 def write_markdown(report, out):
     table, systems, m = report["medians"], report["systems"], report["machine"]
     lines = ["# Benchmark results", ""]
@@ -247,16 +333,19 @@ def write_markdown(report, out):
               "Each workload's table gives every system's figure, and coproc's ratio to the plain "
               "socket-pair limit and to Python's executor (`-`: no such figure)."]
     for workload in dict.fromkeys(w for w, _, _, _ in WORKLOADS):
-        metrics = [(metric, unit) for w, metric, unit, _ in WORKLOADS if w == workload and metric in table]
+        metrics = [(metric, unit) for w, metric, unit, _ in WORKLOADS if w == workload and f"{w}/{metric}" in table]
         if not metrics:
             continue
-        lines += ["", f"### {workload}", "",
-                  "| metric | unit | " + " | ".join(systems) + " | coproc/limit | coproc/Python |",
+        lines += ["", f"### {workload}", ""]
+        if workload in PLACEMENT_NOTES:
+            lines += [PLACEMENT_NOTES[workload], ""]
+        lines += ["| metric | unit | " + " | ".join(systems) + " | coproc/limit | coproc/Python |",
                   "|---|---|" + "---|" * len(systems) + "---|---|"]
         for metric, unit in metrics:
-            row = [fmt(table[metric].get(s)) for s in systems]
-            limit = ratio(table[metric].get("coproc"), table[metric].get("plain"))
-            python = ratio(table[metric].get("coproc"), table[metric].get("python"))
+            values = table[f"{workload}/{metric}"]
+            row = [fmt(values.get(s)) for s in systems]
+            limit = ratio(values.get("coproc"), values.get("plain"))
+            python = ratio(values.get("coproc"), values.get("python"))
             lines.append(f"| {metric} | {unit} | " + " | ".join(row) + f" | {fmt(limit)} | {fmt(python)} |")
     lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for target in report["targets"]:
@@ -297,7 +386,7 @@ def plot(table, systems, out):
     with open(data, "w") as f:
         f.write("system p50_us tasks_per_s\n")
         for s in systems:
-            f.write(f"{s} {table.get('p50_us', {}).get(s, 0)} {table.get('tasks_per_s', {}).get(s, 0)}\n")
+            f.write(f"{s} {get(table, 'p50_us', s) or 0} {get(table, 'tasks_per_s', s) or 0}\n")
     script = f"""
 set terminal pngcairo size 1000,420 noenhanced
 set output '{os.path.join(out, "plot.png")}'
@@ -307,9 +396,9 @@ set style fill solid 0.8
 set boxwidth 0.8
 set grid ytics
 set logscale y
-set title 'round-trip latency p50 (us, lower is better)'
+set title 'round-trip latency p50, free placement (us, lower is better)'
 plot '{data}' using 2:xtic(1) title ''
-set title 'concurrent no-op throughput (tasks/s, higher is better)'
+set title 'concurrent no-op throughput, free placement (tasks/s, higher is better)'
 plot '{data}' using 3:xtic(1) title ''
 unset multiplot
 """

@@ -6,10 +6,14 @@
 //
 //   latency    one 16-byte message each way, sequentially: p50/p99 (us)
 //   pipelined  16-byte messages, 64 in flight: messages/s
+//              (both also give the context switches per message of this
+//              process and of its peer: voluntary, involuntary)
 //   bulk       64 MiB to the peer and back: GiB/s of the first round, and
 //              the median of 5 more
 //
 // The peer is this program again, started with posix_spawn.
+#include "switch_counts.hpp"
+
 #include <algorithm>
 #include <chrono>
 #include <climits>
@@ -91,18 +95,22 @@ int main(int argc, char** argv) {
         std::vector<double> micros;
         char buffer[message] = {};
         for (int i = 0; i < 100; ++i) send_all(fd, buffer, message), recv_all(fd, buffer, message);
+        const auto before = bench::switch_snapshot::now();
         for (int i = 0; i < rounds; ++i) {
             const auto start = clock_type::now();
             send_all(fd, buffer, message);
             recv_all(fd, buffer, message);
             micros.push_back(seconds_since(start) * 1e6);
         }
+        const std::string switches = bench::switches_json(before, bench::switch_snapshot::now(), rounds, "peer");
         std::sort(micros.begin(), micros.end());
-        std::printf("{\"p50_us\": %.3f, \"p99_us\": %.3f}\n", micros[micros.size() / 2], micros[micros.size() * 99 / 100]);
+        std::printf("{\"p50_us\": %.3f, \"p99_us\": %.3f, %s}\n", micros[micros.size() / 2], micros[micros.size() * 99 / 100],
+                    switches.c_str());
     } else if (workload == "pipelined") {
         const int messages = quick ? 2'000 : 500'000;
         constexpr int window = 64;
         char buffer[message * window] = {};
+        const auto before = bench::switch_snapshot::now();
         const auto start = clock_type::now();
         int sent = 0;
         int received = 0;
@@ -116,7 +124,9 @@ int main(int argc, char** argv) {
             recv_all(fd, buffer, message * static_cast<std::size_t>(pending));
             received += pending;
         }
-        std::printf("{\"messages_per_s\": %.1f}\n", messages / seconds_since(start));
+        const double rate = messages / seconds_since(start);
+        const std::string switches = bench::switches_json(before, bench::switch_snapshot::now(), messages, "peer");
+        std::printf("{\"messages_per_s\": %.1f, %s}\n", rate, switches.c_str());
     } else if (workload == "bulk") {
         // The first round, then 5 more; each receives into a new buffer.
         std::vector<char> data(bulk_size, 'x');

@@ -151,6 +151,10 @@ public:
     [[nodiscard]] std::chrono::milliseconds idle_timeout() const noexcept { return options_.idle_timeout; }
 
     event_loop& loop;
+    // Set while read_worker hands a received batch of frames to
+    // handle_frames: each answer may dispatch, and the frames that follow
+    // are sent together by write_worker rather than one send(2) each.
+    bool handling_frames = false;
     bool destroyed = false; // the process_pool object is gone (loop thread)
 
 private:

@@ -96,6 +96,15 @@ task<void> deadline_timer(std::shared_ptr<pool_core> core, item_reference item, 
                                                        " did not finish before its submit timeout")));
 }
 
+// The dispatch a submit on the loop thread asks for: run from the loop's
+// ready queue, after the submitting code has returned to the loop, as a
+// posted one is, without the eventfd write and the completion reading it
+// that post() costs (a system call and a ring round trip per submit).
+task<void> dispatch_soon(std::weak_ptr<pool_core> weak) {
+    if (auto core = weak.lock()) core->dispatch();
+    co_return;
+}
+
 } // namespace
 
 // Blocking get(): one mutex and condition variable for every pool, so that a
@@ -177,9 +186,14 @@ bool pool_core::submit(work_item* item, bool encoding_failed, bool throw_when_fu
     }
     if (item->deadline != std::chrono::steady_clock::time_point{}) start_deadline_timer(item);
     if (post_dispatch) {
-        loop.post([weak = weak_from_this()] {
-            if (auto core = weak.lock()) core->dispatch();
-        });
+        if (loop.is_loop_thread()) {
+            // Not shielded: it awaits nothing, so no stop can cut it short.
+            loop.spawn(dispatch_soon(weak_from_this()));
+        } else {
+            loop.post([weak = weak_from_this()] {
+                if (auto core = weak.lock()) core->dispatch();
+            });
+        }
     }
     return true;
 }
@@ -624,7 +638,9 @@ void pool_core::on_worker_exit(worker_handle& worker) {
             item->release(); // cancelled while here
             continue;
         }
-        const bool started = item->state() != work_state::dispatched;
+        // START seen, or the start word says it was running: a worker may
+        // die running a task whose START it had not sent yet.
+        const bool started = item->state() != work_state::dispatched || worker.started(item->id);
         if (broken) {
             complete(item, work_state::failed, broken_error());
             item->release();

@@ -129,7 +129,8 @@ pool_core::pool_core(event_loop& event_loop, process_pool_options opts)
         for (const auto& [name, value] : options_.environment) {
             if (entry.size() > name.size() && entry.starts_with(name) && entry[name.size()] == '=') return true;
         }
-        return entry.starts_with("COPROC_PARENT_PID=") || entry.starts_with("COPROC_KEEP_RESULT_MS=");
+        return entry.starts_with("COPROC_PARENT_PID=") || entry.starts_with("COPROC_KEEP_RESULT_MS=") ||
+               entry.starts_with(std::string(wire::start_word_variable) + "=");
     };
     for (char** entry = environ; entry != nullptr && *entry != nullptr; ++entry) {
         if (!replaced(*entry)) environment_storage_.emplace_back(*entry);
@@ -138,6 +139,10 @@ pool_core::pool_core(event_loop& event_loop, process_pool_options opts)
     environment_storage_.push_back("COPROC_PARENT_PID=" + std::to_string(::getpid()));
     const std::int64_t keep_ms = std::max<std::int64_t>(0, options_.keep_result_memory.count());
     environment_storage_.push_back("COPROC_KEEP_RESULT_MS=" + std::to_string(keep_ms));
+    // Set for every worker; one whose spawn could not make its start word
+    // finds nothing at the descriptor and sends START before each task.
+    environment_storage_.push_back(std::string(wire::start_word_variable) + "=" +
+                                   std::to_string(wire::start_word_descriptor));
     if (options_.huge_pages) add_huge_page_tunable(environment_storage_);
 }
 

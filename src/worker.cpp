@@ -1,10 +1,28 @@
 // Worker mode: the process a process_pool starts. Two threads:
 //
-//   reader (main thread)  reads frames from the parent: CALL frames are
-//                         queued, CANCEL stops a task, BYE ends the session
-//                         once the queue is done, EOF ends the process.
-//   runner                runs queued calls one at a time: START, then
-//                         RESULT or ERROR.
+//   main     runs the tasks, one at a time, and reads the parent's frames
+//            whenever no task runs: a CALL that reaches an idle worker runs
+//            on the thread that read it, with no hand-off between threads,
+//            and its START and RESULT leave in one send.
+//   watcher  sleeps while no task runs. A timer wakes it once a task has run
+//            for start_delay: it sends that task's START if it is still
+//            owed, then reads the frames that arrive while the task runs
+//            (CANCEL stops its token, RECALL gives back a queued task, a
+//            CALL is queued, BYE noted), woken by epoll when one arrives.
+//
+// Frames are read by one thread at a time (reading_): main reads only while
+// no task runs, the watcher only while one does; a frame the watcher began
+// when the task ended is finished by the watcher, main waiting for it.
+//
+// START. Before running a task the worker stores its work id in the start
+// word (wire.hpp), shared memory the parent reads after the worker's death,
+// so the parent knows which task was running even without its START. START
+// itself is then owed: sent with the RESULT when the task ends within
+// start_delay (one send per task), or by the watcher at start_delay with
+// the microseconds run so far, so that running() and the parent's run-time
+// average stay right. Without a start word START goes out before the task.
+// A RESULT is held back while another call is queued and goes out with that
+// call's START: one send per task when the parent keeps the queue full.
 //
 // A large block result, once sent, is kept as the spare (one at a time): the
 // next large block argument of its type is received into its memory instead
@@ -15,23 +33,30 @@
 // A thread that cannot be created (std::thread throws std::system_error:
 // EAGAIN under RLIMIT_NPROC, kernel.threads-max or a cgroup's pids.max,
 // ENOMEM for its stack) is reported on stderr with the limit that likely
-// applies. Without the runner no task can run: the worker exits with
-// thread_start_failed_exit, which the pool reports as the worker's exit
-// code. Without the janitor the worker serves on, keeping no spares.
+// applies. Without the watcher a running task could not be cancelled nor
+// seen to run: the worker exits with thread_start_failed_exit, which the
+// pool reports as the worker's exit code. Without the janitor the worker
+// serves on, keeping no spares.
 //
 // Plain blocking I/O: a worker serves one parent over one socket and has
 // nothing else to wait for. Writes from both threads go through one mutex, so
 // frames never interleave; a result is encoded completely before any of it is
 // written, so a failure while encoding never leaves half a frame behind.
+
 #include <coproc/detail/remote_function.hpp>
 #include <coproc/detail/wire.hpp>
 #include <coproc/error.hpp>
 #include <coproc/worker.hpp>
 
 #include <fcntl.h>
+#include <poll.h>
+#include <sys/epoll.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/timerfd.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -49,6 +74,7 @@
 #include <deque>
 #include <fstream>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <stop_token>
@@ -65,7 +91,14 @@ namespace wire = detail::wire;
 constexpr const char* worker_flag = "--coproc-worker";
 constexpr int parent_socket = 3;
 constexpr std::size_t max_call_frame = wire::max_payload;
-using clock_type = std::chrono::steady_clock;
+using clock_type = std::chrono::steady_clock; // CLOCK_MONOTONIC, as the watcher's timerfd
+
+// How long a task runs before the watcher sends its START and starts
+// reading frames. Shorter tasks answer START and RESULT in one send and
+// read the frames that came meanwhile (a CANCEL for them included) after
+// they return. Longer ones are seen running, and can be cancelled, this
+// much after they began: far below any cancel_grace.
+constexpr std::chrono::microseconds start_delay{1000};
 
 std::atomic<std::size_t> blocks_reused{0};
 std::atomic<std::size_t> spare_bytes{0};
@@ -75,7 +108,7 @@ std::atomic<std::size_t> spare_bytes{0};
     ::_exit(status);
 }
 
-// The exit code of a worker that could not start its runner thread:
+// The exit code of a worker that could not start its watcher thread:
 // EX_OSERR of <sysexits.h> ("can't fork"), distinct from the 3 of a
 // protocol fault and from the exit codes tasks commonly use.
 constexpr int thread_start_failed_exit = 71;
@@ -153,23 +186,20 @@ public:
     worker_session(int fd, std::chrono::milliseconds keep_result_memory) : fd_(fd), keep_for_(keep_result_memory) {}
 
     [[noreturn]] void serve() {
+        map_start_word();
         send_hello();
-        std::thread runner;
-        try {
-            runner = std::thread([this] { run_calls(); });
-        } catch (const std::system_error& e) {
-            // Without it no task can run. After HELLO, so the pool sees a
-            // worker that started and then exited with this code: tasks sent
-            // to it never started and go to other workers.
-            std::fputs(describe_thread_failure("task runner", e,
-                                               "the worker exits with code " + std::to_string(thread_start_failed_exit))
-                           .c_str(),
-                       stderr);
-            quit(thread_start_failed_exit);
+        start_watcher();
+        serve_calls();
+        // BYE, and every call that came before it answered. The watcher is
+        // stopped and joined first: a process that ends with threads still
+        // running is held back a second by ThreadSanitizer (atexit_sleep_ms),
+        // and the tests retire hundreds of workers.
+        {
+            std::lock_guard lock{mutex_};
+            stopping_ = true;
+            set_watch_timer(std::chrono::nanoseconds{1});
         }
-        read_frames();
-        // BYE: finish what was queued, then leave.
-        runner.join();
+        watcher_.join();
         quit(0);
     }
 
@@ -181,17 +211,45 @@ private:
         detail::prepared_arguments prepared{}; // ... or, when set, those arguments received in place
     };
 
-    // Frames to send: `bytes`, with the `attached` parts (a large result,
-    // sent from where the function left it) spliced in at their offsets.
+    // Frames to send: `start` (a late START), then `bytes`, with the
+    // `attached` parts (a large result, sent from where the function left
+    // it) spliced in at their offsets.
     struct outgoing {
+        detail::byte_buffer start;
         detail::byte_buffer bytes;
         std::vector<detail::attached_bytes> attached;
-        [[nodiscard]] bool empty() const noexcept { return bytes.empty() && attached.empty(); }
+        [[nodiscard]] bool empty() const noexcept { return start.empty() && bytes.empty() && attached.empty(); }
         void clear() noexcept {
+            start.clear();
             bytes.clear();
             attached.clear();
         }
     };
+
+    // The start word, when the parent passed one (wire.hpp).
+    void map_start_word() {
+        const char* variable = std::getenv(wire::start_word_variable);
+        if (variable == nullptr) return;
+        const int fd = std::atoi(variable);
+        void* mapped = ::mmap(nullptr, sizeof(std::uint64_t), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (mapped == MAP_FAILED) return; // none was passed: START goes out before each task
+        ::close(fd);
+        start_word_ = static_cast<std::uint64_t*>(mapped);
+    }
+
+    // A START frame; `ran`: how long the task has run when it is sent late.
+    static detail::byte_buffer start_frame(std::uint64_t work_id, std::optional<clock_type::duration> ran) {
+        detail::byte_buffer frame;
+        const auto offset = wire::begin_frame(frame, wire::frame_kind::start, work_id);
+        if (ran) {
+            const auto micros = std::chrono::duration_cast<std::chrono::microseconds>(*ran).count();
+            const auto value = static_cast<std::uint32_t>(std::clamp<std::int64_t>(micros, 0, UINT32_MAX));
+            frame.resize(offset + wire::header_size + sizeof value);
+            std::memcpy(frame.data() + offset + wire::header_size, &value, sizeof value);
+        }
+        wire::finish_frame(frame, offset);
+        return frame;
+    }
 
     void send_hello() {
         detail::byte_buffer frame;
@@ -203,6 +261,11 @@ private:
 
     void send(const detail::byte_buffer& frame) {
         std::lock_guard lock{write_mutex_};
+        write_all(frame);
+    }
+
+    // With write_mutex_ held.
+    void write_all(const detail::byte_buffer& frame) {
         std::size_t sent = 0;
         while (sent < frame.size()) {
             const ssize_t n = ::send(fd_, frame.data() + sent, frame.size() - sent, MSG_NOSIGNAL);
@@ -213,77 +276,135 @@ private:
     }
 
     void send(const outgoing& frames) {
-        if (frames.attached.empty()) {
+        if (frames.attached.empty() && frames.start.empty()) {
             send(frames.bytes);
             return;
         }
+        if (frames.attached.empty()) { // a late START and its RESULT: the usual short task
+            ::iovec parts[2] = {{const_cast<std::byte*>(frames.start.data()), frames.start.size()},
+                                {const_cast<std::byte*>(frames.bytes.data()), frames.bytes.size()}};
+            std::lock_guard lock{write_mutex_};
+            write_parts(parts, 2);
+            return;
+        }
         std::vector<::iovec> parts = detail::wire_parts(frames.bytes, frames.attached);
+        if (!frames.start.empty()) {
+            parts.insert(parts.begin(), ::iovec{const_cast<std::byte*>(frames.start.data()), frames.start.size()});
+        }
         std::lock_guard lock{write_mutex_};
-        for (std::size_t next = 0; next < parts.size();) {
+        write_parts(parts.data(), parts.size());
+    }
+
+    // With write_mutex_ held: sends parts[0, count) whole (empty ones
+    // skipped), advancing them as they go.
+    void write_parts(::iovec* parts, std::size_t count) {
+        std::size_t next = 0;
+        while (next < count && parts[next].iov_len == 0) ++next;
+        while (next < count) {
             ::msghdr message{};
-            message.msg_iov = parts.data() + next;
-            message.msg_iovlen = std::min<std::size_t>(parts.size() - next, IOV_MAX);
+            message.msg_iov = parts + next;
+            message.msg_iovlen = std::min<std::size_t>(count - next, IOV_MAX);
             const ssize_t n = ::sendmsg(fd_, &message, MSG_NOSIGNAL);
             if (n < 0 && errno == EINTR) continue;
             if (n <= 0) quit(0); // the parent is gone
-            next = detail::consume_parts(parts, next, static_cast<std::size_t>(n));
+            auto sent = static_cast<std::size_t>(n);
+            while (next < count && (sent > 0 || parts[next].iov_len == 0)) {
+                const std::size_t taken = std::min(sent, parts[next].iov_len);
+                parts[next].iov_base = static_cast<std::byte*>(parts[next].iov_base) + taken;
+                parts[next].iov_len -= taken;
+                sent -= taken;
+                if (parts[next].iov_len == 0) ++next;
+            }
         }
     }
 
+    // Reads `size` bytes: first what the inbox holds, then from the socket.
+    // Small reads refill the inbox with whatever has arrived, so that a
+    // burst of CALLs costs one recv, not two per frame; a large payload is
+    // received straight into `into`. Only the thread holding the reading
+    // role uses the inbox.
     bool read_exact(void* into, std::size_t size) {
-        auto* bytes = static_cast<char*>(into);
-        std::size_t got = 0;
+        auto* bytes = static_cast<std::byte*>(into);
+        std::size_t got = std::min(size, inbox_end_ - inbox_begin_);
+        if (got > 0) std::memcpy(bytes, inbox_.data() + inbox_begin_, got);
+        inbox_begin_ += got;
         while (got < size) {
-            const ssize_t n = ::recv(fd_, bytes + got, size - got, 0);
-            if (n < 0 && errno == EINTR) continue;
+            const bool direct = size - got >= inbox_capacity;
+            if (!direct) {
+                // Wait in poll, not in recv. A recv asleep on the socket is
+                // also woken each time the parent reads what this worker
+                // sent (the socket's write space), and on one core each such
+                // wake-up costs two context switches; poll sleeps until
+                // there is something to read.
+                ::pollfd readable{fd_, POLLIN, 0};
+                if (::poll(&readable, 1, -1) < 0 && errno == EINTR) continue;
+            }
+            const ssize_t n = direct ? ::recv(fd_, bytes + got, size - got, 0)
+                                     : ::recv(fd_, inbox_.data(), inbox_capacity, MSG_DONTWAIT);
+            if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
             if (n <= 0) return false;
-            got += static_cast<std::size_t>(n);
+            if (direct) {
+                got += static_cast<std::size_t>(n);
+                continue;
+            }
+            const std::size_t taken = std::min(size - got, static_cast<std::size_t>(n));
+            std::memcpy(bytes + got, inbox_.data(), taken);
+            got += taken;
+            inbox_begin_ = taken;
+            inbox_end_ = static_cast<std::size_t>(n);
         }
         return true;
     }
 
-    void read_frames() {
-        for (;;) {
-            std::byte raw[wire::header_size];
-            if (!read_exact(raw, sizeof raw)) quit(0); // EOF: the parent closed or died
-            const wire::frame_header header = wire::read_header(raw);
-            if (header.length > max_call_frame) {
-                std::fprintf(stderr, "coproc worker %d: frame of %u bytes from the parent exceeds the limit\n",
-                             static_cast<int>(::getpid()), header.length);
-                quit(3);
-            }
-            call received{header.work_id, header.flags, {}};
-            if (static_cast<wire::frame_kind>(header.kind) == wire::frame_kind::call) {
-                read_call(header, received);
-            } else {
-                received.payload.resize(header.length);
-                if (!read_exact(received.payload.data(), received.payload.size())) quit(0);
-            }
-            switch (static_cast<wire::frame_kind>(header.kind)) {
-            case wire::frame_kind::call: {
-                std::lock_guard lock{queue_mutex_};
-                queue_.push_back(std::move(received));
-                queue_changed_.notify_one();
-                break;
-            }
-            case wire::frame_kind::cancel:
-                cancel(header.work_id);
-                break;
-            case wire::frame_kind::recall:
-                recall(header.work_id);
-                break;
-            case wire::frame_kind::bye: {
-                std::lock_guard lock{queue_mutex_};
-                bye_ = true;
-                queue_changed_.notify_one();
-                return;
-            }
-            default:
-                std::fprintf(stderr, "coproc worker %d: unexpected frame kind %u from the parent\n",
-                             static_cast<int>(::getpid()), header.kind);
-                quit(3);
-            }
+    // Whether the inbox holds bytes not read yet (a frame that came in the
+    // same recv as the last one).
+    [[nodiscard]] bool inbox_holds_bytes() const noexcept { return inbox_begin_ < inbox_end_; }
+
+    // Reads one frame from the parent and acts on it: a CALL is queued, a
+    // CANCEL or RECALL answered, BYE noted. Only the thread holding the
+    // reading role (reading_) calls it. EOF: the parent closed or died, and
+    // the worker leaves, whatever runs.
+    void read_frame() {
+        std::byte raw[wire::header_size];
+        if (!read_exact(raw, sizeof raw)) quit(0);
+        const wire::frame_header header = wire::read_header(raw);
+        if (header.length > max_call_frame) {
+            std::fprintf(stderr, "coproc worker %d: frame of %u bytes from the parent exceeds the limit\n",
+                         static_cast<int>(::getpid()), header.length);
+            quit(3);
         }
+        call received{header.work_id, header.flags, {}};
+        if (static_cast<wire::frame_kind>(header.kind) == wire::frame_kind::call) {
+            read_call(header, received);
+            std::lock_guard lock{mutex_};
+            queue_.push_back(std::move(received));
+            return;
+        }
+        received.payload.resize(header.length);
+        if (!read_exact(received.payload.data(), received.payload.size())) quit(0);
+        switch (static_cast<wire::frame_kind>(header.kind)) {
+        case wire::frame_kind::cancel:
+            cancel(header.work_id);
+            break;
+        case wire::frame_kind::recall:
+            recall(header.work_id);
+            break;
+        case wire::frame_kind::bye: {
+            std::lock_guard lock{mutex_};
+            bye_ = true;
+            break;
+        }
+        default:
+            std::fprintf(stderr, "coproc worker %d: unexpected frame kind %u from the parent\n",
+                         static_cast<int>(::getpid()), header.kind);
+            quit(3);
+        }
+    }
+
+    // Whether bytes from the parent wait to be read, without blocking.
+    bool bytes_waiting() const {
+        int waiting = 0;
+        return ::ioctl(fd_, FIONREAD, &waiting) == 0 && waiting > 0;
     }
 
     // Reads a CALL frame's payload. A large one for a function whose
@@ -414,8 +535,8 @@ private:
     void cancel(std::uint64_t work_id) {
         bool dropped = false;
         {
-            std::lock_guard lock{queue_mutex_};
-            if (running_id_ == work_id) {
+            std::lock_guard lock{mutex_};
+            if (running_ && running_id_ == work_id) {
                 running_stop_.request_stop();
                 return;
             }
@@ -438,10 +559,10 @@ private:
     // RECALL: a task still queued is dropped without running and the parent
     // told so (RECALLED), to run it on another worker. One that started (or
     // is done) is not given back, and nothing is said: its START went first.
-    // The queue mutex orders this against the runner taking the task.
+    // mutex_ orders this against main taking the task.
     void recall(std::uint64_t work_id) {
         {
-            std::lock_guard lock{queue_mutex_};
+            std::lock_guard lock{mutex_};
             const auto found = std::find_if(queue_.begin(), queue_.end(),
                                             [work_id](const call& queued) { return queued.work_id == work_id; });
             if (found == queue_.end()) return;
@@ -452,47 +573,109 @@ private:
         send(reply);
     }
 
-    // Runs queued calls one at a time. The RESULT (or ERROR) of a call is
-    // held back while another call is already queued, and goes out in one
-    // send with that call's START: one system call per task instead of two
-    // when the parent keeps the queue full. START itself is never delayed
-    // past the start of its task, so a worker that dies mid-task has always
-    // told the parent the task started (no task is run twice).
-    void run_calls() {
-        outgoing held; // the last RESULT/ERROR, not yet sent
+    // The main thread's loop: runs queued calls one at a time and, when none
+    // is queued, reads the next frame itself. Ends after BYE once every
+    // call that came before it has been answered.
+    void serve_calls() {
+        outgoing held; // the last RESULT/ERROR, held while another call is queued
+        std::unique_lock lock{mutex_};
         for (;;) {
-            call next;
-            {
-                std::unique_lock lock{queue_mutex_};
-                if (queue_.empty() && !held.empty()) {
-                    lock.unlock();
-                    send(held); // nothing to pair it with: send it now
-                    keep_spare(held);
-                    lock.lock();
-                }
-                queue_changed_.wait(lock, [this] { return !queue_.empty() || bye_; });
-                if (queue_.empty()) break;
-                next = std::move(queue_.front());
-                queue_.pop_front();
-                running_id_ = next.work_id;
-                running_stop_ = std::stop_source{};
+            if (queue_.empty() && !held.empty()) {
+                lock.unlock();
+                send(held); // nothing to pair it with: send it now
+                keep_spare(held);
+                lock.lock();
+                continue;
             }
-            held = run(next, std::move(held));
-            std::lock_guard lock{queue_mutex_};
-            running_id_ = 0;
+            if (!reading_ && inbox_holds_bytes()) {
+                // Left in the inbox by the watcher, which stopped reading
+                // when the last task ended: read before the next task runs,
+                // as no epoll wake-up will come for them.
+                read_inbox(lock);
+                continue;
+            }
+            if (!queue_.empty()) {
+                call next = std::move(queue_.front());
+                queue_.pop_front();
+                held = run_next(lock, next, std::move(held));
+                continue;
+            }
+            if (bye_) break;
+            if (reading_) {
+                // The watcher is finishing a frame it began while the last
+                // task ran.
+                reader_free_.wait(lock);
+                continue;
+            }
+            read_inbox(lock);
         }
-        if (!held.empty()) send(held);
     }
 
-    // Sends `held` together with this task's START, runs the task, and
-    // returns its RESULT or ERROR frame for the caller to send.
-    outgoing run(const call& task, outgoing held) {
-        if ((task.flags & wire::frame_flag::initializer) == 0) {
+    // Reads a frame, and every frame that came with it (a full queue holds
+    // RESULTs back), taking the reading role; mutex_ held on entry and on
+    // return, not while reading.
+    void read_inbox(std::unique_lock<std::mutex>& lock) {
+        reading_ = true;
+        lock.unlock();
+        do {
+            read_frame();
+        } while (inbox_holds_bytes());
+        lock.lock();
+        reading_ = false;
+    }
+
+    // Runs `task` (mutex_ held on entry and on return, not while it runs):
+    // sends `held` first, with the task's START unless START can wait;
+    // returns the task's answer, preceded by its START if still owed.
+    outgoing run_next(std::unique_lock<std::mutex>& lock, const call& task, outgoing held) {
+        const bool initializer = (task.flags & wire::frame_flag::initializer) != 0;
+        // START waits only when nothing else goes out now and the start word
+        // tells the parent, should the worker die, that the task began.
+        const bool late = !initializer && held.empty() && start_word_ != nullptr;
+        running_ = true;
+        running_id_ = task.work_id;
+        running_since_ = clock_type::now();
+        running_stop_ = std::stop_source{};
+        start_owed_ = late;
+        if (!timer_armed_) {
+            // Set once, not per task: set per task, it took the one-core
+            // round trip from about 17 to 26 us on the project's VM (the
+            // timer is programmed anew each time, likely a hypervisor exit).
+            // When it fires during a later task, the watcher sets it again
+            // for that task's start.
+            timer_armed_ = true;
+            set_watch_timer(start_delay);
+        }
+        std::stop_token token = running_stop_.get_token();
+        lock.unlock();
+
+        if (!initializer && !late) {
             wire::finish_frame(held.bytes, wire::begin_frame(held.bytes, wire::frame_kind::start, task.work_id));
         }
         if (!held.empty()) send(held);
         keep_spare(held); // a large result sent from where it was
+        if (!initializer && start_word_ != nullptr) {
+            // Release: a parent reading the word after the worker's death
+            // reads it through the kernel's reaping, which orders it anyway;
+            // release keeps the compiler from moving the store past the call.
+            std::atomic_ref<std::uint64_t>{*start_word_}.store(task.work_id, std::memory_order_release);
+        }
+        outgoing reply = run(task, std::move(token));
 
+        lock.lock();
+        running_ = false;
+        running_id_ = 0;
+        if (socket_watched_) {
+            ::epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, fd_, nullptr);
+            socket_watched_ = false;
+        }
+        if (std::exchange(start_owed_, false)) reply.start = start_frame(task.work_id, clock_type::now() - running_since_);
+        return reply;
+    }
+
+    // Runs the task and returns its RESULT or ERROR frame for the caller to
+    // send.
+    outgoing run(const call& task, std::stop_token token) {
         outgoing reply;
         std::uint64_t function_id = 0;
         if (task.payload.size() < sizeof function_id) {
@@ -513,11 +696,6 @@ private:
             return reply;
         }
         const detail::invoker invoke = (task.flags & wire::frame_flag::chunk) != 0 ? function->invoke_chunk : function->invoke;
-        std::stop_token token;
-        {
-            std::lock_guard lock{queue_mutex_};
-            token = running_stop_.get_token();
-        }
         std::size_t offset = 0; // of the RESULT frame
         try {
             offset = wire::begin_frame(reply.bytes, wire::frame_kind::result, task.work_id);
@@ -554,13 +732,156 @@ private:
         return reply;
     }
 
+    // --- the watcher
+
+    // Creates the watcher's timer and epoll set and starts it; exits with
+    // thread_start_failed_exit when it cannot. After HELLO, so the pool sees
+    // a worker that started and then exited with this code: tasks sent to
+    // it never started and go to other workers.
+    void start_watcher() {
+        timer_fd_ = ::timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK);
+        epoll_fd_ = ::epoll_create1(EPOLL_CLOEXEC);
+        ::epoll_event timer{};
+        timer.events = EPOLLIN;
+        timer.data.fd = timer_fd_;
+        if (timer_fd_ < 0 || epoll_fd_ < 0 || ::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, timer_fd_, &timer) != 0) {
+            std::fprintf(stderr, "coproc: worker %d cannot create its watcher's timerfd and epoll set (%s): the worker exits with code %d\n",
+                         static_cast<int>(::getpid()), std::strerror(errno), thread_start_failed_exit);
+            quit(thread_start_failed_exit);
+        }
+        try {
+            watcher_ = std::thread{[this] { run_watcher(); }};
+        } catch (const std::system_error& e) {
+            std::fputs(describe_thread_failure("watcher", e,
+                                               "the worker exits with code " + std::to_string(thread_start_failed_exit))
+                           .c_str(),
+                       stderr);
+            quit(thread_start_failed_exit);
+        }
+    }
+
+    // Sets the watcher's timer to fire `after` from now (a new task, or one
+    // the timer fired too early for). With mutex_ held (timer_armed_).
+    void set_watch_timer(clock_type::duration after) const {
+        ::itimerspec when{};
+        const auto nanos = std::max<std::int64_t>(1, std::chrono::duration_cast<std::chrono::nanoseconds>(after).count());
+        when.it_value.tv_sec = static_cast<time_t>(nanos / 1'000'000'000);
+        when.it_value.tv_nsec = static_cast<long>(nanos % 1'000'000'000);
+        ::timerfd_settime(timer_fd_, 0, &when, nullptr);
+    }
+
+    // Until the session ends (stopping_); a worker that ends otherwise ends
+    // with _exit, watcher and all.
+    void run_watcher() {
+        for (;;) {
+            ::epoll_event events[2];
+            const int count = ::epoll_wait(epoll_fd_, events, 2, -1);
+            bool timer_fired = false;
+            bool readable = false;
+            for (int i = 0; i < count; ++i) {
+                if (events[i].data.fd == timer_fd_) {
+                    std::uint64_t expirations = 0;
+                    [[maybe_unused]] const auto ignored = ::read(timer_fd_, &expirations, sizeof expirations);
+                    timer_fired = true;
+                } else {
+                    readable = true;
+                }
+            }
+            if (!watch(timer_fired, readable)) return;
+        }
+    }
+
+    // One wake-up of the watcher: the timer fired, or a frame arrived while
+    // a task runs (`readable`), or both; false when the session ends. Main
+    // reads no frame while a task runs, so the reading role is free here
+    // whenever a task runs.
+    bool watch(bool timer_fired, bool readable) {
+        std::unique_lock lock{mutex_};
+        if (stopping_) return false;
+        if (timer_fired) timer_armed_ = false;
+        if (!running_ || bye_) return true; // the timer of a task that ended, or nothing more will come
+        const auto ran = clock_type::now() - running_since_;
+        if (ran < start_delay) {
+            // Set for an earlier task, which ended before it fired; or a
+            // frame for a task that began while the watcher was reading for
+            // the one before (it watched on): read it all the same.
+            if (!timer_armed_) {
+                timer_armed_ = true;
+                set_watch_timer(start_delay - ran);
+            }
+            if (!readable) return true;
+        } else {
+            if (std::exchange(start_owed_, false)) {
+                const detail::byte_buffer frame = start_frame(running_id_, ran);
+                // Taken before mutex_ is released: main, once the task ends,
+                // sends its RESULT after this START, never before.
+                std::unique_lock write_lock{write_mutex_};
+                lock.unlock();
+                write_all(frame);
+                write_lock.unlock();
+                lock.lock();
+                if (!running_) return true;
+            }
+            if (!socket_watched_) {
+                // From now on a frame wakes the watcher; one already waiting
+                // does at once.
+                watch_socket();
+                return true;
+            }
+            if (!readable) return true;
+        }
+        reading_ = true;
+        do {
+            lock.unlock();
+            read_frame();
+            lock.lock();
+        } while (running_ && !bye_ && (inbox_holds_bytes() || bytes_waiting()));
+        reading_ = false;
+        // Still running (the same task, or the next one, which main started
+        // meanwhile and which dropped the socket from the set): watch on.
+        if (running_ && !bye_) watch_socket();
+        lock.unlock();
+        reader_free_.notify_one(); // main may wait for the frame just read
+        return true;
+    }
+
+    // Puts the socket in the watcher's epoll set, or re-arms it there:
+    // one-shot, so each frame (or burst) wakes the watcher once; main drops
+    // it when the task ends. With mutex_ held (socket_watched_).
+    void watch_socket() {
+        ::epoll_event socket{};
+        socket.events = EPOLLIN | EPOLLONESHOT;
+        socket.data.fd = fd_;
+        if (socket_watched_) {
+            socket_watched_ = ::epoll_ctl(epoll_fd_, EPOLL_CTL_MOD, fd_, &socket) == 0;
+        } else {
+            socket_watched_ = ::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd_, &socket) == 0;
+        }
+    }
+
     int fd_;
-    std::mutex write_mutex_;
-    std::mutex queue_mutex_;
-    std::condition_variable queue_changed_;
+    static constexpr std::size_t inbox_capacity = 64 * 1024;
+    std::vector<std::byte> inbox_ = std::vector<std::byte>(inbox_capacity); // bytes [begin, end) not read yet
+    std::size_t inbox_begin_ = 0;
+    std::size_t inbox_end_ = 0;
+    std::mutex write_mutex_; // taken after mutex_ when both are held
+    std::uint64_t* start_word_ = nullptr;
+    int timer_fd_ = -1;
+    int epoll_fd_ = -1;
+    // Under mutex_: the queue, who reads, the running task.
+    std::mutex mutex_;
+    std::condition_variable reader_free_; // reading_ turned false
     std::deque<call> queue_;
     bool bye_ = false;
+    bool reading_ = false;        // a thread is reading frames from the socket
+    bool socket_watched_ = false; // the socket is in the watcher's epoll set
+    bool running_ = false;
+    bool start_owed_ = false;     // the running task's START is not sent yet
+    bool timer_armed_ = false;    // the watcher's timer is set and has not fired
+    bool stopping_ = false;       // the session ends: the watcher returns
+    std::thread watcher_;
     std::uint64_t running_id_ = 0;
+    clock_type::time_point running_since_{};
     std::stop_source running_stop_;
     std::chrono::milliseconds keep_for_;
     std::mutex spare_mutex_;

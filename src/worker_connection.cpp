@@ -7,8 +7,9 @@
 //  multishot recv, frames parsed, in-place receive <-- START/RESULT/ERROR
 //
 //   read_worker   recv into a buffer, parse frames, complete tasks
-//   write_worker  started when frames are queued and none is being sent:
-//                 sends everything queued, in batches
+//   write_worker  started when frames are queued and none is being sent,
+//                 unless start_writer could send them at once: sends
+//                 everything queued, in batches
 //
 // Out: CALL (dispatch, and the initializer's after HELLO), CANCEL
 // (cancel_in_worker), BYE (send_bye), queued in the worker's outbox. In:
@@ -134,7 +135,13 @@ task<void> read_worker(std::shared_ptr<pool_core> core, worker_handle* worker) {
             if (received == 0 || core->destroyed) break;
             filled += received;
             std::size_t consumed = 0;
-            core->handle_frames(*worker, std::span{buffer.data(), filled}, consumed);
+            {
+                struct handling {
+                    bool& flag;
+                    ~handling() { flag = false; }
+                } scope{core->handling_frames = true};
+                core->handle_frames(*worker, std::span{buffer.data(), filled}, consumed);
+            }
             if (consumed > 0) {
                 std::memmove(buffer.data(), buffer.data() + consumed, filled - consumed);
                 filled -= consumed;
@@ -197,6 +204,27 @@ void pool_core::send_bye(worker_handle& worker) {
 }
 
 void pool_core::start_writer(worker_handle& worker) {
+    if (!handling_frames && worker.queued.attachments.empty() && !worker.queued.bytes.empty() &&
+        worker.state != worker_handle::phase::exited) {
+        // Frames in one buffer (the usual CALLs, CANCEL, RECALL, BYE),
+        // queued outside the handling of a batch of answers, go out now, with one send(2) that does not block: no loop iteration and
+        // ring round trip just to start write_worker and have it submit the
+        // same send. Whatever the socket does not take at once (it is full),
+        // and frames with attached parts, go through write_worker.
+        const ssize_t sent = ::send(worker.socket, worker.queued.bytes.data(), worker.queued.bytes.size(),
+                                    MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (sent == static_cast<ssize_t>(worker.queued.bytes.size())) {
+            worker.queued.bytes.clear();
+            return;
+        }
+        if (sent > 0) {
+            byte_buffer rest;
+            rest.append(worker.queued.bytes.data() + sent, worker.queued.bytes.size() - static_cast<std::size_t>(sent));
+            worker.queued.bytes = std::move(rest);
+        }
+        // Not sent (EAGAIN; or EPIPE and friends: the worker is gone, and
+        // write_worker meets the same error and stops).
+    }
     worker.writing = true;
     ++worker.coroutines;
     loop.spawn(shielded(write_worker(shared_from_this(), &worker)));
@@ -294,7 +322,11 @@ void pool_core::handle_frames(worker_handle& worker, std::span<const std::byte> 
         }
         if (kind == wire::frame_kind::start) {
             item->recalling = false; // it started: no RECALLED will come
-            item->started = std::chrono::steady_clock::now();
+            // A late START says how long the task had run by then, so that
+            // the run time averaged for prefetching is the task's own.
+            std::uint32_t ran_us = 0;
+            if (payload.size() == sizeof ran_us) std::memcpy(&ran_us, payload.data(), sizeof ran_us);
+            item->started = std::chrono::steady_clock::now() - std::chrono::microseconds{ran_us};
             std::lock_guard lock{mutex_};
             if (item->state() == work_state::dispatched) item->set_state(work_state::running);
             continue;

@@ -30,6 +30,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <spawn.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -53,6 +54,31 @@ namespace {
 namespace wire = detail::wire;
 
 constexpr int worker_socket_in_child = 3;
+
+// A start word (wire.hpp) for a new worker: the memfd, at a descriptor above
+// the ones the child's are dup2'd to (so that no dup2 in the spawn reads a
+// descriptor another one just replaced), and its mapping; {-1, nullptr} when
+// it cannot be made: the worker then sends START before each task, as
+// protocol 2 did, and works all the same.
+std::pair<int, std::uint64_t*> make_start_word() noexcept {
+    int fd = static_cast<int>(::memfd_create("coproc-start-word", MFD_CLOEXEC));
+    if (fd < 0) return {-1, nullptr};
+    if (fd <= wire::start_word_descriptor) {
+        const int moved = ::fcntl(fd, F_DUPFD_CLOEXEC, wire::start_word_descriptor + 1);
+        ::close(fd);
+        if (moved < 0) return {-1, nullptr};
+        fd = moved;
+    }
+    void* mapped = MAP_FAILED;
+    if (::ftruncate(fd, sizeof(std::uint64_t)) == 0) {
+        mapped = ::mmap(nullptr, sizeof(std::uint64_t), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    }
+    if (mapped == MAP_FAILED) {
+        ::close(fd);
+        return {-1, nullptr};
+    }
+    return {fd, static_cast<std::uint64_t*>(mapped)};
+}
 
 // Errors of socketpair and posix_spawn that a later attempt may not meet:
 // a resource limit or a shortage, not a fault of the worker program.
@@ -201,6 +227,10 @@ std::string describe_shortage(int error) {
     }
 }
 
+worker_process::~worker_process() {
+    if (start_word != nullptr) ::munmap(start_word, sizeof(std::uint64_t));
+}
+
 std::string describe_exit(const ::siginfo_t& info) {
     if (info.si_code == CLD_EXITED) return "exited with code " + std::to_string(info.si_status);
     std::string text = "was killed by signal " + std::to_string(info.si_status);
@@ -242,10 +272,13 @@ void pool_core::spawn_worker() {
             throw std::system_error(error, std::system_category(), "coproc: socketpair for a worker");
         }
     }
+    static_assert(wire::start_word_descriptor == worker_socket_in_child + 1);
+    const auto [word_fd, word] = make_start_word();
     ::posix_spawn_file_actions_t actions;
     ::posix_spawn_file_actions_init(&actions);
     ::posix_spawn_file_actions_adddup2(&actions, child_end, worker_socket_in_child);
-    ::posix_spawn_file_actions_addclosefrom_np(&actions, worker_socket_in_child + 1);
+    if (word_fd >= 0) ::posix_spawn_file_actions_adddup2(&actions, word_fd, wire::start_word_descriptor);
+    ::posix_spawn_file_actions_addclosefrom_np(&actions, wire::start_word_descriptor + 1);
     ::posix_spawnattr_t attributes;
     ::posix_spawnattr_init(&attributes);
     ::sigset_t signals;
@@ -266,7 +299,9 @@ void pool_core::spawn_worker() {
     ::posix_spawn_file_actions_destroy(&actions);
     ::posix_spawnattr_destroy(&attributes);
     ::close(child_end);
+    if (word_fd >= 0) ::close(word_fd); // the mapping stays
     if (result != 0) {
+        if (word != nullptr) ::munmap(word, sizeof(std::uint64_t));
         ::close(fds[0]);
         if (passing_shortage(result)) {
             throw std::system_error(result, std::system_category(), "coproc: posix_spawn of a worker");
@@ -282,6 +317,7 @@ void pool_core::spawn_worker() {
     worker.pid = pid;
     worker.socket = fds[0];
     worker.pidfd = pidfd;
+    worker.start_word = word;
     worker.coroutines = 3;
     workers_started_.fetch_add(1, std::memory_order_relaxed);
     workers_alive_.fetch_add(1, std::memory_order_relaxed);

@@ -8,7 +8,9 @@
 
 #include <sys/wait.h>
 
+#include <atomic>
 #include <chrono>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -28,6 +30,22 @@ struct worker_process {
     bool condemned = false;
     bool idle_timer = false;
     ::siginfo_t exit_info{};
+    // The start word (wire.hpp), mapped shared with the worker; null when
+    // it could not be made (the worker then sends START before each task).
+    std::uint64_t* start_word = nullptr;
+
+    worker_process() = default;
+    worker_process(const worker_process&) = delete;
+    worker_process& operator=(const worker_process&) = delete;
+    ~worker_process();
+
+    // Whether the task `work_id` began running, as the worker last stored
+    // it. Read once the worker is reaped: its stores came before its exit,
+    // which the parent learned through the kernel (waitid), so a relaxed
+    // load sees them.
+    [[nodiscard]] bool started(std::uint64_t work_id) const noexcept {
+        return start_word != nullptr && std::atomic_ref<std::uint64_t>{*start_word}.load(std::memory_order_relaxed) == work_id;
+    }
 };
 
 // Defined in worker_process.cpp, used by the constructor (process_pool.cpp)

@@ -247,6 +247,17 @@ std::vector<int> open_descriptors() {
     return fds;
 }
 
+std::vector<std::string> descriptor_targets() {
+    std::vector<std::string> targets;
+    for (const int fd : open_descriptors()) {
+        char target[256] = {};
+        const std::string link = "/proc/self/fd/" + std::to_string(fd);
+        const ssize_t size = ::readlink(link.c_str(), target, sizeof target - 1);
+        targets.push_back(std::to_string(fd) + " " + (size > 0 ? std::string(target, static_cast<std::size_t>(size)) : "?"));
+    }
+    return targets;
+}
+
 void write_to_stderr(std::string text) {
     std::fputs(text.c_str(), stderr);
     std::fflush(stderr);
@@ -410,6 +421,17 @@ int count_run_slowly(std::string path, int index, int milliseconds) {
     std::this_thread::sleep_for(std::chrono::milliseconds{milliseconds});
     (void)count_run(std::move(path), index, 0);
     return static_cast<int>(::getpid());
+}
+
+int count_run_then_die(std::string path, int index) {
+    (void)count_run(std::move(path), index, 0);
+    std::raise(SIGKILL);
+    return 0;
+}
+
+std::int64_t monotonic_ns(int tag) {
+    (void)tag;
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 void send_undecodable_error(std::uint64_t work_id) {

@@ -34,6 +34,8 @@ int sleep_then(int milliseconds, int value);
 int sleep_then_pid(int milliseconds); // returns the worker's pid
 std::string environment_variable(std::string name);
 std::vector<int> open_descriptors();
+// "fd target" for each open descriptor, target as /proc/self/fd shows it.
+std::vector<std::string> descriptor_targets();
 void write_to_stderr(std::string text);
 void touch_file(std::string path);
 
@@ -109,6 +111,12 @@ void send_frame_for_unknown_work();
 int count_run(std::string path, int index, int value);
 // count_run after sleeping `milliseconds`; returns the worker's pid.
 int count_run_slowly(std::string path, int index, int milliseconds);
+// count_run, then the worker kills itself (SIGKILL) at once, long before
+// the watcher would have said START.
+int count_run_then_die(std::string path, int index);
+// CLOCK_MONOTONIC (the same clock in every process) when the task ran, in
+// ns: tells in which order a worker ran tasks. `tag` is only passed along.
+std::int64_t monotonic_ns(int tag);
 // Sends an ERROR frame for `work_id` whose payload does not decode, then hangs.
 void send_undecodable_error(std::uint64_t work_id);
 // Sends the header of a RESULT frame of `size` bytes for `work_id` and the

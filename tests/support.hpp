@@ -8,7 +8,9 @@
 
 #include <chrono>
 #include <filesystem>
+#include <fstream>
 #include <cstddef>
+#include <cstdint>
 #include <iterator>
 #include <linux/audit.h>
 #include <linux/filter.h>
@@ -172,5 +174,28 @@ private:
 inline coproc::task<void> pause_for(coproc::event_loop* loop, std::chrono::milliseconds duration) {
     co_await loop->sleep_for(duration);
 }
+
+// A zeroed file of `count` 32-bit run counters, removed on destruction.
+class run_counters {
+public:
+    explicit run_counters(int count)
+        : path_(std::filesystem::temp_directory_path() / ("coproc-runs-" + std::to_string(::getpid()))), count_(count) {
+        std::ofstream file{path_, std::ios::binary};
+        const std::vector<char> zeros(static_cast<std::size_t>(count) * sizeof(std::uint32_t), '\0');
+        file.write(zeros.data(), static_cast<std::streamsize>(zeros.size()));
+    }
+    ~run_counters() { std::filesystem::remove(path_); }
+    [[nodiscard]] std::string path() const { return path_.string(); }
+    [[nodiscard]] std::vector<std::uint32_t> read() const {
+        std::vector<std::uint32_t> runs(static_cast<std::size_t>(count_));
+        std::ifstream file{path_, std::ios::binary};
+        file.read(reinterpret_cast<char*>(runs.data()), static_cast<std::streamsize>(runs.size() * sizeof(std::uint32_t)));
+        return runs;
+    }
+
+private:
+    std::filesystem::path path_;
+    int count_;
+};
 
 } // namespace test_support

@@ -35,29 +35,6 @@ task<void> settle(future<int>* pending) {
     }
 }
 
-// A zeroed file of `count` 32-bit run counters, removed on destruction.
-class run_counters {
-public:
-    explicit run_counters(int count)
-        : path_(std::filesystem::temp_directory_path() / ("coproc-runs-" + std::to_string(::getpid()))), count_(count) {
-        std::ofstream file{path_, std::ios::binary};
-        const std::vector<char> zeros(static_cast<std::size_t>(count) * sizeof(std::uint32_t), '\0');
-        file.write(zeros.data(), static_cast<std::streamsize>(zeros.size()));
-    }
-    ~run_counters() { std::filesystem::remove(path_); }
-    [[nodiscard]] std::string path() const { return path_.string(); }
-    [[nodiscard]] std::vector<std::uint32_t> read() const {
-        std::vector<std::uint32_t> runs(static_cast<std::size_t>(count_));
-        std::ifstream file{path_, std::ios::binary};
-        file.read(reinterpret_cast<char*>(runs.data()), static_cast<std::streamsize>(runs.size() * sizeof(std::uint32_t)));
-        return runs;
-    }
-
-private:
-    std::filesystem::path path_;
-    int count_;
-};
-
 } // namespace
 
 TEST_CASE("a quick task submitted behind a lone long one gets a worker of its own, not a place behind it") {

@@ -34,6 +34,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <ostream>
 #include <span>
 #include <streambuf>
@@ -49,6 +50,7 @@ namespace coproc::detail {
 class vector_streambuf final : public std::streambuf {
 public:
     explicit vector_streambuf(byte_buffer& out) noexcept : out_(&out) {}
+    void retarget(byte_buffer& out) noexcept { out_ = &out; }
 
 protected:
     std::streamsize xsputn(const char* data, std::streamsize count) override {
@@ -63,6 +65,59 @@ protected:
 
 private:
     byte_buffer* out_;
+};
+
+// The streambuf and std::ostream cereal writes through, aimed at `out`.
+// Constructing a std::ostream and its streambuf (a std::locale each, and the
+// facet look-ups of basic_ios::init) costs about 700 instructions, more than
+// the rest of encoding a small task's arguments or result (callgrind,
+// bench/harness.py); so each thread keeps one pair and aims it at each frame
+// in turn. A nested use (a cereal save function that encodes with coproc)
+// gets a pair of its own.
+class frame_stream {
+public:
+    explicit frame_stream(byte_buffer& out) {
+        kept& mine = kept_pair();
+        if (!mine.busy) {
+            mine.busy = true;
+            mine.buffer.retarget(out);
+            mine.stream.clear();
+            kept_ = &mine;
+            buffer_ = &mine.buffer;
+            stream_ = &mine.stream;
+        } else {
+            own_buffer_.emplace(out);
+            own_stream_.emplace(&*own_buffer_);
+            buffer_ = &*own_buffer_;
+            stream_ = &*own_stream_;
+        }
+    }
+    ~frame_stream() {
+        if (kept_ != nullptr) kept_->busy = false;
+    }
+    frame_stream(const frame_stream&) = delete;
+    frame_stream& operator=(const frame_stream&) = delete;
+
+    [[nodiscard]] vector_streambuf& buffer() noexcept { return *buffer_; }
+    [[nodiscard]] std::ostream& stream() noexcept { return *stream_; }
+
+private:
+    struct kept {
+        byte_buffer none;
+        vector_streambuf buffer{none};
+        std::ostream stream{&buffer};
+        bool busy = false;
+    };
+    static kept& kept_pair() {
+        thread_local kept pair;
+        return pair;
+    }
+
+    kept* kept_ = nullptr;
+    std::optional<vector_streambuf> own_buffer_;
+    std::optional<std::ostream> own_stream_;
+    vector_streambuf* buffer_ = nullptr;
+    std::ostream* stream_ = nullptr;
 };
 
 // Advises MADV_HUGEPAGE for the whole 2 MiB pages inside [data, data + size):
@@ -188,10 +243,9 @@ concept serializable = cereal::traits::is_output_serializable<T, cereal::BinaryO
 // Appends the binary encoding of `values...` to `out`.
 template <class... T>
 void encode_into(byte_buffer& out, const T&... values) {
-    vector_streambuf buffer{out};
-    std::ostream stream{&buffer};
-    cereal::BinaryOutputArchive archive{stream};
-    (encode_value(buffer, archive, values), ...);
+    frame_stream stream{out};
+    cereal::BinaryOutputArchive archive{stream.stream()};
+    (encode_value(stream.buffer(), archive, values), ...);
 }
 
 // Bytes that go on the wire from where they are instead of being copied into
@@ -270,10 +324,9 @@ void encode_value_attaching(vector_streambuf& out, byte_buffer& bytes, std::vect
 // into `attached` rather than copied into `out`.
 template <class... T>
 void encode_attaching(byte_buffer& out, std::vector<attached_bytes>& attached, T&&... values) {
-    vector_streambuf buffer{out};
-    std::ostream stream{&buffer};
-    cereal::BinaryOutputArchive archive{stream};
-    (encode_value_attaching(buffer, out, attached, archive, std::forward<T>(values)), ...);
+    frame_stream stream{out};
+    cereal::BinaryOutputArchive archive{stream.stream()};
+    (encode_value_attaching(stream.buffer(), out, attached, archive, std::forward<T>(values)), ...);
 }
 
 // `bytes` with the `attached` parts spliced in at their offsets: the iovecs

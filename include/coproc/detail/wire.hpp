@@ -11,7 +11,12 @@
 //   HELLO   worker -> parent  u16 protocol version, i32 pid
 //   CALL    parent -> worker  u64 function id, then the arguments (flag
 //                             `chunk`: a vector of argument tuples, for map)
-//   START   worker -> parent  (none): the task with this work id began running
+//   START   worker -> parent  the task with this work id began running: no
+//                             payload when sent before the task ran, or a
+//                             u32 of the microseconds it had run when sent
+//                             late (protocol 3: with its RESULT when the task
+//                             was short, else soon after it began; see the
+//                             start word below)
 //   RESULT  worker -> parent  the function's value (nothing for void); flag
 //                             `partial`: a chunk's results before its failing
 //                             input, followed by the chunk's ERROR
@@ -36,7 +41,18 @@
 
 namespace coproc::detail::wire {
 
-inline constexpr std::uint16_t protocol_version = 2;
+inline constexpr std::uint16_t protocol_version = 3;
+
+// The start word: 8 bytes of shared memory (a memfd the parent maps and
+// passes to the worker as this descriptor, named by the environment
+// variable below) where the worker stores the work id of each task before
+// running it. It says which task was running when a worker died, START sent
+// or not, so a worker may send START late, with the RESULT of a short task
+// in one send, and a task that started is still never run twice. A worker
+// without it (the variable unset, or the mapping failed) sends START before
+// each task.
+inline constexpr int start_word_descriptor = 4;
+inline constexpr const char* start_word_variable = "COPROC_START_WORD_FD";
 
 enum class frame_kind : std::uint16_t {
     hello = 1,
