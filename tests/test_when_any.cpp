@@ -107,3 +107,49 @@ TEST_CASE("when_any over an empty vector is an error") {
     coproc::event_loop loop;
     CHECK_THROWS_AS(loop.run(coproc::when_any(std::vector<task<int>>{})), std::invalid_argument);
 }
+
+namespace {
+
+task<int> cancelled_at_once() {
+    throw coproc::cancelled_error("coproc: cancelled by a stop request");
+    co_return 0;
+}
+
+task<int> value_after_a_turn(coproc::event_loop* loop, int value) {
+    co_await loop->schedule();
+    co_return value;
+}
+
+task<std::variant<int, int>> cancellation_then_value(coproc::event_loop* loop) {
+    co_return co_await coproc::when_any(cancelled_at_once(), value_after_a_turn(loop, 42));
+}
+
+task<coproc::when_any_result<int>> cancellation_then_value_vector(coproc::event_loop* loop) {
+    std::vector<task<int>> bodies;
+    bodies.push_back(cancelled_at_once());
+    bodies.push_back(value_after_a_turn(loop, 7));
+    co_return co_await coproc::when_any(std::move(bodies));
+}
+
+task<int> fails_at_once() {
+    throw std::out_of_range("the winner failed");
+    co_return 0;
+}
+
+task<void> failure_then_value(coproc::event_loop* loop) {
+    co_await coproc::when_any(fails_at_once(), value_after_a_turn(loop, 1));
+}
+
+} // namespace
+
+TEST_CASE("a cancellation never discards a value: a task that ends with one after a cancelled winner wins") {
+    coproc::event_loop loop;
+    const auto outcome = run_bounded(loop, cancellation_then_value(&loop));
+    CHECK(outcome.index() == 1);
+    CHECK(std::get<1>(outcome) == 42);
+    const auto vector_outcome = run_bounded(loop, cancellation_then_value_vector(&loop));
+    CHECK(vector_outcome.index == 1);
+    CHECK(vector_outcome.value == 7);
+    // Any other exception still wins over a later value.
+    CHECK_THROWS_AS(run_bounded(loop, failure_then_value(&loop)), std::out_of_range);
+}

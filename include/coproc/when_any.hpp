@@ -9,10 +9,14 @@
 // they own outlives the call. when_any yields the winner's value or rethrows
 // its exception. A stop of the awaiter's token is passed on to every task;
 // the winner is then whichever ends first, normally with cancelled_error.
+// A cancellation never discards a value: when a task ends with a value after
+// the winner ended with cancelled_error (a stop racing a completion, say a
+// recv that got its bytes), that value wins instead.
 #pragma once
 
 #include <coproc/cancellation.hpp>
 #include <coproc/detail/join.hpp>
+#include <coproc/error.hpp>
 #include <coproc/task.hpp>
 
 #include <array>
@@ -60,6 +64,26 @@ public:
         stop.request_stop();
         return true;
     }
+    // For a child that ended with a value after the winner ended with
+    // cancelled_error: makes it the winner. Children run on their loop's
+    // thread, one at a time, so this needs no more than claim() does.
+    bool claim_over_cancellation(std::size_t index) noexcept {
+        if (!winner_cancelled_) return false;
+        winner_cancelled_ = false;
+        error = nullptr;
+        winner_.store(index, std::memory_order_relaxed);
+        return true;
+    }
+    // Stores the winner's exception.
+    void set_error(std::exception_ptr winner_error) noexcept {
+        try {
+            std::rethrow_exception(winner_error);
+        } catch (const cancelled_error&) {
+            winner_cancelled_ = true;
+        } catch (...) {
+        }
+        error = std::move(winner_error);
+    }
     [[nodiscard]] std::size_t winner() const noexcept { return winner_.load(std::memory_order_relaxed); }
     Value take() {
         if (error) std::rethrow_exception(error);
@@ -73,6 +97,7 @@ public:
 
 private:
     std::atomic<std::size_t> winner_{no_winner};
+    bool winner_cancelled_ = false; // the winner ended with cancelled_error
 };
 
 // Stores the winner's value; a value whose move throws becomes the outcome's
@@ -92,15 +117,17 @@ join_child when_any_child(task<T> body, when_any_control<Variant>* control) {
     try {
         if constexpr (std::is_void_v<T>) {
             co_await std::move(body);
-            if (control->claim(I)) store_winner(control, std::in_place_index<I>);
+            if (control->claim(I) || control->claim_over_cancellation(I)) store_winner(control, std::in_place_index<I>);
         } else {
             auto value = co_await std::move(body);
-            if (control->claim(I)) store_winner(control, std::in_place_index<I>, std::move(value));
+            if (control->claim(I) || control->claim_over_cancellation(I)) {
+                store_winner(control, std::in_place_index<I>, std::move(value));
+            }
         }
     } catch (...) {
         error = std::current_exception();
     }
-    if (error && control->claim(I)) control->error = std::move(error);
+    if (error && control->claim(I)) control->set_error(std::move(error));
 }
 
 template <class T>
@@ -109,15 +136,15 @@ join_child when_any_element(task<T> body, when_any_control<non_void_t<T>>* contr
     try {
         if constexpr (std::is_void_v<T>) {
             co_await std::move(body);
-            if (control->claim(index)) store_winner(control);
+            if (control->claim(index) || control->claim_over_cancellation(index)) store_winner(control);
         } else {
             auto value = co_await std::move(body);
-            if (control->claim(index)) store_winner(control, std::move(value));
+            if (control->claim(index) || control->claim_over_cancellation(index)) store_winner(control, std::move(value));
         }
     } catch (...) {
         error = std::current_exception();
     }
-    if (error && control->claim(index)) control->error = std::move(error);
+    if (error && control->claim(index)) control->set_error(std::move(error));
 }
 
 template <class Bodies, class Variant, std::size_t... I>

@@ -7,7 +7,8 @@
 // stopped), awaited, and coproc::timeout_error is thrown. When the work wins,
 // the timer is cancelled and the work's value is returned or its exception
 // rethrown. A stop of the awaiter's own token cancels both, and the awaiter
-// gets coproc::cancelled_error.
+// gets coproc::cancelled_error, unless the work ended with a value anyway (a
+// cancellation never discards a value; see when_any).
 #pragma once
 
 #include <coproc/error.hpp>
