@@ -148,6 +148,10 @@ public:
                      int signal = SIGKILL) noexcept;
     void initializer_failed(worker_handle& worker, std::exception_ptr cause);
     void idle_timer_fired(worker_handle& worker, std::uint64_t generation);
+    // max_worker_memory: after the worker answered a task, retires it when
+    // its resident memory is over the limit (no more tasks; the ones it
+    // has not started are recalled; BYE once it holds none).
+    void retire_if_over_memory(worker_handle& worker);
     [[nodiscard]] std::chrono::milliseconds idle_timeout() const noexcept { return options_.idle_timeout; }
 
     event_loop& loop;
@@ -263,6 +267,7 @@ private:
     std::atomic<std::size_t> killed_for_cancel_{0};
     std::atomic<std::size_t> cancelling_{0}; // cancelled, still in a worker (stats().tasks_cancelling)
     std::atomic<std::size_t> moved_{0};      // given back unrun by a busy worker (stats().tasks_moved)
+    std::atomic<std::size_t> retired_for_memory_{0}; // stats().workers_retired_for_memory
 };
 
 } // namespace coproc::detail

@@ -228,6 +228,7 @@ pool_stats pool_core::stats() const {
     result.workers_killed_for_cancel = killed_for_cancel_.load(std::memory_order_relaxed);
     result.tasks_cancelling = cancelling_.load(std::memory_order_relaxed);
     result.tasks_moved = moved_.load(std::memory_order_relaxed);
+    result.workers_retired_for_memory = retired_for_memory_.load(std::memory_order_relaxed);
     return result;
 }
 

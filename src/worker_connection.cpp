@@ -313,6 +313,8 @@ void pool_core::handle_answer(worker_handle& worker, std::deque<work_item*>::ite
         average = average <= 0 ? run_us : 0.8 * average + 0.2 * run_us;
     }
     worker.assigned.erase(position);
+    // Before the dispatch below, which would otherwise send it more work.
+    retire_if_over_memory(worker);
     bool already_final;
     {
         std::lock_guard lock{mutex_};

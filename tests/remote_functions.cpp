@@ -25,6 +25,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 #include <atomic>
+#include <memory>
+#include <vector>
 
 #include <coproc/worker.hpp>
 
@@ -409,6 +411,24 @@ int count_run(std::string path, int index, int value) {
 int count_run_slowly(std::string path, int index, int milliseconds) {
     std::this_thread::sleep_for(std::chrono::milliseconds{milliseconds});
     (void)count_run(std::move(path), index, 0);
+    return static_cast<int>(::getpid());
+}
+
+std::uint64_t resident_memory() {
+    std::ifstream statm{"/proc/self/statm"};
+    std::uint64_t size = 0;
+    std::uint64_t resident = 0;
+    statm >> size >> resident;
+    return resident * static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
+}
+
+int hold_memory(int mebibytes, int milliseconds) {
+    static std::vector<std::unique_ptr<char[]>> kept;
+    const std::size_t size = static_cast<std::size_t>(mebibytes) << 20;
+    auto block = std::make_unique_for_overwrite<char[]>(size);
+    for (std::size_t at = 0; at < size; at += 4096) block[at] = static_cast<char>(at);
+    kept.push_back(std::move(block));
+    std::this_thread::sleep_for(std::chrono::milliseconds{milliseconds});
     return static_cast<int>(::getpid());
 }
 

@@ -109,6 +109,12 @@ void send_frame_for_unknown_work();
 int count_run(std::string path, int index, int value);
 // count_run after sleeping `milliseconds`; returns the worker's pid.
 int count_run_slowly(std::string path, int index, int milliseconds);
+// This worker's resident memory in bytes (/proc/self/statm).
+std::uint64_t resident_memory();
+// Allocates `mebibytes` MiB, touches every page and keeps it for the rest of
+// the worker's life (a leak, on purpose), then sleeps `milliseconds`;
+// returns the worker's pid.
+int hold_memory(int mebibytes, int milliseconds);
 // Sends an ERROR frame for `work_id` whose payload does not decode, then hangs.
 void send_undecodable_error(std::uint64_t work_id);
 // Sends the header of a RESULT frame of `size` bytes for `work_id` and the
