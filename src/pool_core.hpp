@@ -107,6 +107,7 @@ public:
     bool await(work_item& item, std::coroutine_handle<> awaiting);
     void forget(work_item& item, std::coroutine_handle<> awaiting) noexcept;
     void add_callback(work_item& item, std::function<void()> callback);
+    void set_progress_callback(work_item& item, std::function<void(double)> callback);
     void on_worker_exit(worker_handle& worker);
     void spawn_retry_fired();
 
@@ -132,6 +133,8 @@ public:
     void end_block_result(worker_handle& worker, work_item* item, bool complete);
     std::vector<spare_block> take_sent_blocks(work_item& item, const void* tag);
     void on_reader_done(worker_handle& worker);
+    // A PROGRESS for `item`: its latest_progress, and its callback posted.
+    void deliver_progress(work_item& item, double value);
 
     // --- worker_process.cpp: a worker's life; coroutine bodies
     void cancel_in_worker(std::uint64_t id, int pid, bool kill_now);
@@ -165,6 +168,7 @@ private:
         std::coroutine_handle<> awaiter{};
         std::vector<std::function<void()>> callbacks;
         std::optional<std::stop_source> deadline_stop;
+        std::shared_ptr<const std::function<void(double)>> progress_callback;
     };
     // Makes the item final: true when this call did (it was not already).
     bool complete(work_item* item, work_state state, std::exception_ptr error) noexcept;

@@ -129,7 +129,8 @@ pool_core::pool_core(event_loop& event_loop, process_pool_options opts)
         for (const auto& [name, value] : options_.environment) {
             if (entry.size() > name.size() && entry.starts_with(name) && entry[name.size()] == '=') return true;
         }
-        return entry.starts_with("COPROC_PARENT_PID=") || entry.starts_with("COPROC_KEEP_RESULT_MS=");
+        return entry.starts_with("COPROC_PARENT_PID=") || entry.starts_with("COPROC_KEEP_RESULT_MS=") ||
+               entry.starts_with("COPROC_PROGRESS_INTERVAL_MS=");
     };
     for (char** entry = environ; entry != nullptr && *entry != nullptr; ++entry) {
         if (!replaced(*entry)) environment_storage_.emplace_back(*entry);
@@ -138,6 +139,8 @@ pool_core::pool_core(event_loop& event_loop, process_pool_options opts)
     environment_storage_.push_back("COPROC_PARENT_PID=" + std::to_string(::getpid()));
     const std::int64_t keep_ms = std::max<std::int64_t>(0, options_.keep_result_memory.count());
     environment_storage_.push_back("COPROC_KEEP_RESULT_MS=" + std::to_string(keep_ms));
+    const std::int64_t progress_ms = std::max<std::int64_t>(0, options_.progress_interval.count());
+    environment_storage_.push_back("COPROC_PROGRESS_INTERVAL_MS=" + std::to_string(progress_ms));
     if (options_.huge_pages) add_huge_page_tunable(environment_storage_);
 }
 
@@ -289,6 +292,11 @@ void add_work_item_callback(work_item& item, std::function<void()> callback) {
         return;
     }
     item.pool->add_callback(item, std::move(callback));
+}
+
+void set_work_item_progress_callback(work_item& item, std::function<void(double)> callback) {
+    if (is_final(item.state())) return; // made ready, or ended: no report will come
+    item.pool->set_progress_callback(item, std::move(callback));
 }
 
 void report_callback_error(const work_item& item, std::exception_ptr error) noexcept {

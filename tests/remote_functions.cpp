@@ -28,6 +28,7 @@
 #include <memory>
 #include <vector>
 
+#include <coproc/progress.hpp>
 #include <coproc/worker.hpp>
 
 COPROC_REGISTER_EXCEPTION(pool_test::quota_exceeded);
@@ -413,6 +414,39 @@ int count_run_slowly(std::string path, int index, int milliseconds) {
     (void)count_run(std::move(path), index, 0);
     return static_cast<int>(::getpid());
 }
+
+int report_steps(int steps, int milliseconds) {
+    for (int i = 1; i <= steps; ++i) {
+        std::this_thread::sleep_for(std::chrono::milliseconds{milliseconds});
+        coproc::report_progress(i);
+    }
+    return steps;
+}
+
+int report_chattily(int milliseconds, int minimum) {
+    const auto end = std::chrono::steady_clock::now() + std::chrono::milliseconds{milliseconds};
+    int reports = 0;
+    while (reports < minimum || std::chrono::steady_clock::now() < end) coproc::report_progress(++reports);
+    return reports;
+}
+
+int report_then_fail(double value) {
+    coproc::report_progress(value);
+    throw std::runtime_error("failed after reporting progress");
+}
+
+int report_until_stopped(std::stop_token token) {
+    int reports = 0;
+    int after_stop = 0;
+    while (after_stop < 5) {
+        after_stop += token.stop_requested();
+        coproc::report_progress(++reports);
+        std::this_thread::sleep_for(std::chrono::milliseconds{10});
+    }
+    return reports;
+}
+
+void initialize_reporting() { coproc::report_progress(0.5); }
 
 std::uint64_t resident_memory() {
     std::ifstream statm{"/proc/self/statm"};

@@ -109,6 +109,20 @@ void send_frame_for_unknown_work();
 int count_run(std::string path, int index, int value);
 // count_run after sleeping `milliseconds`; returns the worker's pid.
 int count_run_slowly(std::string path, int index, int milliseconds);
+// Progress (coproc::report_progress): reports 1, 2, ... `steps`, one every
+// `milliseconds`, and returns `steps`.
+int report_steps(int steps, int milliseconds);
+// Reports 1, 2, 3, ... as fast as it can for `milliseconds` (at least
+// `minimum` reports), and returns the number of reports made.
+int report_chattily(int milliseconds, int minimum);
+// Reports `value`, then throws std::runtime_error.
+int report_then_fail(double value);
+// Reports 1, 2, ... every 10 ms until its token is stopped, and 5 times more
+// after that (a task that takes a moment to stop); returns the count.
+int report_until_stopped(std::stop_token token);
+// An initializer that reports progress (which does nothing there).
+void initialize_reporting();
+
 // This worker's resident memory in bytes (/proc/self/statm).
 std::uint64_t resident_memory();
 // Allocates `mebibytes` MiB, touches every page and keeps it for the rest of

@@ -28,6 +28,7 @@
 #include <coproc/detail/work_item.hpp>
 #include <coproc/event_loop.hpp>
 #include <coproc/future.hpp>
+#include <coproc/progress.hpp>
 #include <coproc/task.hpp>
 #include <coproc/worker.hpp>
 
@@ -168,6 +169,11 @@ struct process_pool_options {
     // How long a cancelled running task may take to return (it should
     // honour its std::stop_token) before its worker is killed and replaced.
     std::chrono::milliseconds cancel_grace{1000};
+    // A task's progress reports (coproc::report_progress) reach the parent
+    // at most once per this interval; between, the worker keeps only the
+    // latest, and sends it before the task's answer. Zero: every report is
+    // sent.
+    std::chrono::milliseconds progress_interval{50};
     // Tasks waiting in the parent for a worker, at most; 0: no bound. When
     // reached, submit throws queue_full, try_submit returns nothing and
     // co_await submit_async waits for room: memory stays bounded.

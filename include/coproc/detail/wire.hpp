@@ -22,6 +22,9 @@
 //                             if it has not started (another worker is idle)
 //   RECALLED worker -> parent (none): the task was given back unrun; a task
 //                             already started is not, and nothing is sent
+//   PROGRESS worker -> parent double: report_progress of the running task
+//                             with this work id (throttled by the worker;
+//                             the last one comes before its RESULT or ERROR)
 #pragma once
 
 #include <coproc/detail/byte_buffer.hpp>
@@ -36,7 +39,7 @@
 
 namespace coproc::detail::wire {
 
-inline constexpr std::uint16_t protocol_version = 2;
+inline constexpr std::uint16_t protocol_version = 3;
 
 enum class frame_kind : std::uint16_t {
     hello = 1,
@@ -48,6 +51,7 @@ enum class frame_kind : std::uint16_t {
     bye = 7,
     recall = 8,
     recalled = 9,
+    progress = 10,
 };
 
 // Bits of frame_header::flags.
