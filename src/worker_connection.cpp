@@ -446,6 +446,11 @@ void pool_core::deliver_progress(work_item& item, double value) {
     if (!callback) return;
     // Posted, never run here (a callback may do anything, even destroy the
     // pool). It holds the item, to skip the call once the task was cancelled.
+    // It runs before a coroutine suspended awaiting the item resumes, as
+    // future::on_progress promises: the awaiter is scheduled later (by the
+    // answer that follows), and each loop iteration runs the functions
+    // posted before the coroutines made ready (event_loop.cpp);
+    // test_progress checks it.
     item.retain();
     const std::shared_ptr<work_item> held{&item, [](work_item* kept) { kept->release(); }};
     loop.post([callback = std::move(callback), held, value] {

@@ -22,6 +22,7 @@ struct progress_log {
     bool all_on_loop_thread = true;
     std::size_t seen_when_done = 0;
     bool done_called = false;
+    std::size_t seen_when_resumed = 0;
 };
 
 void watch(future<int>& pending, progress_log& log, std::thread::id loop_thread) {
@@ -36,8 +37,9 @@ void watch(future<int>& pending, progress_log& log, std::thread::id loop_thread)
 }
 
 // Awaits the future, then lets the loop run the callbacks posted with its end.
-task<int> value_then_callbacks(coproc::event_loop* loop, future<int>* pending, const progress_log* log) {
+task<int> value_then_callbacks(coproc::event_loop* loop, future<int>* pending, progress_log* log) {
     const int value = co_await *pending;
+    log->seen_when_resumed = log->values.size();
     while (!log->done_called) co_await loop->sleep_for(std::chrono::milliseconds{1});
     co_return value;
 }
@@ -53,7 +55,7 @@ task<void> settle(future<int>* pending) {
 
 } // namespace
 
-TEST_CASE("progress reports reach on_progress on the loop thread, in order, all before the future's done callbacks") {
+TEST_CASE("progress reports reach on_progress on the loop thread, in order, all before the awaiter resumes and the done callbacks run") {
     coproc::event_loop loop;
     coproc::process_pool pool{loop, {.max_workers = 1}};
     progress_log log;
@@ -64,6 +66,7 @@ TEST_CASE("progress reports reach on_progress on the loop thread, in order, all 
     CHECK(log.values == std::vector<double>{1, 2, 3, 4, 5});
     CHECK(log.all_on_loop_thread);
     CHECK(log.seen_when_done == 5);
+    CHECK(log.seen_when_resumed == 5);
     CHECK(pending.latest_progress() == 5.0);
 }
 
@@ -85,6 +88,7 @@ TEST_CASE("a chatty task does not flood the parent: one report per progress_inte
     CHECK(log.values.back() == static_cast<double>(reports)); // the last report, though held back
     CHECK(pending.latest_progress() == static_cast<double>(reports));
     CHECK(log.seen_when_done == log.values.size());
+    CHECK(log.seen_when_resumed == log.values.size());
 }
 
 TEST_CASE("progress_interval = 0 sends every report") {

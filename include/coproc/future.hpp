@@ -189,9 +189,11 @@ public:
     // (process_pool_options::progress_interval), so a chatty task does not
     // flood the loop, and sends the last one before its answer: every report
     // that reached the parent before the task ended is called before the
-    // future's done callbacks (posted after it); a coroutine awaiting the
-    // future may resume before the last calls ran, but latest_progress() is
-    // already up to date then. Nothing is called for reports that arrive
+    // future's done callbacks run, and before a coroutine suspended awaiting
+    // the future resumes. A coroutine that awaits the future only once it
+    // has ended (no suspension) may go on before the last calls ran: what
+    // the callback refers to should outlive the loop's run, or be held by
+    // the callback. Nothing is called for reports that arrive
     // after cancel(), nor for a future that is already final, nor for one
     // made ready. A second call replaces the callback. An exception escaping
     // it goes to the loop's unhandled-exception handler. Thread-safe; throws
