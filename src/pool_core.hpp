@@ -107,6 +107,7 @@ public:
     bool await(work_item& item, std::coroutine_handle<> awaiting);
     void forget(work_item& item, std::coroutine_handle<> awaiting) noexcept;
     void add_callback(work_item& item, std::function<void()> callback);
+    void set_progress_callback(work_item& item, std::function<void(double)> callback);
     void on_worker_exit(worker_handle& worker);
     void spawn_retry_fired();
 
@@ -132,6 +133,8 @@ public:
     void end_block_result(worker_handle& worker, work_item* item, bool complete);
     std::vector<spare_block> take_sent_blocks(work_item& item, const void* tag);
     void on_reader_done(worker_handle& worker);
+    // A PROGRESS for `item`: its latest_progress, and its callback posted.
+    void deliver_progress(work_item& item, double value);
 
     // --- worker_process.cpp: a worker's life; coroutine bodies
     void cancel_in_worker(std::uint64_t id, int pid, bool kill_now, bool kill_after_grace = true);
@@ -148,6 +151,10 @@ public:
                      int signal = SIGKILL) noexcept;
     void initializer_failed(worker_handle& worker, std::exception_ptr cause);
     void idle_timer_fired(worker_handle& worker, std::uint64_t generation);
+    // max_worker_memory: after the worker answered a task, retires it when
+    // its resident memory is over the limit (no more tasks; the ones it
+    // has not started are recalled; BYE once it holds none).
+    void retire_if_over_memory(worker_handle& worker);
     [[nodiscard]] std::chrono::milliseconds idle_timeout() const noexcept { return options_.idle_timeout; }
 
     event_loop& loop;
@@ -165,6 +172,7 @@ private:
         std::coroutine_handle<> awaiter{};
         std::vector<std::function<void()>> callbacks;
         std::optional<std::stop_source> deadline_stop;
+        std::shared_ptr<const std::function<void(double)>> progress_callback;
     };
     // Makes the item final: true when this call did (it was not already).
     bool complete(work_item* item, work_state state, std::exception_ptr error) noexcept;
@@ -267,6 +275,7 @@ private:
     std::atomic<std::size_t> killed_for_cancel_{0};
     std::atomic<std::size_t> cancelling_{0}; // cancelled, still in a worker (stats().tasks_cancelling)
     std::atomic<std::size_t> moved_{0};      // given back unrun by a busy worker (stats().tasks_moved)
+    std::atomic<std::size_t> retired_for_memory_{0}; // stats().workers_retired_for_memory
 };
 
 } // namespace coproc::detail

@@ -266,6 +266,12 @@ void pool_core::add_callback(work_item& item, std::function<void()> callback) {
     callback();
 }
 
+void pool_core::set_progress_callback(work_item& item, std::function<void(double)> callback) {
+    auto shared = std::make_shared<const std::function<void(double)>>(std::move(callback));
+    std::lock_guard lock{mutex_};
+    if (!is_final(item.state())) item.progress_callback = std::move(shared);
+}
+
 bool pool_core::complete(work_item* item, work_state state, std::exception_ptr error) noexcept {
     completion done;
     {
@@ -283,6 +289,8 @@ bool pool_core::finalize_locked(work_item& item, work_state state, std::exceptio
     done.awaiter = std::exchange(item.awaiter, {});
     done.callbacks.swap(item.callbacks);
     done.deadline_stop = std::move(item.deadline_stop);
+    // Freed by deliver, outside the mutex: what it holds may be anything.
+    done.progress_callback = std::move(item.progress_callback);
     item.arguments = {};
     item.attached = {};
     item.set_state(state); // release: publishes value and error

@@ -130,7 +130,8 @@ pool_core::pool_core(event_loop& event_loop, process_pool_options opts)
             if (entry.size() > name.size() && entry.starts_with(name) && entry[name.size()] == '=') return true;
         }
         return entry.starts_with("COPROC_PARENT_PID=") || entry.starts_with("COPROC_KEEP_RESULT_MS=") ||
-               entry.starts_with(std::string(wire::start_word_variable) + "=");
+               entry.starts_with(std::string(wire::start_word_variable) + "=") ||
+               entry.starts_with("COPROC_PROGRESS_INTERVAL_MS=");
     };
     for (char** entry = environ; entry != nullptr && *entry != nullptr; ++entry) {
         if (!replaced(*entry)) environment_storage_.emplace_back(*entry);
@@ -143,6 +144,8 @@ pool_core::pool_core(event_loop& event_loop, process_pool_options opts)
     // finds nothing at the descriptor and sends START before each task.
     environment_storage_.push_back(std::string(wire::start_word_variable) + "=" +
                                    std::to_string(wire::start_word_descriptor));
+    const std::int64_t progress_ms = std::max<std::int64_t>(0, options_.progress_interval.count());
+    environment_storage_.push_back("COPROC_PROGRESS_INTERVAL_MS=" + std::to_string(progress_ms));
     if (options_.huge_pages) add_huge_page_tunable(environment_storage_);
 }
 
@@ -233,6 +236,7 @@ pool_stats pool_core::stats() const {
     result.workers_killed_for_cancel = killed_for_cancel_.load(std::memory_order_relaxed);
     result.tasks_cancelling = cancelling_.load(std::memory_order_relaxed);
     result.tasks_moved = moved_.load(std::memory_order_relaxed);
+    result.workers_retired_for_memory = retired_for_memory_.load(std::memory_order_relaxed);
     return result;
 }
 
@@ -293,6 +297,11 @@ void add_work_item_callback(work_item& item, std::function<void()> callback) {
         return;
     }
     item.pool->add_callback(item, std::move(callback));
+}
+
+void set_work_item_progress_callback(work_item& item, std::function<void(double)> callback) {
+    if (is_final(item.state())) return; // made ready, or ended: no report will come
+    item.pool->set_progress_callback(item, std::move(callback));
 }
 
 void report_callback_error(const work_item& item, std::exception_ptr error) noexcept {

@@ -42,6 +42,7 @@
 // nothing else to wait for. Writes from both threads go through one mutex, so
 // frames never interleave; a result is encoded completely before any of it is
 // written, so a failure while encoding never leaves half a frame behind.
+#include "task_progress.hpp"
 
 #include <coproc/detail/remote_function.hpp>
 #include <coproc/detail/wire.hpp>
@@ -257,6 +258,10 @@ private:
         detail::encode_into(frame, wire::protocol_version, static_cast<std::int32_t>(::getpid()));
         wire::finish_frame(frame, offset);
         send(frame);
+    }
+
+    static void send_frame(void* session, const detail::byte_buffer& frame) {
+        static_cast<worker_session*>(session)->send(frame);
     }
 
     void send(const detail::byte_buffer& frame) {
@@ -699,11 +704,16 @@ private:
         std::size_t offset = 0; // of the RESULT frame
         try {
             offset = wire::begin_frame(reply.bytes, wire::frame_kind::result, task.work_id);
+            // report_progress in the task; a report it holds back goes out
+            // when this ends, before the answer.
+            std::optional<detail::task_progress> progress;
+            if ((task.flags & wire::frame_flag::initializer) == 0) progress.emplace(task.work_id, &send_frame, this);
             if (task.prepared.values) {
                 function->invoke_prepared(task.prepared.values.get(), reply.bytes, reply.attached, std::move(token));
             } else {
                 invoke(arguments, reply.bytes, reply.attached, std::move(token));
             }
+            progress.reset();
             if ((task.flags & wire::frame_flag::initializer) != 0) { // its value is not used
                 reply.bytes.resize(offset + wire::header_size);
                 reply.attached.clear();

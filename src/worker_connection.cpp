@@ -14,7 +14,8 @@
 // Out: CALL (dispatch, and the initializer's after HELLO), CANCEL
 // (cancel_in_worker), BYE (send_bye), queued in the worker's outbox. In:
 // HELLO, START, RESULT (a partial one of a map chunk; a large one received
-// in place, into the future's value), ERROR. Anything else is a
+// in place, into the future's value), ERROR, RECALLED, PROGRESS (the
+// future's latest_progress and on_progress callback). Anything else is a
 // protocol_violation, which kills the worker.
 
 #include "worker_connection.hpp"
@@ -30,6 +31,8 @@
 #include <climits>
 #include <cstring>
 #include <exception>
+#include <functional>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <system_error>
@@ -288,7 +291,7 @@ void pool_core::handle_frames(worker_handle& worker, std::span<const std::byte> 
             continue;
         }
         if (kind != wire::frame_kind::start && kind != wire::frame_kind::result && kind != wire::frame_kind::error &&
-            kind != wire::frame_kind::recalled) {
+            kind != wire::frame_kind::recalled && kind != wire::frame_kind::progress) {
             throw protocol_violation("a frame of unknown kind " + std::to_string(header.kind));
         }
         const auto position = std::find_if(worker.assigned.begin(), worker.assigned.end(),
@@ -320,6 +323,26 @@ void pool_core::handle_frames(worker_handle& worker, std::span<const std::byte> 
             take_back(item);
             continue;
         }
+        if (kind == wire::frame_kind::progress) {
+            double value = 0;
+            try {
+                decode_from(payload, value);
+            } catch (const std::exception& e) {
+                throw protocol_violation(std::string("an undecodable PROGRESS frame: ") + e.what());
+            }
+            if (item->state() == work_state::dispatched) {
+                // Only a task that runs reports: it started, even if its
+                // START has not arrived (the worker sends START first today;
+                // this keeps a worker that sends it late from looking
+                // unstarted, and so from being run twice after a crash).
+                item->recalling = false;
+                item->started = std::chrono::steady_clock::now();
+                std::lock_guard lock{mutex_};
+                if (item->state() == work_state::dispatched) item->set_state(work_state::running);
+            }
+            deliver_progress(*item, value);
+            continue;
+        }
         if (kind == wire::frame_kind::start) {
             item->recalling = false; // it started: no RECALLED will come
             // A late START says how long the task had run by then, so that
@@ -345,6 +368,8 @@ void pool_core::handle_answer(worker_handle& worker, std::deque<work_item*>::ite
         average = average <= 0 ? run_us : 0.8 * average + 0.2 * run_us;
     }
     worker.assigned.erase(position);
+    // Before the dispatch below, which would otherwise send it more work.
+    retire_if_over_memory(worker);
     bool already_final;
     {
         std::lock_guard lock{mutex_};
@@ -439,6 +464,30 @@ void pool_core::end_block_result(worker_handle& worker, work_item* item, bool co
     // worker was killed meanwhile. Either way its death settles the item.
     if (complete && position != worker.assigned.end()) handle_answer(worker, position, wire::frame_kind::result, {}, true);
     item->release();
+}
+
+void pool_core::deliver_progress(work_item& item, double value) {
+    std::shared_ptr<const std::function<void(double)>> callback;
+    {
+        std::lock_guard lock{mutex_};
+        if (is_final(item.state())) return; // cancelled meanwhile: its reports are dropped
+        callback = item.progress_callback;
+    }
+    item.progress.store(value, std::memory_order_relaxed);
+    item.progress_reports.fetch_add(1, std::memory_order_release); // see work_item::progress_reports
+    if (!callback) return;
+    // Posted, never run here (a callback may do anything, even destroy the
+    // pool). It holds the item, to skip the call once the task was cancelled.
+    // It runs before a coroutine suspended awaiting the item resumes, as
+    // future::on_progress promises: the awaiter is scheduled later (by the
+    // answer that follows), and each loop iteration runs the functions
+    // posted before the coroutines made ready (event_loop.cpp);
+    // test_progress checks it.
+    item.retain();
+    const std::shared_ptr<work_item> held{&item, [](work_item* kept) { kept->release(); }};
+    loop.post([callback = std::move(callback), held, value] {
+        if (held->state() != work_state::cancelled) (*callback)(value);
+    });
 }
 
 void pool_core::on_reader_done(worker_handle& worker) {

@@ -14,6 +14,7 @@
 // Worker phases:
 //
 //   starting --HELLO--> [initializing --RESULT 0-->] ready --(max_tasks_per_child,
+//       |                    |                          |    max_worker_memory,
 //       |                    |                          |    idle_timeout, shutdown)--> retiring
 //       +--------------------+--------------------------+------(process exits)------------+--> exited
 //
@@ -40,6 +41,7 @@
 #include <algorithm>
 #include <string_view>
 #include <cerrno>
+#include <cstdio>
 #include <csignal>
 #include <cstring>
 #include <memory>
@@ -240,6 +242,23 @@ std::string describe_exit(const ::siginfo_t& info) {
 
 task<void> sleep_idle(event_loop* loop, std::chrono::milliseconds duration) { co_await loop->sleep_for(duration); }
 
+std::size_t resident_bytes(int pid) {
+    // "size resident shared text lib data dt", in pages. One read of a
+    // small file: about as costly as a few system calls.
+    const std::string path = "/proc/" + std::to_string(pid) + "/statm";
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 0;
+    char text[128];
+    const ssize_t got = ::read(fd, text, sizeof text - 1);
+    ::close(fd);
+    if (got <= 0) return 0;
+    text[got] = '\0';
+    unsigned long long size = 0;
+    unsigned long long resident = 0;
+    if (std::sscanf(text, "%llu %llu", &size, &resident) != 2) return 0;
+    return static_cast<std::size_t>(resident) * static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+}
+
 // --- start (loop thread)
 
 std::vector<char*> pool_core::worker_environment() {
@@ -384,6 +403,31 @@ void pool_core::idle_timer_fired(worker_handle& worker, std::uint64_t generation
     }
     send_bye(worker);
     if (!worker.writing) start_writer(worker);
+}
+
+// --- max_worker_memory (loop thread)
+
+void pool_core::retire_if_over_memory(worker_handle& worker) {
+    // Only a ready worker: one retiring already finishes what it holds, and
+    // one condemned or reaped is gone. The pid is still this worker's: it
+    // has not been reaped.
+    if (options_.max_worker_memory == 0 || worker.state != worker_handle::phase::ready || worker.condemned ||
+        worker.reaped) {
+        return;
+    }
+    if (resident_bytes(worker.pid) <= options_.max_worker_memory) return;
+    worker.state = worker_handle::phase::retiring; // dispatch sends nothing more, and BYE once it holds nothing
+    retired_for_memory_.fetch_add(1, std::memory_order_relaxed);
+    // What it holds and has not started runs elsewhere: RECALL, as for a
+    // moved task. One it has started meanwhile runs here; no RECALLED comes.
+    bool recalled = false;
+    for (work_item* item : worker.assigned) {
+        if (item->state() != work_state::dispatched || item->recalling) continue;
+        item->recalling = true;
+        worker.queued.add_frame(wire::frame_kind::recall, item->id);
+        recalled = true;
+    }
+    if (recalled && !worker.writing) start_writer(worker);
 }
 
 void pool_core::cancel_in_worker(std::uint64_t id, int pid, bool kill_now, bool kill_after_grace) {

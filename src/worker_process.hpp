@@ -11,6 +11,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <cstddef>
 #include <string>
 #include <vector>
 
@@ -55,5 +56,8 @@ bool failed_by_itself(const ::siginfo_t& info);
 std::string describe_shortage(int error);
 std::string describe_exit(const ::siginfo_t& info);
 task<void> sleep_idle(event_loop* loop, std::chrono::milliseconds duration);
+// The resident memory of process `pid` (/proc/PID/statm), in bytes; 0 when
+// it cannot be read.
+std::size_t resident_bytes(int pid);
 
 } // namespace coproc::detail

@@ -25,7 +25,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 #include <atomic>
+#include <memory>
+#include <vector>
 
+#include <coproc/progress.hpp>
 #include <coproc/worker.hpp>
 
 COPROC_REGISTER_EXCEPTION(pool_test::quota_exceeded);
@@ -432,6 +435,55 @@ int count_run_then_die(std::string path, int index) {
 std::int64_t monotonic_ns(int tag) {
     (void)tag;
     return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
+int report_steps(int steps, int milliseconds) {
+    for (int i = 1; i <= steps; ++i) {
+        std::this_thread::sleep_for(std::chrono::milliseconds{milliseconds});
+        coproc::report_progress(i);
+    }
+    return steps;
+}
+
+int report_chattily(int milliseconds, int minimum) {
+    const auto end = std::chrono::steady_clock::now() + std::chrono::milliseconds{milliseconds};
+    int reports = 0;
+    while (reports < minimum || std::chrono::steady_clock::now() < end) coproc::report_progress(++reports);
+    return reports;
+}
+
+int report_then_fail(double value) {
+    coproc::report_progress(value);
+    throw std::runtime_error("failed after reporting progress");
+}
+
+int report_until_stopped(std::stop_token token) {
+    int reports = 0;
+    int after_stop = 0;
+    while (after_stop < 5) {
+        after_stop += token.stop_requested();
+        coproc::report_progress(++reports);
+        std::this_thread::sleep_for(std::chrono::milliseconds{10});
+    }
+    return reports;
+}
+
+void initialize_reporting() { coproc::report_progress(0.5); }
+
+std::uint64_t resident_memory() {
+    std::ifstream statm{"/proc/self/statm"};
+    std::uint64_t size = 0;
+    std::uint64_t resident = 0;
+    statm >> size >> resident;
+    return resident * static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
+}
+
+int hold_memory(int mebibytes, int milliseconds) {
+    static std::vector<std::unique_ptr<char[]>> kept;
+    const std::size_t size = static_cast<std::size_t>(mebibytes) << 20;
+    auto block = std::make_unique_for_overwrite<char[]>(size);
+    for (std::size_t at = 0; at < size; at += 4096) block[at] = static_cast<char>(at);
+    kept.push_back(std::move(block));
+    std::this_thread::sleep_for(std::chrono::milliseconds{milliseconds});
+    return static_cast<int>(::getpid());
 }
 
 void send_undecodable_error(std::uint64_t work_id) {

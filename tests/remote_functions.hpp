@@ -117,6 +117,26 @@ int count_run_then_die(std::string path, int index);
 // CLOCK_MONOTONIC (the same clock in every process) when the task ran, in
 // ns: tells in which order a worker ran tasks. `tag` is only passed along.
 std::int64_t monotonic_ns(int tag);
+// Progress (coproc::report_progress): reports 1, 2, ... `steps`, one every
+// `milliseconds`, and returns `steps`.
+int report_steps(int steps, int milliseconds);
+// Reports 1, 2, 3, ... as fast as it can for `milliseconds` (at least
+// `minimum` reports), and returns the number of reports made.
+int report_chattily(int milliseconds, int minimum);
+// Reports `value`, then throws std::runtime_error.
+int report_then_fail(double value);
+// Reports 1, 2, ... every 10 ms until its token is stopped, and 5 times more
+// after that (a task that takes a moment to stop); returns the count.
+int report_until_stopped(std::stop_token token);
+// An initializer that reports progress (which does nothing there).
+void initialize_reporting();
+
+// This worker's resident memory in bytes (/proc/self/statm).
+std::uint64_t resident_memory();
+// Allocates `mebibytes` MiB, touches every page and keeps it for the rest of
+// the worker's life (a leak, on purpose), then sleeps `milliseconds`;
+// returns the worker's pid.
+int hold_memory(int mebibytes, int milliseconds);
 // Sends an ERROR frame for `work_id` whose payload does not decode, then hangs.
 void send_undecodable_error(std::uint64_t work_id);
 // Sends the header of a RESULT frame of `size` bytes for `work_id` and the

@@ -5,6 +5,7 @@
 #include "remote_functions.hpp"
 #include "support.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
@@ -100,4 +101,71 @@ TEST_CASE("under random timing, tasks taken back from busy workers run exactly o
     std::size_t exactly_once = 0;
     for (auto count : runs) exactly_once += count == 1;
     CHECK(exactly_once == total);
+}
+
+// --- max_worker_memory
+
+namespace {
+
+// What a fresh worker of this test program holds resident (it differs with
+// sanitizers): the memory limits below are set relative to it.
+std::uint64_t fresh_worker_memory() {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1}};
+    return run_bounded(loop, await_future(pool.submit<resident_memory>()));
+}
+
+task<void> until_gone(coproc::event_loop* loop, coproc::process_pool* pool, int pid) {
+    for (int i = 0; i < 1000; ++i) {
+        const auto pids = pool->worker_pids();
+        if (std::find(pids.begin(), pids.end(), pid) == pids.end()) co_return;
+        co_await loop->sleep_for(std::chrono::milliseconds{10});
+    }
+}
+
+} // namespace
+
+TEST_CASE("max_worker_memory: a worker over the limit after a task is retired once it answered; the next task runs on a fresh worker") {
+    const std::uint64_t fresh = fresh_worker_memory();
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1, .max_worker_memory = fresh + (64 << 20)}};
+    const int first = run_bounded(loop, await_future(pool.submit<worker_pid>()));
+    CHECK(run_bounded(loop, await_future(pool.submit<worker_pid>())) == first); // under the limit: kept
+    CHECK(pool.stats().workers_retired_for_memory == 0);
+    // 128 MiB touched and kept: over the limit once it answered, not before.
+    CHECK(run_bounded(loop, await_future(pool.submit<hold_memory>(128, 0))) == first);
+    const int next = run_bounded(loop, await_future(pool.submit<worker_pid>()));
+    CHECK(next != first);
+    CHECK(pool.stats().workers_retired_for_memory == 1);
+    CHECK(pool.stats().workers_started == 2);
+    CHECK(pool.stats().tasks_completed == 4);
+    CHECK(pool.stats().tasks_failed == 0);
+    run_bounded(loop, until_gone(&loop, &pool, first));
+    CHECK(pool.worker_pids() == std::vector<int>{next});
+}
+
+TEST_CASE("max_worker_memory: tasks sent ahead to a worker retired for memory run on its replacement, each exactly once") {
+    const std::uint64_t fresh = fresh_worker_memory();
+    constexpr int followers = 12;
+    run_counters counters{followers};
+    coproc::event_loop loop;
+    // One worker that holds up to four tasks: the hog and three sent ahead.
+    coproc::process_pool pool{
+        loop, {.max_workers = 1, .max_worker_memory = fresh + (64 << 20), .prefetch = 4, .max_prefetch = 4}};
+    auto hog = pool.submit<hold_memory>(128, 300);
+    std::vector<future<int>> after;
+    // Each runs 100 ms: the RECALLs reach the worker while it runs the first
+    // of them, not after it raced through all three.
+    for (int i = 0; i < followers; ++i) after.push_back(pool.submit<count_run_slowly>(counters.path(), i, 100));
+    const int hog_pid = run_bounded(loop, await_future(std::move(hog)), 60s);
+    const auto pids = run_bounded(loop, await_all(std::move(after)), 60s);
+    // The worker may have started the task after the hog before the parent
+    // read the hog's answer; no other task ran there.
+    CHECK(std::count(pids.begin(), pids.end(), hog_pid) <= 1);
+    CHECK(pool.stats().workers_retired_for_memory == 1);
+    CHECK(pool.stats().workers_started == 2);
+    CHECK(pool.stats().tasks_completed == followers + 1);
+    run_bounded(loop, pool.shutdown({.wait = true}));
+    const auto runs = counters.read();
+    CHECK(std::count(runs.begin(), runs.end(), 1u) == followers);
 }

@@ -7,6 +7,7 @@
 #include <coproc/event_loop.hpp>
 #include <coproc/future.hpp>
 #include <coproc/process_pool.hpp>
+#include <coproc/progress.hpp>
 #include <coproc/task.hpp>
 #include <coproc/wait.hpp>
 #include <coproc/when_all.hpp>

@@ -176,6 +176,39 @@ public:
         detail::add_work_item_callback(*item, done_callback{std::move(view), std::move(callback)});
     }
 
+    // The last value the task reported with coproc::report_progress that has
+    // reached the parent, or nothing before the first. Once the future has
+    // finished or failed, it is the last value the task reported (the worker
+    // sends it before the answer); a report that arrives after cancel() is
+    // dropped. Does not block. Thread-safe.
+    [[nodiscard]] std::optional<double> latest_progress() const {
+        const auto& item = checked();
+        // acquire: pairs with the release increment made after the value
+        // was stored (work_item::progress_reports).
+        if (item.progress_reports.load(std::memory_order_acquire) == 0) return std::nullopt;
+        return item.progress.load(std::memory_order_relaxed);
+    }
+
+    // Calls `callback(value)` for each progress report of the task that
+    // reaches the parent from now on, on the pool's loop thread, in the order
+    // reported: posted to the loop, never run inside the pool's own
+    // bookkeeping. The worker throttles the reports
+    // (process_pool_options::progress_interval), so a chatty task does not
+    // flood the loop, and sends the last one before its answer: every report
+    // that reached the parent before the task ended is called before the
+    // future's done callbacks run, and before a coroutine suspended awaiting
+    // the future resumes. A coroutine that awaits the future only once it
+    // has ended (no suspension) may go on before the last calls ran: what
+    // the callback refers to should outlive the loop's run, or be held by
+    // the callback. Nothing is called for reports that arrive
+    // after cancel(), nor for a future that is already final, nor for one
+    // made ready. A second call replaces the callback. An exception escaping
+    // it goes to the loop's unhandled-exception handler. Thread-safe; throws
+    // std::bad_alloc only.
+    void on_progress(std::function<void(double)> callback) {
+        detail::set_work_item_progress_callback(checked(), std::move(callback));
+    }
+
     // Blocks until the task is final and yields its value or rethrows. Call
     // it from a thread that is not the pool's loop thread (there it would
     // never return, and throws std::logic_error instead). With a timeout,

@@ -28,6 +28,7 @@
 #include <coproc/detail/work_item.hpp>
 #include <coproc/event_loop.hpp>
 #include <coproc/future.hpp>
+#include <coproc/progress.hpp>
 #include <coproc/task.hpp>
 #include <coproc/worker.hpp>
 
@@ -107,6 +108,17 @@ struct process_pool_options {
     std::optional<int> max_workers{};
     // A worker exits after this many tasks and is replaced; 0: no limit.
     std::size_t max_tasks_per_child = 0;
+    // Bytes of resident memory (VmRSS: /proc/PID/statm's resident pages)
+    // above which a worker is retired; 0: no limit. Read by the pool each
+    // time the worker answers a task: a worker found over the limit gets no
+    // more tasks, gives back the ones it holds and has not started (they run
+    // on other workers, as moved tasks do), finishes the one it runs, and
+    // exits; a new worker replaces it on demand. No task is lost, failed or
+    // run twice for it. stats().workers_retired_for_memory counts them. The
+    // resident set includes what the worker shares (its program's pages,
+    // shared-memory buffers it touched): set the limit well above what a
+    // fresh worker uses.
+    std::size_t max_worker_memory = 0;
     // Runs once in each worker before any task: coproc::call<f>(args...).
     // If it throws, the pool is broken: every pending and later submit fails
     // with broken_process_pool, whose cause() is the initializer's error.
@@ -157,6 +169,11 @@ struct process_pool_options {
     // How long a cancelled running task may take to return (it should
     // honour its std::stop_token) before its worker is killed and replaced.
     std::chrono::milliseconds cancel_grace{1000};
+    // A task's progress reports (coproc::report_progress) reach the parent
+    // at most once per this interval; between, the worker keeps only the
+    // latest, and sends it before the task's answer. Zero: every report is
+    // sent.
+    std::chrono::milliseconds progress_interval{50};
     // Tasks waiting in the parent for a worker, at most; 0: no bound. When
     // reached, submit throws queue_full, try_submit returns nothing and
     // co_await submit_async waits for room: memory stays bounded.
@@ -205,6 +222,9 @@ struct pool_stats {
     // Tasks sent ahead to a busy worker, given back unrun when another
     // worker was idle, and run elsewhere.
     std::size_t tasks_moved = 0;
+    // Workers retired because their resident memory exceeded
+    // process_pool_options::max_worker_memory after a task.
+    std::size_t workers_retired_for_memory = 0;
 };
 
 class process_pool {

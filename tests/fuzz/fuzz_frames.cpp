@@ -2,7 +2,8 @@
 // (wire::read_header), then each payload decoded as the parent decodes its
 // kind (src/worker_connection.cpp, handle_frames and handle_answer): HELLO's
 // version and pid, ERROR's transported exception (decode_exception), a
-// RESULT of a function returning std::vector<std::string>, and the count
+// RESULT of a function returning std::vector<std::string>, PROGRESS's
+// double, and the count
 // that starts a large RESULT received in place (prepare_block_result).
 // handle_frames is a member of the pool and reads from its worker's buffer,
 // so the harness repeats its steps over the input instead of calling it.
@@ -57,6 +58,11 @@ void handle(const wire::frame_header& header, std::span<const std::byte> payload
             }
             break;
         }
+        case wire::frame_kind::progress: {
+            double value = 0;
+            coproc::detail::decode_from(payload, value);
+            break;
+        }
         case wire::frame_kind::result: {
             coproc::detail::typed_work_item<std::vector<std::string>> item;
             item.store_result(payload);
@@ -84,6 +90,7 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
         frame(wire::frame_kind::error, 3,
               error_payload(std::make_exception_ptr(std::system_error(std::make_error_code(std::errc::io_error), "read")))),
         frame(wire::frame_kind::result, 4, encoded("", std::vector<std::int32_t>{1, 2, 3})),
+        frame(wire::frame_kind::progress, 5, encoded("", 0.5)) + frame(wire::frame_kind::result, 5, encoded("", 1)),
     });
     return 0;
 }

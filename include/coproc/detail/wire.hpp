@@ -27,6 +27,9 @@
 //                             if it has not started (another worker is idle)
 //   RECALLED worker -> parent (none): the task was given back unrun; a task
 //                             already started is not, and nothing is sent
+//   PROGRESS worker -> parent double: report_progress of the running task
+//                             with this work id (throttled by the worker;
+//                             the last one comes before its RESULT or ERROR)
 #pragma once
 
 #include <coproc/detail/byte_buffer.hpp>
@@ -41,7 +44,7 @@
 
 namespace coproc::detail::wire {
 
-inline constexpr std::uint16_t protocol_version = 3;
+inline constexpr std::uint16_t protocol_version = 4;
 
 // The start word: 8 bytes of shared memory (a memfd the parent maps and
 // passes to the worker as this descriptor, named by the environment
@@ -64,6 +67,7 @@ enum class frame_kind : std::uint16_t {
     bye = 7,
     recall = 8,
     recalled = 9,
+    progress = 10,
 };
 
 // Bits of frame_header::flags.

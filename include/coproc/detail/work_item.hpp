@@ -118,6 +118,16 @@ public:
     // Present when the item has a deadline: stopped when the item ends, so
     // that its deadline timer lets go of it at once.
     std::optional<std::stop_source> deadline_stop;
+    // future::on_progress: called (posted to the loop) for each PROGRESS.
+    std::shared_ptr<const std::function<void(double)>> progress_callback;
+
+    // report_progress in the worker (PROGRESS frames): the latest value and
+    // how many reports arrived. Written on the loop thread only, the value
+    // first (relaxed), then the count (release): a reader that loads the
+    // count with acquire and sees it non-zero reads a value at least as
+    // recent as that report; both are atomic, so never a torn double.
+    std::atomic<double> progress{0.0};
+    std::atomic<std::uint64_t> progress_reports{0};
 
 private:
     std::atomic<std::uint32_t> references_{1};
@@ -182,6 +192,10 @@ bool cancel_work_item(work_item& item, bool force = false, bool kill_after_grace
 // runs it at once when it already is. The callback must not throw
 // (future::add_done_callback wraps the user's in one that reports).
 void add_work_item_callback(work_item& item, std::function<void()> callback);
+// Sets the function called on the pool's loop thread with each progress
+// report of `item` from now on (replacing any set before); nothing for an
+// item that is final or has no pool.
+void set_work_item_progress_callback(work_item& item, std::function<void(double)> callback);
 // Reports `error`, which escaped a done callback of `item`, without throwing:
 // to the unhandled-exception handler of the loop the calling thread runs
 // (posted to it), or to stderr on a thread that runs no loop.
