@@ -435,6 +435,8 @@ int count_run_then_die(std::string path, int index) {
 std::int64_t monotonic_ns(int tag) {
     (void)tag;
     return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
 int report_steps(int steps, int milliseconds) {
     for (int i = 1; i <= steps; ++i) {
         std::this_thread::sleep_for(std::chrono::milliseconds{milliseconds});
