@@ -12,10 +12,11 @@ usage: bench/backends.py --build build-bench [--rounds 5] [--quick]
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
+
+from harness import machine  # the same machine line as the full run
 
 SECTION = "## The process pool on both backends (io_uring, epoll)"
 WORKLOADS = [
@@ -35,17 +36,9 @@ def run_json(command, env=None, timeout=600):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def machine():
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs, Linux {platform.release()}"
+def machine_line():
+    m = machine()
+    return f"{m['cpu']}, {m['nproc']} CPUs, Linux {m['kernel']}"
 
 
 def main():
@@ -103,7 +96,7 @@ def main():
         command = f"bench/backends.py --build {options.build} --rounds {options.rounds}" + (" --quick" if options.quick else "")
         load = os.getloadavg()
         section = [SECTION, "",
-                   f"Machine: {machine()}. Command: `{command}`. Load average at the end: "
+                   f"Machine: {machine_line()}. Command: `{command}`. Load average at the end: "
                    f"{load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}.", ""] + lines + [
                    "What the figures say: bench/README.md, \"The process pool on both backends\".", ""]
         text = open(options.results).read() if os.path.exists(options.results) else ""
