@@ -24,11 +24,11 @@
 // A RESULT is held back while another call is queued and goes out with that
 // call's START: one send per task when the parent keeps the queue full.
 //
-// A large block result, once sent, is kept as the spare (one at a time): the
-// next large block argument of its type is received into its memory instead
-// of new pages. A third thread, the janitor (started with the first spare),
-// frees a spare not taken within process_pool_options::keep_result_memory,
-// busy or not.
+// The parts around the session, each in its own file: the socket
+// (worker_channel: whole frames out from any thread, an inbox in), running
+// one call and framing its answer (worker_task), the memory of large
+// results kept for the next task (worker_spare, with its janitor thread),
+// and what a worker says when it cannot start a thread (worker_limits).
 //
 // A thread that cannot be created (std::thread throws std::system_error:
 // EAGAIN under RLIMIT_NPROC, kernel.threads-max or a cgroup's pids.max,
@@ -38,11 +38,13 @@
 // pool reports as the worker's exit code. Without the janitor the worker
 // serves on, keeping no spares.
 //
-// Plain blocking I/O: a worker serves one parent over one socket and has
-// nothing else to wait for. Writes from both threads go through one mutex, so
-// frames never interleave; a result is encoded completely before any of it is
+// Writes from both threads go through the channel's one mutex, so frames
+// never interleave; a result is encoded completely before any of it is
 // written, so a failure while encoding never leaves half a frame behind.
-#include "task_progress.hpp"
+#include "worker_channel.hpp"
+#include "worker_limits.hpp"
+#include "worker_spare.hpp"
+#include "worker_task.hpp"
 
 #include <coproc/detail/remote_function.hpp>
 #include <coproc/detail/wire.hpp>
@@ -50,38 +52,27 @@
 #include <coproc/worker.hpp>
 
 #include <fcntl.h>
-#include <poll.h>
 #include <sys/epoll.h>
-#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
-#include <sys/resource.h>
-#include <sys/socket.h>
 #include <sys/timerfd.h>
-#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
-#include <cerrno>
 #include <chrono>
-#include <climits>
-#include <cstddef>
 #include <condition_variable>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
-#include <fstream>
 #include <mutex>
-#include <optional>
+#include <stop_token>
 #include <string>
 #include <string_view>
-#include <stop_token>
 #include <system_error>
 #include <thread>
-#include <vector>
 
 namespace coproc {
 
@@ -93,6 +84,8 @@ constexpr const char* worker_flag = "--coproc-worker";
 constexpr int parent_socket = 3;
 constexpr std::size_t max_call_frame = wire::max_payload;
 using clock_type = std::chrono::steady_clock; // CLOCK_MONOTONIC, as the watcher's timerfd
+using detail::call;
+using detail::outgoing;
 
 // How long a task runs before the watcher sends its START and starts
 // reading frames. Shorter tasks answer START and RESULT in one send and
@@ -101,90 +94,14 @@ using clock_type = std::chrono::steady_clock; // CLOCK_MONOTONIC, as the watcher
 // much after they began: far below any cancel_grace.
 constexpr std::chrono::microseconds start_delay{1000};
 
-std::atomic<std::size_t> blocks_reused{0};
-std::atomic<std::size_t> spare_bytes{0};
-
-[[noreturn]] void quit(int status) {
-    std::fflush(nullptr);
-    ::_exit(status);
-}
-
 // The exit code of a worker that could not start its watcher thread:
 // EX_OSERR of <sysexits.h> ("can't fork"), distinct from the 3 of a
 // protocol fault and from the exit codes tasks commonly use.
 constexpr int thread_start_failed_exit = 71;
 
-// The first line of `path`, or empty when it cannot be read.
-std::string first_line(const std::string& path) {
-    std::ifstream file{path};
-    std::string line;
-    std::getline(file, line);
-    return line;
-}
-
-// ", now <limit>" for a resource limit, "unlimited" included.
-std::string current_limit(int resource) {
-    ::rlimit limit{};
-    if (::getrlimit(resource, &limit) != 0) return {};
-    return limit.rlim_cur == RLIM_INFINITY ? ", now unlimited" : ", now " + std::to_string(limit.rlim_cur);
-}
-
-// The path of `file` of `controller` ("pids", "memory") in this process's
-// cgroup, under cgroup v1 (/sys/fs/cgroup/<controller>/<path>) or v2
-// (/sys/fs/cgroup/<path>), or empty when it has none.
-std::string cgroup_file(std::string_view controller, std::string_view file) {
-    std::ifstream membership{"/proc/self/cgroup"}; // lines "id:controllers:path"; "0::path" under v2
-    std::string line;
-    std::string unified;
-    while (std::getline(membership, line)) {
-        const auto first = line.find(':');
-        const auto second = line.find(':', first + 1);
-        if (first == std::string::npos || second == std::string::npos) continue;
-        const std::string controllers = "," + line.substr(first + 1, second - first - 1) + ",";
-        std::string path = line.substr(second + 1);
-        if (path == "/") path.clear();
-        if (controllers == ",,") {
-            unified = "/sys/fs/cgroup" + path + "/" + std::string(file);
-            continue;
-        }
-        if (controllers.find("," + std::string(controller) + ",") == std::string::npos) continue;
-        const std::string candidate = "/sys/fs/cgroup/" + std::string(controller) + path + "/" + std::string(file);
-        if (!first_line(candidate).empty()) return candidate;
-    }
-    return !unified.empty() && !first_line(unified).empty() ? unified : std::string{};
-}
-
-// What a worker prints when std::thread could not start its `thread`:
-// the error, the limit that likely applies, and `consequence`.
-std::string describe_thread_failure(std::string_view thread, const std::system_error& error, std::string_view consequence) {
-    std::string text = "coproc: worker " + std::to_string(::getpid()) + " cannot start its " + std::string(thread) + " thread (" +
-                       error.what() + "): ";
-    if (error.code() == std::errc::resource_unavailable_try_again) {
-        text += "a limit on threads was reached: RLIMIT_NPROC (ulimit -u" + current_limit(RLIMIT_NPROC) +
-                "; it counts the threads of all the user's processes" +
-                (::geteuid() == 0 ? std::string(", and does not apply to root, as this worker is") : std::string()) +
-                "), kernel.threads-max "
-                "(" + first_line("/proc/sys/kernel/threads-max") + ") or a cgroup's pids.max";
-        if (const std::string pids = cgroup_file("pids", "pids.max"); !pids.empty()) {
-            text += " (" + pids + " is " + first_line(pids) + ", pids.current " +
-                    first_line(cgroup_file("pids", "pids.current")) + ")";
-        }
-    } else if (error.code() == std::errc::not_enough_memory) {
-        text += "there is no memory for the thread's stack: RLIMIT_AS (ulimit -v" + current_limit(RLIMIT_AS) +
-                "), the cgroup's memory.max or vm.max_map_count";
-        std::string memory = cgroup_file("memory", "memory.max"); // v2
-        if (memory.empty()) memory = cgroup_file("memory", "memory.limit_in_bytes"); // v1
-        if (!memory.empty()) text += " (" + memory + " is " + first_line(memory) + ")";
-    } else {
-        text += "the system refused a new thread";
-    }
-    text += "; " + std::string(consequence) + "\n";
-    return text;
-}
-
 class worker_session {
 public:
-    worker_session(int fd, std::chrono::milliseconds keep_result_memory) : fd_(fd), keep_for_(keep_result_memory) {}
+    worker_session(int fd, std::chrono::milliseconds keep_result_memory) : channel_(fd), spares_(keep_result_memory) {}
 
     [[noreturn]] void serve() {
         map_start_word();
@@ -201,32 +118,10 @@ public:
             set_watch_timer(std::chrono::nanoseconds{1});
         }
         watcher_.join();
-        quit(0);
+        detail::worker_quit(0);
     }
 
 private:
-    struct call {
-        std::uint64_t work_id;
-        std::uint16_t flags;
-        detail::byte_buffer payload; // the function id, then its encoded arguments...
-        detail::prepared_arguments prepared{}; // ... or, when set, those arguments received in place
-    };
-
-    // Frames to send: `start` (a late START), then `bytes`, with the
-    // `attached` parts (a large result, sent from where the function left
-    // it) spliced in at their offsets.
-    struct outgoing {
-        detail::byte_buffer start;
-        detail::byte_buffer bytes;
-        std::vector<detail::attached_bytes> attached;
-        [[nodiscard]] bool empty() const noexcept { return start.empty() && bytes.empty() && attached.empty(); }
-        void clear() noexcept {
-            start.clear();
-            bytes.clear();
-            attached.clear();
-        }
-    };
-
     // The start word, when the parent passed one (wire.hpp).
     void map_start_word() {
         const char* variable = std::getenv(wire::start_word_variable);
@@ -236,20 +131,6 @@ private:
         if (mapped == MAP_FAILED) return; // none was passed: START goes out before each task
         ::close(fd);
         start_word_ = static_cast<std::uint64_t*>(mapped);
-    }
-
-    // A START frame; `ran`: how long the task has run when it is sent late.
-    static detail::byte_buffer start_frame(std::uint64_t work_id, std::optional<clock_type::duration> ran) {
-        detail::byte_buffer frame;
-        const auto offset = wire::begin_frame(frame, wire::frame_kind::start, work_id);
-        if (ran) {
-            const auto micros = std::chrono::duration_cast<std::chrono::microseconds>(*ran).count();
-            const auto value = static_cast<std::uint32_t>(std::clamp<std::int64_t>(micros, 0, UINT32_MAX));
-            frame.resize(offset + wire::header_size + sizeof value);
-            std::memcpy(frame.data() + offset + wire::header_size, &value, sizeof value);
-        }
-        wire::finish_frame(frame, offset);
-        return frame;
     }
 
     void send_hello() {
@@ -264,106 +145,9 @@ private:
         static_cast<worker_session*>(session)->send(frame);
     }
 
-    void send(const detail::byte_buffer& frame) {
-        std::lock_guard lock{write_mutex_};
-        write_all(frame);
-    }
-
-    // With write_mutex_ held.
-    void write_all(const detail::byte_buffer& frame) {
-        std::size_t sent = 0;
-        while (sent < frame.size()) {
-            const ssize_t n = ::send(fd_, frame.data() + sent, frame.size() - sent, MSG_NOSIGNAL);
-            if (n < 0 && errno == EINTR) continue;
-            if (n <= 0) quit(0); // the parent is gone
-            sent += static_cast<std::size_t>(n);
-        }
-    }
-
-    void send(const outgoing& frames) {
-        if (frames.attached.empty() && frames.start.empty()) {
-            send(frames.bytes);
-            return;
-        }
-        if (frames.attached.empty()) { // a late START and its RESULT: the usual short task
-            ::iovec parts[2] = {{const_cast<std::byte*>(frames.start.data()), frames.start.size()},
-                                {const_cast<std::byte*>(frames.bytes.data()), frames.bytes.size()}};
-            std::lock_guard lock{write_mutex_};
-            write_parts(parts, 2);
-            return;
-        }
-        std::vector<::iovec> parts = detail::wire_parts(frames.bytes, frames.attached);
-        if (!frames.start.empty()) {
-            parts.insert(parts.begin(), ::iovec{const_cast<std::byte*>(frames.start.data()), frames.start.size()});
-        }
-        std::lock_guard lock{write_mutex_};
-        write_parts(parts.data(), parts.size());
-    }
-
-    // With write_mutex_ held: sends parts[0, count) whole (empty ones
-    // skipped), advancing them as they go.
-    void write_parts(::iovec* parts, std::size_t count) {
-        std::size_t next = 0;
-        while (next < count && parts[next].iov_len == 0) ++next;
-        while (next < count) {
-            ::msghdr message{};
-            message.msg_iov = parts + next;
-            message.msg_iovlen = std::min<std::size_t>(count - next, IOV_MAX);
-            const ssize_t n = ::sendmsg(fd_, &message, MSG_NOSIGNAL);
-            if (n < 0 && errno == EINTR) continue;
-            if (n <= 0) quit(0); // the parent is gone
-            auto sent = static_cast<std::size_t>(n);
-            while (next < count && (sent > 0 || parts[next].iov_len == 0)) {
-                const std::size_t taken = std::min(sent, parts[next].iov_len);
-                parts[next].iov_base = static_cast<std::byte*>(parts[next].iov_base) + taken;
-                parts[next].iov_len -= taken;
-                sent -= taken;
-                if (parts[next].iov_len == 0) ++next;
-            }
-        }
-    }
-
-    // Reads `size` bytes: first what the inbox holds, then from the socket.
-    // Small reads refill the inbox with whatever has arrived, so that a
-    // burst of CALLs costs one recv, not two per frame; a large payload is
-    // received straight into `into`. Only the thread holding the reading
-    // role uses the inbox.
-    bool read_exact(void* into, std::size_t size) {
-        auto* bytes = static_cast<std::byte*>(into);
-        std::size_t got = std::min(size, inbox_end_ - inbox_begin_);
-        if (got > 0) std::memcpy(bytes, inbox_.data() + inbox_begin_, got);
-        inbox_begin_ += got;
-        while (got < size) {
-            const bool direct = size - got >= inbox_capacity;
-            if (!direct) {
-                // Wait in poll, not in recv. A recv asleep on the socket is
-                // also woken each time the parent reads what this worker
-                // sent (the socket's write space), and on one core each such
-                // wake-up costs two context switches; poll sleeps until
-                // there is something to read.
-                ::pollfd readable{fd_, POLLIN, 0};
-                if (::poll(&readable, 1, -1) < 0 && errno == EINTR) continue;
-            }
-            const ssize_t n = direct ? ::recv(fd_, bytes + got, size - got, 0)
-                                     : ::recv(fd_, inbox_.data(), inbox_capacity, MSG_DONTWAIT);
-            if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
-            if (n <= 0) return false;
-            if (direct) {
-                got += static_cast<std::size_t>(n);
-                continue;
-            }
-            const std::size_t taken = std::min(size - got, static_cast<std::size_t>(n));
-            std::memcpy(bytes + got, inbox_.data(), taken);
-            got += taken;
-            inbox_begin_ = taken;
-            inbox_end_ = static_cast<std::size_t>(n);
-        }
-        return true;
-    }
-
-    // Whether the inbox holds bytes not read yet (a frame that came in the
-    // same recv as the last one).
-    [[nodiscard]] bool inbox_holds_bytes() const noexcept { return inbox_begin_ < inbox_end_; }
+    void send(const detail::byte_buffer& frame) { channel_.send(frame); }
+    void send(const outgoing& frames) { channel_.send(frames); }
+    bool read_exact(void* into, std::size_t size) { return channel_.read_exact(into, size); }
 
     // Reads one frame from the parent and acts on it: a CALL is queued, a
     // CANCEL or RECALL answered, BYE noted. Only the thread holding the
@@ -371,12 +155,12 @@ private:
     // the worker leaves, whatever runs.
     void read_frame() {
         std::byte raw[wire::header_size];
-        if (!read_exact(raw, sizeof raw)) quit(0);
+        if (!read_exact(raw, sizeof raw)) detail::worker_quit(0);
         const wire::frame_header header = wire::read_header(raw);
         if (header.length > max_call_frame) {
             std::fprintf(stderr, "coproc worker %d: frame of %u bytes from the parent exceeds the limit\n",
                          static_cast<int>(::getpid()), header.length);
-            quit(3);
+            detail::worker_quit(3);
         }
         call received{header.work_id, header.flags, {}};
         if (static_cast<wire::frame_kind>(header.kind) == wire::frame_kind::call) {
@@ -386,7 +170,7 @@ private:
             return;
         }
         received.payload.resize(header.length);
-        if (!read_exact(received.payload.data(), received.payload.size())) quit(0);
+        if (!read_exact(received.payload.data(), received.payload.size())) detail::worker_quit(0);
         switch (static_cast<wire::frame_kind>(header.kind)) {
         case wire::frame_kind::cancel:
             cancel(header.work_id);
@@ -402,14 +186,8 @@ private:
         default:
             std::fprintf(stderr, "coproc worker %d: unexpected frame kind %u from the parent\n",
                          static_cast<int>(::getpid()), header.kind);
-            quit(3);
+            detail::worker_quit(3);
         }
-    }
-
-    // Whether bytes from the parent wait to be read, without blocking.
-    bool bytes_waiting() const {
-        int waiting = 0;
-        return ::ioctl(fd_, FIONREAD, &waiting) == 0 && waiting > 0;
     }
 
     // Reads a CALL frame's payload. A large one for a function whose
@@ -420,117 +198,26 @@ private:
         const bool plain = (header.flags & (wire::frame_flag::chunk | wire::frame_flag::initializer)) != 0;
         if (plain || header.length < head + detail::attach_from) {
             into.payload.resize(header.length);
-            if (!read_exact(into.payload.data(), into.payload.size())) quit(0);
+            if (!read_exact(into.payload.data(), into.payload.size())) detail::worker_quit(0);
             return;
         }
         into.payload.resize(head);
-        if (!read_exact(into.payload.data(), head)) quit(0);
+        if (!read_exact(into.payload.data(), head)) detail::worker_quit(0);
         std::uint64_t function_id = 0;
         detail::wire_count count = 0;
         std::memcpy(&function_id, into.payload.data(), sizeof function_id);
         std::memcpy(&count, into.payload.data() + sizeof function_id, sizeof count);
         const detail::remote_function_entry* function = detail::find_remote_function(function_id);
         if (function != nullptr && !function->ambiguous && function->prepare != nullptr) {
-            kept_block spare = take_spare();
-            const bool had_spare = spare.block.owner != nullptr;
-            into.prepared = function->prepare(count, header.length - head, spare.block);
-            if (had_spare && !spare.block.owner) blocks_reused.fetch_add(1, std::memory_order_relaxed);
-            if (spare.block.owner) put_back_spare(std::move(spare));
+            into.prepared = spares_.prepare(*function, count, header.length - head);
         }
         if (into.prepared.values) {
             into.payload.resize(sizeof function_id); // run() reads the function id from it
-            if (!read_exact(into.prepared.block.data(), into.prepared.block.size())) quit(0);
+            if (!read_exact(into.prepared.block.data(), into.prepared.block.size())) detail::worker_quit(0);
             return;
         }
         into.payload.resize(header.length); // as usual, after the bytes read already
-        if (!read_exact(into.payload.data() + head, header.length - head)) quit(0);
-    }
-
-    // A block container kept for its memory, with how much it holds and
-    // when it is to be freed.
-    struct kept_block {
-        detail::spare_block block;
-        std::size_t bytes = 0;
-        clock_type::time_point expiry{};
-    };
-
-    // After `sent` went out: keeps its largest block container (a result
-    // sent from where the function left it) as the spare, in place of the
-    // one kept before; frees the rest.
-    void keep_spare(outgoing& sent) {
-        kept_block kept;
-        for (const auto& part : sent.attached) {
-            if (part.container != nullptr && part.reserved > kept.bytes && part.owner.use_count() == 1) {
-                kept = {{part.owner, part.container}, part.reserved, {}};
-            }
-        }
-        sent.clear();
-        if (!kept.block.owner || keep_for_ <= std::chrono::milliseconds::zero()) return;
-        kept.expiry = clock_type::now() + keep_for_;
-        kept_block old;
-        {
-            std::lock_guard lock{spare_mutex_};
-            if (!janitor_started_) {
-                janitor_started_ = true;
-                janitor_running_ = start_janitor();
-            }
-            if (!janitor_running_) return; // nothing would free it: `kept` is freed now, not kept
-            old = std::exchange(spare_, std::move(kept));
-            spare_bytes.store(spare_.bytes, std::memory_order_relaxed);
-        }
-        spare_changed_.notify_one();
-    } // `old` is freed here, outside the lock
-
-    // Starts the janitor; false, said on stderr, when no thread can be
-    // created. Only memory is lost then, not work: the worker serves on.
-    bool start_janitor() {
-        try {
-            std::thread{[this] { run_janitor(); }}.detach(); // the process ends with _exit
-            return true;
-        } catch (const std::system_error& e) {
-            std::fputs(describe_thread_failure("janitor", e,
-                                               "the worker serves on, without keeping the memory of large results "
-                                               "for the next task (process_pool_options::keep_result_memory)")
-                           .c_str(),
-                       stderr);
-            return false;
-        }
-    }
-
-    kept_block take_spare() {
-        std::lock_guard lock{spare_mutex_};
-        spare_bytes.store(0, std::memory_order_relaxed);
-        return std::exchange(spare_, {});
-    }
-
-    // Not taken: back, unless it expired or another was kept meanwhile (then
-    // it is freed, outside the lock).
-    void put_back_spare(kept_block spare) {
-        {
-            std::lock_guard lock{spare_mutex_};
-            if (spare_.block.owner || clock_type::now() >= spare.expiry) return;
-            spare_ = std::move(spare);
-            spare_bytes.store(spare_.bytes, std::memory_order_relaxed);
-        }
-        spare_changed_.notify_one();
-    }
-
-    // The janitor: frees each spare when it expires.
-    void run_janitor() {
-        std::unique_lock lock{spare_mutex_};
-        for (;;) {
-            if (!spare_.block.owner) {
-                spare_changed_.wait(lock);
-            } else if (clock_type::now() < spare_.expiry) {
-                spare_changed_.wait_until(lock, spare_.expiry);
-            } else {
-                kept_block expired = std::exchange(spare_, {});
-                spare_bytes.store(0, std::memory_order_relaxed);
-                lock.unlock();
-                expired = {}; // its memory goes back, outside the lock
-                lock.lock();
-            }
-        }
+        if (!read_exact(into.payload.data() + head, header.length - head)) detail::worker_quit(0);
     }
 
     // CANCEL: a task still queued is dropped without running and answered
@@ -588,11 +275,11 @@ private:
             if (queue_.empty() && !held.empty()) {
                 lock.unlock();
                 send(held); // nothing to pair it with: send it now
-                keep_spare(held);
+                spares_.keep(held);
                 lock.lock();
                 continue;
             }
-            if (!reading_ && inbox_holds_bytes()) {
+            if (!reading_ && channel_.inbox_holds_bytes()) {
                 // Left in the inbox by the watcher, which stopped reading
                 // when the last task ended: read before the next task runs,
                 // as no epoll wake-up will come for them.
@@ -624,7 +311,7 @@ private:
         lock.unlock();
         do {
             read_frame();
-        } while (inbox_holds_bytes());
+        } while (channel_.inbox_holds_bytes());
         lock.lock();
         reading_ = false;
     }
@@ -658,87 +345,23 @@ private:
             wire::finish_frame(held.bytes, wire::begin_frame(held.bytes, wire::frame_kind::start, task.work_id));
         }
         if (!held.empty()) send(held);
-        keep_spare(held); // a large result sent from where it was
+        spares_.keep(held); // a large result sent from where it was
         if (!initializer && start_word_ != nullptr) {
             // Release: a parent reading the word after the worker's death
             // reads it through the kernel's reaping, which orders it anyway;
             // release keeps the compiler from moving the store past the call.
             std::atomic_ref<std::uint64_t>{*start_word_}.store(task.work_id, std::memory_order_release);
         }
-        outgoing reply = run(task, std::move(token));
+        outgoing reply = detail::run_call(task, std::move(token), &send_frame, this);
 
         lock.lock();
         running_ = false;
         running_id_ = 0;
         if (socket_watched_) {
-            ::epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, fd_, nullptr);
+            ::epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, channel_.fd(), nullptr);
             socket_watched_ = false;
         }
-        if (std::exchange(start_owed_, false)) reply.start = start_frame(task.work_id, clock_type::now() - running_since_);
-        return reply;
-    }
-
-    // Runs the task and returns its RESULT or ERROR frame for the caller to
-    // send.
-    outgoing run(const call& task, std::stop_token token) {
-        outgoing reply;
-        std::uint64_t function_id = 0;
-        if (task.payload.size() < sizeof function_id) {
-            std::fprintf(stderr, "coproc worker %d: CALL frame too short\n", static_cast<int>(::getpid()));
-            quit(3);
-        }
-        std::memcpy(&function_id, task.payload.data(), sizeof function_id);
-        const auto arguments = std::span{task.payload}.subspan(sizeof function_id);
-        const detail::remote_function_entry* function = detail::find_remote_function(function_id);
-        if (function == nullptr || function->ambiguous) {
-            const auto offset = wire::begin_frame(reply.bytes, wire::frame_kind::error, task.work_id);
-            if (function == nullptr) {
-                detail::encode_unknown_function(function_id, reply.bytes);
-            } else {
-                detail::encode_ambiguous_function(function->name, reply.bytes);
-            }
-            wire::finish_frame(reply.bytes, offset);
-            return reply;
-        }
-        const detail::invoker invoke = (task.flags & wire::frame_flag::chunk) != 0 ? function->invoke_chunk : function->invoke;
-        std::size_t offset = 0; // of the RESULT frame
-        try {
-            offset = wire::begin_frame(reply.bytes, wire::frame_kind::result, task.work_id);
-            // report_progress in the task; a report it holds back goes out
-            // when this ends, before the answer.
-            std::optional<detail::task_progress> progress;
-            if ((task.flags & wire::frame_flag::initializer) == 0) progress.emplace(task.work_id, &send_frame, this);
-            if (task.prepared.values) {
-                function->invoke_prepared(task.prepared.values.get(), reply.bytes, reply.attached, std::move(token));
-            } else {
-                invoke(arguments, reply.bytes, reply.attached, std::move(token));
-            }
-            progress.reset();
-            if ((task.flags & wire::frame_flag::initializer) != 0) { // its value is not used
-                reply.bytes.resize(offset + wire::header_size);
-                reply.attached.clear();
-            }
-            // A result too large for a frame throws: an ERROR instead.
-            wire::finish_frame(reply.bytes, offset, detail::attached_size(reply.attached));
-        } catch (const detail::chunk_failure& failure) {
-            // The results before the failing input, as a partial RESULT,
-            // then the ERROR, in one send.
-            try {
-                const std::uint16_t flags = wire::frame_flag::partial;
-                std::memcpy(reply.bytes.data() + offset + offsetof(wire::frame_header, flags), &flags, sizeof flags);
-                wire::finish_frame(reply.bytes, offset, detail::attached_size(reply.attached));
-            } catch (...) {
-                reply.clear(); // the partial results cannot travel: the error alone does
-            }
-            const auto error_offset = wire::begin_frame(reply.bytes, wire::frame_kind::error, task.work_id);
-            detail::encode_exception(failure.error, reply.bytes);
-            wire::finish_frame(reply.bytes, error_offset);
-        } catch (...) {
-            reply.clear(); // drop whatever part of the result was encoded
-            const auto error_offset = wire::begin_frame(reply.bytes, wire::frame_kind::error, task.work_id);
-            detail::encode_exception(std::current_exception(), reply.bytes);
-            wire::finish_frame(reply.bytes, error_offset);
-        }
+        if (std::exchange(start_owed_, false)) reply.start = detail::start_frame(task.work_id, clock_type::now() - running_since_);
         return reply;
     }
 
@@ -757,16 +380,16 @@ private:
         if (timer_fd_ < 0 || epoll_fd_ < 0 || ::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, timer_fd_, &timer) != 0) {
             std::fprintf(stderr, "coproc: worker %d cannot create its watcher's timerfd and epoll set (%s): the worker exits with code %d\n",
                          static_cast<int>(::getpid()), std::strerror(errno), thread_start_failed_exit);
-            quit(thread_start_failed_exit);
+            detail::worker_quit(thread_start_failed_exit);
         }
         try {
             watcher_ = std::thread{[this] { run_watcher(); }};
         } catch (const std::system_error& e) {
-            std::fputs(describe_thread_failure("watcher", e,
+            std::fputs(detail::describe_thread_failure("watcher", e,
                                                "the worker exits with code " + std::to_string(thread_start_failed_exit))
                            .c_str(),
                        stderr);
-            quit(thread_start_failed_exit);
+            detail::worker_quit(thread_start_failed_exit);
         }
     }
 
@@ -822,12 +445,12 @@ private:
             if (!readable) return true;
         } else {
             if (std::exchange(start_owed_, false)) {
-                const detail::byte_buffer frame = start_frame(running_id_, ran);
+                const detail::byte_buffer frame = detail::start_frame(running_id_, ran);
                 // Taken before mutex_ is released: main, once the task ends,
                 // sends its RESULT after this START, never before.
-                std::unique_lock write_lock{write_mutex_};
+                auto write_lock = channel_.hold_writes();
                 lock.unlock();
-                write_all(frame);
+                channel_.write_all(frame);
                 write_lock.unlock();
                 lock.lock();
                 if (!running_) return true;
@@ -845,7 +468,7 @@ private:
             lock.unlock();
             read_frame();
             lock.lock();
-        } while (running_ && !bye_ && (inbox_holds_bytes() || bytes_waiting()));
+        } while (running_ && !bye_ && (channel_.inbox_holds_bytes() || channel_.bytes_waiting()));
         reading_ = false;
         // Still running (the same task, or the next one, which main started
         // meanwhile and which dropped the socket from the set): watch on.
@@ -861,20 +484,16 @@ private:
     void watch_socket() {
         ::epoll_event socket{};
         socket.events = EPOLLIN | EPOLLONESHOT;
-        socket.data.fd = fd_;
+        socket.data.fd = channel_.fd();
         if (socket_watched_) {
-            socket_watched_ = ::epoll_ctl(epoll_fd_, EPOLL_CTL_MOD, fd_, &socket) == 0;
+            socket_watched_ = ::epoll_ctl(epoll_fd_, EPOLL_CTL_MOD, channel_.fd(), &socket) == 0;
         } else {
-            socket_watched_ = ::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd_, &socket) == 0;
+            socket_watched_ = ::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, channel_.fd(), &socket) == 0;
         }
     }
 
-    int fd_;
-    static constexpr std::size_t inbox_capacity = 64 * 1024;
-    std::vector<std::byte> inbox_ = std::vector<std::byte>(inbox_capacity); // bytes [begin, end) not read yet
-    std::size_t inbox_begin_ = 0;
-    std::size_t inbox_end_ = 0;
-    std::mutex write_mutex_; // taken after mutex_ when both are held
+    detail::worker_channel channel_;
+    detail::spare_memory spares_;
     std::uint64_t* start_word_ = nullptr;
     int timer_fd_ = -1;
     int epoll_fd_ = -1;
@@ -893,22 +512,9 @@ private:
     std::uint64_t running_id_ = 0;
     clock_type::time_point running_since_{};
     std::stop_source running_stop_;
-    std::chrono::milliseconds keep_for_;
-    std::mutex spare_mutex_;
-    std::condition_variable spare_changed_;
-    kept_block spare_;
-    bool janitor_started_ = false; // these two under spare_mutex_
-    bool janitor_running_ = false;
 };
 
 } // namespace
-
-namespace detail {
-
-std::size_t worker_blocks_reused() noexcept { return blocks_reused.load(std::memory_order_relaxed); }
-std::size_t worker_spare_bytes() noexcept { return spare_bytes.load(std::memory_order_relaxed); }
-
-} // namespace detail
 
 void run_worker_if_requested(int argc, char** argv) {
     if (argc < 2 || argv == nullptr || argv[1] == nullptr || std::strcmp(argv[1], worker_flag) != 0) return;
@@ -916,7 +522,7 @@ void run_worker_if_requested(int argc, char** argv) {
     // that died before the call.
     ::prctl(PR_SET_PDEATHSIG, SIGKILL);
     if (const char* parent = std::getenv("COPROC_PARENT_PID"); parent != nullptr && ::getppid() != std::atoi(parent)) {
-        quit(0);
+        detail::worker_quit(0);
     }
     // Programs a task execs must not hold the pool's socket open.
     ::fcntl(parent_socket, F_SETFD, FD_CLOEXEC);

@@ -1,0 +1,115 @@
+// See worker_channel.hpp.
+#include "worker_channel.hpp"
+
+#include <poll.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <climits>
+#include <cstring>
+
+namespace coproc::detail {
+
+void worker_channel::send(const byte_buffer& frame) {
+    auto lock = hold_writes();
+    write_all(frame);
+}
+
+void worker_channel::write_all(const byte_buffer& frame) {
+    std::size_t sent = 0;
+    while (sent < frame.size()) {
+        const ssize_t n = ::send(fd_, frame.data() + sent, frame.size() - sent, MSG_NOSIGNAL);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) worker_quit(0); // the parent is gone
+        sent += static_cast<std::size_t>(n);
+    }
+}
+
+void worker_channel::send(const outgoing& frames) {
+    if (frames.attached.empty() && frames.start.empty()) {
+        send(frames.bytes);
+        return;
+    }
+    if (frames.attached.empty()) { // a late START and its RESULT: the usual short task
+        ::iovec parts[2] = {{const_cast<std::byte*>(frames.start.data()), frames.start.size()},
+                            {const_cast<std::byte*>(frames.bytes.data()), frames.bytes.size()}};
+        auto lock = hold_writes();
+        write_parts(parts, 2);
+        return;
+    }
+    std::vector<::iovec> parts = wire_parts(frames.bytes, frames.attached);
+    if (!frames.start.empty()) {
+        parts.insert(parts.begin(), ::iovec{const_cast<std::byte*>(frames.start.data()), frames.start.size()});
+    }
+    auto lock = hold_writes();
+    write_parts(parts.data(), parts.size());
+}
+
+// With write_mutex_ held: sends parts[0, count) whole (empty ones skipped),
+// advancing them as they go.
+void worker_channel::write_parts(::iovec* parts, std::size_t count) {
+    std::size_t next = 0;
+    while (next < count && parts[next].iov_len == 0) ++next;
+    while (next < count) {
+        ::msghdr message{};
+        message.msg_iov = parts + next;
+        message.msg_iovlen = std::min<std::size_t>(count - next, IOV_MAX);
+        const ssize_t n = ::sendmsg(fd_, &message, MSG_NOSIGNAL);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) worker_quit(0); // the parent is gone
+        auto sent = static_cast<std::size_t>(n);
+        while (next < count && (sent > 0 || parts[next].iov_len == 0)) {
+            const std::size_t taken = std::min(sent, parts[next].iov_len);
+            parts[next].iov_base = static_cast<std::byte*>(parts[next].iov_base) + taken;
+            parts[next].iov_len -= taken;
+            sent -= taken;
+            if (parts[next].iov_len == 0) ++next;
+        }
+    }
+}
+
+// First what the inbox holds, then from the socket. Small reads refill the
+// inbox with whatever has arrived, so that a burst of CALLs costs one recv,
+// not two per frame; a large payload is received straight into `into`.
+bool worker_channel::read_exact(void* into, std::size_t size) {
+    auto* bytes = static_cast<std::byte*>(into);
+    std::size_t got = std::min(size, inbox_end_ - inbox_begin_);
+    if (got > 0) std::memcpy(bytes, inbox_.data() + inbox_begin_, got);
+    inbox_begin_ += got;
+    while (got < size) {
+        const bool direct = size - got >= inbox_capacity;
+        if (!direct) {
+            // Wait in poll, not in recv. A recv asleep on the socket is also
+            // woken each time the parent reads what this worker sent (the
+            // socket's write space), and on one core each such wake-up
+            // costs two context switches; poll sleeps until there is
+            // something to read.
+            ::pollfd readable{fd_, POLLIN, 0};
+            if (::poll(&readable, 1, -1) < 0 && errno == EINTR) continue;
+        }
+        const ssize_t n = direct ? ::recv(fd_, bytes + got, size - got, 0)
+                                 : ::recv(fd_, inbox_.data(), inbox_capacity, MSG_DONTWAIT);
+        if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+        if (n <= 0) return false;
+        if (direct) {
+            got += static_cast<std::size_t>(n);
+            continue;
+        }
+        const std::size_t taken = std::min(size - got, static_cast<std::size_t>(n));
+        std::memcpy(bytes + got, inbox_.data(), taken);
+        got += taken;
+        inbox_begin_ = taken;
+        inbox_end_ = static_cast<std::size_t>(n);
+    }
+    return true;
+}
+
+bool worker_channel::bytes_waiting() const {
+    int waiting = 0;
+    return ::ioctl(fd_, FIONREAD, &waiting) == 0 && waiting > 0;
+}
+
+} // namespace coproc::detail

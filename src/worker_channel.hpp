@@ -1,0 +1,84 @@
+// A worker's end of its socket to the parent: whole frames out, from any
+// of its threads, and bytes in, through an inbox, for the one thread that
+// holds the reading role (worker.cpp). Private to src/.
+//
+//   send(frame | outgoing) --write mutex--> sendmsg, whole, never interleaved
+//   read_exact(size) <--inbox (64 KiB, refilled by one recv)-- socket
+//                    <--large payloads straight into the caller's memory--
+//
+// Plain blocking I/O: a worker serves one parent over one socket and has
+// nothing else to wait for. When the parent is gone a send ends the worker
+// (exit 0) and a read returns false.
+#pragma once
+
+#include <coproc/detail/byte_buffer.hpp>
+#include <coproc/detail/serialization.hpp>
+
+#include <cstddef>
+#include <cstdio>
+#include <mutex>
+#include <vector>
+
+#include <unistd.h>
+
+struct iovec;
+
+namespace coproc::detail {
+
+// Ends the worker with `status`, its output flushed.
+[[noreturn]] inline void worker_quit(int status) {
+    std::fflush(nullptr);
+    ::_exit(status);
+}
+
+// Frames to send: `start` (a late START), then `bytes`, with the `attached`
+// parts (a large result, sent from where the function left it) spliced in
+// at their offsets.
+struct outgoing {
+    byte_buffer start;
+    byte_buffer bytes;
+    std::vector<attached_bytes> attached;
+    [[nodiscard]] bool empty() const noexcept { return start.empty() && bytes.empty() && attached.empty(); }
+    void clear() noexcept {
+        start.clear();
+        bytes.clear();
+        attached.clear();
+    }
+};
+
+class worker_channel {
+public:
+    explicit worker_channel(int fd) : fd_(fd) {}
+
+    [[nodiscard]] int fd() const noexcept { return fd_; }
+
+    void send(const byte_buffer& frame);
+    void send(const outgoing& frames);
+
+    // Holds back every other thread's sends until released: a frame
+    // written under it with write_all goes before them.
+    [[nodiscard]] std::unique_lock<std::mutex> hold_writes() { return std::unique_lock{write_mutex_}; }
+    // With hold_writes() held.
+    void write_all(const byte_buffer& frame);
+
+    // Reads `size` bytes; false when the parent closed the socket (or it
+    // failed). Only the thread holding the reading role calls it.
+    bool read_exact(void* into, std::size_t size);
+    // Whether the inbox holds bytes not read yet (a frame that came in the
+    // same recv as the last one).
+    [[nodiscard]] bool inbox_holds_bytes() const noexcept { return inbox_begin_ < inbox_end_; }
+    // Whether bytes from the parent wait in the socket, without blocking.
+    [[nodiscard]] bool bytes_waiting() const;
+
+private:
+    void write_parts(::iovec* parts, std::size_t count);
+
+    static constexpr std::size_t inbox_capacity = 64 * 1024;
+    int fd_;
+    std::mutex write_mutex_;
+    std::vector<std::byte> inbox_ = std::vector<std::byte>(inbox_capacity); // bytes [begin, end) not read yet
+    std::size_t inbox_begin_ = 0;
+    std::size_t inbox_end_ = 0;
+};
+
+} // namespace coproc::detail

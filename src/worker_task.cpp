@@ -1,0 +1,93 @@
+// See worker_task.hpp.
+#include "worker_task.hpp"
+
+#include <coproc/detail/wire.hpp>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <span>
+#include <utility>
+
+#include <unistd.h>
+
+namespace coproc::detail {
+
+byte_buffer start_frame(std::uint64_t work_id, std::optional<std::chrono::steady_clock::duration> ran) {
+    byte_buffer frame;
+    const auto offset = wire::begin_frame(frame, wire::frame_kind::start, work_id);
+    if (ran) {
+        const auto micros = std::chrono::duration_cast<std::chrono::microseconds>(*ran).count();
+        const auto value = static_cast<std::uint32_t>(std::clamp<std::int64_t>(micros, 0, UINT32_MAX));
+        frame.resize(offset + wire::header_size + sizeof value);
+        std::memcpy(frame.data() + offset + wire::header_size, &value, sizeof value);
+    }
+    wire::finish_frame(frame, offset);
+    return frame;
+}
+
+outgoing run_call(const call& task, std::stop_token token, task_progress::send_function send, void* session) {
+    outgoing reply;
+    std::uint64_t function_id = 0;
+    if (task.payload.size() < sizeof function_id) {
+        std::fprintf(stderr, "coproc worker %d: CALL frame too short\n", static_cast<int>(::getpid()));
+        worker_quit(3);
+    }
+    std::memcpy(&function_id, task.payload.data(), sizeof function_id);
+    const auto arguments = std::span{task.payload}.subspan(sizeof function_id);
+    const remote_function_entry* function = find_remote_function(function_id);
+    if (function == nullptr || function->ambiguous) {
+        const auto offset = wire::begin_frame(reply.bytes, wire::frame_kind::error, task.work_id);
+        if (function == nullptr) {
+            encode_unknown_function(function_id, reply.bytes);
+        } else {
+            encode_ambiguous_function(function->name, reply.bytes);
+        }
+        wire::finish_frame(reply.bytes, offset);
+        return reply;
+    }
+    const invoker invoke = (task.flags & wire::frame_flag::chunk) != 0 ? function->invoke_chunk : function->invoke;
+    std::size_t offset = 0; // of the RESULT frame
+    try {
+        offset = wire::begin_frame(reply.bytes, wire::frame_kind::result, task.work_id);
+        // report_progress in the task; a report it holds back goes out
+        // when this ends, before the answer.
+        std::optional<task_progress> progress;
+        if ((task.flags & wire::frame_flag::initializer) == 0) progress.emplace(task.work_id, send, session);
+        if (task.prepared.values) {
+            function->invoke_prepared(task.prepared.values.get(), reply.bytes, reply.attached, std::move(token));
+        } else {
+            invoke(arguments, reply.bytes, reply.attached, std::move(token));
+        }
+        progress.reset();
+        if ((task.flags & wire::frame_flag::initializer) != 0) { // its value is not used
+            reply.bytes.resize(offset + wire::header_size);
+            reply.attached.clear();
+        }
+        // A result too large for a frame throws: an ERROR instead.
+        wire::finish_frame(reply.bytes, offset, attached_size(reply.attached));
+    } catch (const chunk_failure& failure) {
+        // The results before the failing input, as a partial RESULT,
+        // then the ERROR, in one send.
+        try {
+            const std::uint16_t flags = wire::frame_flag::partial;
+            std::memcpy(reply.bytes.data() + offset + offsetof(wire::frame_header, flags), &flags, sizeof flags);
+            wire::finish_frame(reply.bytes, offset, attached_size(reply.attached));
+        } catch (...) {
+            reply.clear(); // the partial results cannot travel: the error alone does
+        }
+        const auto error_offset = wire::begin_frame(reply.bytes, wire::frame_kind::error, task.work_id);
+        encode_exception(failure.error, reply.bytes);
+        wire::finish_frame(reply.bytes, error_offset);
+    } catch (...) {
+        reply.clear(); // drop whatever part of the result was encoded
+        const auto error_offset = wire::begin_frame(reply.bytes, wire::frame_kind::error, task.work_id);
+        encode_exception(std::current_exception(), reply.bytes);
+        wire::finish_frame(reply.bytes, error_offset);
+    }
+    return reply;
+}
+
+} // namespace coproc::detail
