@@ -1,9 +1,10 @@
 // The parent side of the process pool, private to src/: worker_handle and
-// pool_core, shared by the pool's four files (DESIGN.md, "Data flow"):
+// pool_core, shared by the pool's files (DESIGN.md, "Data flow"):
 //
 //   src/pool_scheduler.cpp     the queue and the scheduler
 //   src/worker_connection.cpp  frames over one worker's socket
 //   src/worker_process.cpp     one worker's life
+//   src/pool_stream.cpp        the items of stream tasks
 //   src/process_pool.cpp       the facade that ties them together
 //
 // Everything runs on the pool's loop thread, except submit, cancel of a
@@ -80,7 +81,7 @@ struct worker_handle : worker_connection, worker_process, worker_assignment {
 // (process_pool.cpp).
 task<void> shielded(task<void> body);
 
-// One class, its members defined across the four files: grouped below by
+// One class, its members defined across those files: grouped below by
 // the file that defines them.
 class pool_core : public std::enable_shared_from_this<pool_core> {
 public:
@@ -133,8 +134,19 @@ public:
     void end_block_result(worker_handle& worker, work_item* item, bool complete);
     std::vector<spare_block> take_sent_blocks(work_item& item, const void* tag);
     void on_reader_done(worker_handle& worker);
+    // A PROGRESS or ITEM came for `item`: it runs.
+    void mark_running(work_item& item);
     // A PROGRESS for `item`: its latest_progress, and its callback posted.
     void deliver_progress(work_item& item, double value);
+
+    // --- pool_stream.cpp: the items of stream tasks (submit_stream)
+    // An ITEM for the stream `item`: kept for its consumer, which is woken.
+    void deliver_stream_item(work_item& item, std::span<const std::byte> payload);
+    bool await_stream(work_item& item, std::coroutine_handle<> awaiting);
+    std::optional<byte_buffer> take_stream_item(work_item& item);
+    // Lets the worker running the stream `item` send `items` more (loop
+    // thread).
+    void send_credit(work_item& item, std::uint32_t items);
 
     // --- worker_process.cpp: a worker's life; coroutine bodies
     void cancel_in_worker(std::uint64_t id, int pid, bool kill_now, bool kill_after_grace = true);

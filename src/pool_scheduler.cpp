@@ -173,6 +173,9 @@ bool pool_core::submit(work_item* item, bool encoding_failed, bool throw_when_fu
         }
         item->id = next_id_++;
         item->pool = this;
+        if ((item->frame_flags & wire::frame_flag::stream) != 0 && item->stream_window == 0) {
+            item->stream_window = options_.stream_window;
+        }
         if (!encoding_failed) {
             item->retain();
             pending_.push_back(item);
@@ -408,6 +411,12 @@ void pool_core::dispatch() {
             target->assigned.push_back(item);
             ++target->generation;
             target->queued.add_call(item->id, item->frame_flags, item->function_id, item->arguments, item->attached);
+            if (item->stream_window > 0) {
+                // The window goes with the CALL, in the same send: a stream
+                // task starts with room for that many items.
+                item->stream_credit = item->stream_window;
+                target->queued.add_credit(item->id, item->stream_window);
+            }
             if (options_.max_tasks_per_child > 0 && ++target->dispatched_total >= options_.max_tasks_per_child) {
                 target->state = worker_handle::phase::retiring;
             }

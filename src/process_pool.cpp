@@ -113,6 +113,9 @@ pool_core::pool_core(event_loop& event_loop, process_pool_options opts)
                                     std::to_string(*options_.max_workers));
     }
     if (options_.prefetch == 0) throw std::invalid_argument("coproc: process_pool_options::prefetch must be positive");
+    if (options_.stream_window == 0) {
+        throw std::invalid_argument("coproc: process_pool_options::stream_window must be positive");
+    }
     if (options_.max_prefetch < options_.prefetch) options_.max_prefetch = options_.prefetch;
     if (started_as_worker()) {
         // A worker whose main did not call run_worker_if_requested first
@@ -131,7 +134,7 @@ pool_core::pool_core(event_loop& event_loop, process_pool_options opts)
         }
         return entry.starts_with("COPROC_PARENT_PID=") || entry.starts_with("COPROC_KEEP_RESULT_MS=") ||
                entry.starts_with(std::string(wire::start_word_variable) + "=") ||
-               entry.starts_with("COPROC_PROGRESS_INTERVAL_MS=");
+               entry.starts_with("COPROC_PROGRESS_INTERVAL_MS=") || entry.starts_with("COPROC_ADDRESS_SPACE_LIMIT=");
     };
     for (char** entry = environ; entry != nullptr && *entry != nullptr; ++entry) {
         if (!replaced(*entry)) environment_storage_.emplace_back(*entry);
@@ -146,6 +149,9 @@ pool_core::pool_core(event_loop& event_loop, process_pool_options opts)
                                    std::to_string(wire::start_word_descriptor));
     const std::int64_t progress_ms = std::max<std::int64_t>(0, options_.progress_interval.count());
     environment_storage_.push_back("COPROC_PROGRESS_INTERVAL_MS=" + std::to_string(progress_ms));
+    if (options_.worker_address_space_limit > 0) {
+        environment_storage_.push_back("COPROC_ADDRESS_SPACE_LIMIT=" + std::to_string(options_.worker_address_space_limit));
+    }
     if (options_.huge_pages) add_huge_page_tunable(environment_storage_);
 }
 

@@ -68,6 +68,7 @@ enum class exception_code : std::uint8_t {
     remote,               // type name, message, pid, function as state
     worker_start_failed,  // code() in error_value
     io_uring_unavailable, // cause() in error_value
+    memory_limit,         // limit() as state
 };
 
 // A broken_process_pool's cause() may itself be one: nested payloads deeper
@@ -111,6 +112,7 @@ exception_code classify(const std::exception& error) {
     if (is<remote_error>(type)) return exception_code::remote;
     if (is<worker_start_failed>(type)) return exception_code::worker_start_failed;
     if (is<io_uring_unavailable>(type)) return exception_code::io_uring_unavailable;
+    if (is<memory_limit_exceeded>(type)) return exception_code::memory_limit;
     // Any cancellation is a cancellation to the awaiter, whatever its type.
     if (dynamic_cast<const cancelled_error*>(&error) != nullptr) return exception_code::cancelled;
     return exception_code::other;
@@ -178,6 +180,9 @@ void save_coproc_state(const std::exception& e, exception_code code, std::int32_
     switch (code) {
     case exception_code::worker_start_failed: value = static_cast<const worker_start_failed&>(e).code(); break;
     case exception_code::io_uring_unavailable: value = static_cast<const io_uring_unavailable&>(e).cause(); break;
+    case exception_code::memory_limit:
+        encode_into(state, static_cast<const memory_limit_exceeded&>(e).limit());
+        break;
     case exception_code::worker_died: {
         const auto& died = static_cast<const worker_died&>(e);
         encode_into(state, std::int32_t{died.pid()}, std::int32_t{died.signal()}, std::int32_t{died.exit_code()}, died.function());
@@ -309,6 +314,11 @@ std::exception_ptr decode_exception_at(std::span<const std::byte> payload, int w
     case exception_code::queue_full: return std::make_exception_ptr(queue_full(what));
     case exception_code::worker_start_failed: return std::make_exception_ptr(worker_start_failed(error_value, what));
     case exception_code::io_uring_unavailable: return std::make_exception_ptr(io_uring_unavailable(error_value, what));
+    case exception_code::memory_limit: {
+        std::uint64_t limit = 0;
+        decode_from(bytes_of(registered_state), limit);
+        return std::make_exception_ptr(memory_limit_exceeded(limit, what));
+    }
     case exception_code::worker_died: {
         std::int32_t pid = 0;
         std::int32_t signal = 0;

@@ -8,7 +8,9 @@
 //            for start_delay: it sends that task's START if it is still
 //            owed, then reads the frames that arrive while the task runs
 //            (CANCEL stops its token, RECALL gives back a queued task, a
-//            CALL is queued, BYE noted), woken by epoll when one arrives.
+//            CALL is queued, CREDIT lets a stream send more, BYE noted),
+//            woken by epoll when one arrives. A stream task that waits for
+//            credit has it start at once, not at start_delay.
 //
 // Frames are read by one thread at a time (reading_): main reads only while
 // no task runs, the watcher only while one does; a frame the watcher began
@@ -107,6 +109,8 @@ public:
         map_start_word();
         send_hello();
         start_watcher();
+        // After the watcher's stack is mapped, before any task.
+        detail::set_address_space_limit(detail::apply_address_space_limit());
         serve_calls();
         // BYE, and every call that came before it answered. The watcher is
         // stopped and joined first: a process that ends with threads still
@@ -144,6 +148,7 @@ private:
     static void send_frame(void* session, const detail::byte_buffer& frame) {
         static_cast<worker_session*>(session)->send(frame);
     }
+    static void take_credit(void* session) { static_cast<worker_session*>(session)->wait_for_credit(); }
 
     void send(const detail::byte_buffer& frame) { channel_.send(frame); }
     void send(const outgoing& frames) { channel_.send(frames); }
@@ -178,6 +183,17 @@ private:
         case wire::frame_kind::recall:
             recall(header.work_id);
             break;
+        case wire::frame_kind::credit: {
+            std::uint32_t items = 0;
+            if (received.payload.size() != sizeof items) {
+                std::fprintf(stderr, "coproc worker %d: CREDIT frame of %zu bytes\n", static_cast<int>(::getpid()),
+                             received.payload.size());
+                detail::worker_quit(3);
+            }
+            std::memcpy(&items, received.payload.data(), sizeof items);
+            grant(header.work_id, items);
+            break;
+        }
         case wire::frame_kind::bye: {
             std::lock_guard lock{mutex_};
             bye_ = true;
@@ -220,6 +236,45 @@ private:
         if (!read_exact(into.payload.data() + head, header.length - head)) detail::worker_quit(0);
     }
 
+    // CREDIT: the stream task `work_id` may send `items` more ITEMs. One
+    // queued keeps them for when it runs; an id not held here (the task
+    // ended) is ignored.
+    void grant(std::uint64_t work_id, std::uint32_t items) {
+        std::lock_guard lock{mutex_};
+        const auto add = [items](std::uint32_t& credit) {
+            credit = static_cast<std::uint32_t>(std::min<std::uint64_t>(UINT32_MAX, std::uint64_t{credit} + items));
+        };
+        if (running_ && running_id_ == work_id) {
+            add(running_credit_);
+            credit_changed_.notify_all();
+            return;
+        }
+        for (auto& queued : queue_) {
+            if (queued.work_id == work_id) add(queued.credit);
+        }
+    }
+
+    // A stream task's push: takes one ITEM's worth of credit, waiting for
+    // the parent to grant more when there is none (its consumer is behind).
+    // The watcher reads the CREDIT frames while a task runs: it is told to
+    // start now rather than at start_delay. A CANCEL meanwhile ends the wait
+    // with cancelled_error, which ends the task.
+    void wait_for_credit() {
+        std::unique_lock lock{mutex_};
+        while (running_credit_ == 0) {
+            if (running_stop_.stop_requested()) {
+                throw cancelled_error("coproc: the stream was cancelled while its task waited for the consumer");
+            }
+            if (!watch_now_) {
+                watch_now_ = true;
+                timer_armed_ = true;
+                set_watch_timer(std::chrono::nanoseconds{1});
+            }
+            credit_changed_.wait(lock);
+        }
+        --running_credit_;
+    }
+
     // CANCEL: a task still queued is dropped without running and answered
     // with a cancelled_error; the running one has its stop token stopped and
     // answers when its function returns. An id not held here (its answer is
@@ -230,6 +285,7 @@ private:
             std::lock_guard lock{mutex_};
             if (running_ && running_id_ == work_id) {
                 running_stop_.request_stop();
+                credit_changed_.notify_all(); // a push waiting for credit gives up
                 return;
             }
             for (auto it = queue_.begin(); it != queue_.end(); ++it) {
@@ -328,6 +384,7 @@ private:
         running_id_ = task.work_id;
         running_since_ = clock_type::now();
         running_stop_ = std::stop_source{};
+        running_credit_ = task.credit;
         start_owed_ = late;
         if (!timer_armed_) {
             // Set once, not per task: set per task, it took the one-core
@@ -352,11 +409,13 @@ private:
             // release keeps the compiler from moving the store past the call.
             std::atomic_ref<std::uint64_t>{*start_word_}.store(task.work_id, std::memory_order_release);
         }
-        outgoing reply = detail::run_call(task, std::move(token), &send_frame, this);
+        outgoing reply = detail::run_call(task, std::move(token), {this, &send_frame, &take_credit});
 
         lock.lock();
         running_ = false;
         running_id_ = 0;
+        running_credit_ = 0;
+        watch_now_ = false;
         if (socket_watched_) {
             ::epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, channel_.fd(), nullptr);
             socket_watched_ = false;
@@ -434,7 +493,7 @@ private:
         if (timer_fired) timer_armed_ = false;
         if (!running_ || bye_) return true; // the timer of a task that ended, or nothing more will come
         const auto ran = clock_type::now() - running_since_;
-        if (ran < start_delay) {
+        if (ran < start_delay && !watch_now_) {
             // Set for an earlier task, which ended before it fired; or a
             // frame for a task that began while the watcher was reading for
             // the one before (it watched on): read it all the same.
@@ -508,6 +567,9 @@ private:
     bool start_owed_ = false;     // the running task's START is not sent yet
     bool timer_armed_ = false;    // the watcher's timer is set and has not fired
     bool stopping_ = false;       // the session ends: the watcher returns
+    bool watch_now_ = false;      // a stream waits for credit: read frames before start_delay
+    std::condition_variable credit_changed_; // running_credit_ grew, or the task was cancelled
+    std::uint32_t running_credit_ = 0;       // ITEMs the running stream may still send
     std::thread watcher_;
     std::uint64_t running_id_ = 0;
     clock_type::time_point running_since_{};

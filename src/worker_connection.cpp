@@ -15,8 +15,9 @@
 // (cancel_in_worker), BYE (send_bye), queued in the worker's outbox. In:
 // HELLO, START, RESULT (a partial one of a map chunk; a large one received
 // in place, into the future's value), ERROR, RECALLED, PROGRESS (the
-// future's latest_progress and on_progress callback). Anything else is a
-// protocol_violation, which kills the worker.
+// future's latest_progress and on_progress callback), ITEM (a stream's,
+// pool_stream.cpp). Anything else is a protocol_violation, which kills the
+// worker.
 
 #include "worker_connection.hpp"
 #include "pool_core.hpp"
@@ -291,7 +292,7 @@ void pool_core::handle_frames(worker_handle& worker, std::span<const std::byte> 
             continue;
         }
         if (kind != wire::frame_kind::start && kind != wire::frame_kind::result && kind != wire::frame_kind::error &&
-            kind != wire::frame_kind::recalled && kind != wire::frame_kind::progress) {
+            kind != wire::frame_kind::recalled && kind != wire::frame_kind::progress && kind != wire::frame_kind::item) {
             throw protocol_violation("a frame of unknown kind " + std::to_string(header.kind));
         }
         const auto position = std::find_if(worker.assigned.begin(), worker.assigned.end(),
@@ -330,17 +331,19 @@ void pool_core::handle_frames(worker_handle& worker, std::span<const std::byte> 
             } catch (const std::exception& e) {
                 throw protocol_violation(std::string("an undecodable PROGRESS frame: ") + e.what());
             }
-            if (item->state() == work_state::dispatched) {
-                // Only a task that runs reports: it started, even if its
-                // START has not arrived (the worker sends START first today;
-                // this keeps a worker that sends it late from looking
-                // unstarted, and so from being run twice after a crash).
-                item->recalling = false;
-                item->started = std::chrono::steady_clock::now();
-                std::lock_guard lock{mutex_};
-                if (item->state() == work_state::dispatched) item->set_state(work_state::running);
-            }
+            mark_running(*item);
             deliver_progress(*item, value);
+            continue;
+        }
+        if (kind == wire::frame_kind::item) {
+            if (item->stream_window == 0) throw protocol_violation("an ITEM for a task that is not a stream");
+            if (item->stream_credit == 0) throw protocol_violation("an ITEM beyond the window the pool granted");
+            --item->stream_credit;
+            mark_running(*item);
+            // Its items reached the consumer: the task is never run again,
+            // whatever max_retries says.
+            item->retries_left = 0;
+            deliver_stream_item(*item, payload);
             continue;
         }
         if (kind == wire::frame_kind::start) {
@@ -356,6 +359,18 @@ void pool_core::handle_frames(worker_handle& worker, std::span<const std::byte> 
         }
         handle_answer(worker, position, kind, payload, false);
     }
+}
+
+// Only a task that runs reports progress or sends items: it started, even if
+// its START has not arrived (a worker sends it late, with the RESULT of a
+// short task or soon after it began), and must not look unstarted, and so
+// be run twice, should its worker die.
+void pool_core::mark_running(work_item& item) {
+    if (item.state() != work_state::dispatched) return;
+    item.recalling = false;
+    item.started = std::chrono::steady_clock::now();
+    std::lock_guard lock{mutex_};
+    if (item.state() == work_state::dispatched) item.set_state(work_state::running);
 }
 
 void pool_core::handle_answer(worker_handle& worker, std::deque<work_item*>::iterator position, wire::frame_kind kind,

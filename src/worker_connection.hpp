@@ -28,6 +28,13 @@ struct outbox {
         wire::finish_frame(bytes, wire::begin_frame(bytes, kind, work_id));
     }
 
+    // A CREDIT frame: the stream task `work_id` may send `items` more ITEMs.
+    void add_credit(std::uint64_t work_id, std::uint32_t items) {
+        const auto offset = wire::begin_frame(bytes, wire::frame_kind::credit, work_id);
+        bytes.append(&items, sizeof items);
+        wire::finish_frame(bytes, offset);
+    }
+
     // A CALL frame: the function id, then `arguments` (copied) with the
     // `attached` parts (referred to) at their offsets.
     void add_call(std::uint64_t work_id, std::uint16_t flags, std::uint64_t function_id, const byte_buffer& arguments,

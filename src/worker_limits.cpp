@@ -4,9 +4,22 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <initializer_list>
 #include <string_view>
+
+// AddressSanitizer and ThreadSanitizer reserve terabytes of address space.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define COPROC_SANITIZED 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define COPROC_SANITIZED 1
+#endif
+#endif
 
 namespace coproc::detail {
 
@@ -86,6 +99,36 @@ std::string describe_thread_failure(std::string_view thread, const std::system_e
     }
     text += "; " + std::string(consequence) + "\n";
     return text;
+}
+
+std::uint64_t apply_address_space_limit() {
+    const char* variable = std::getenv("COPROC_ADDRESS_SPACE_LIMIT");
+    if (variable == nullptr) return 0;
+    const std::uint64_t limit = std::strtoull(variable, nullptr, 10);
+    if (limit == 0) return 0;
+#ifdef COPROC_SANITIZED
+    std::fprintf(stderr, "coproc: worker %d ignores worker_address_space_limit: it runs under a sanitizer, which "
+                         "reserves more address space than any limit would allow\n",
+                 static_cast<int>(::getpid()));
+    return 0;
+#endif
+    ::rlimit wanted{};
+    ::getrlimit(RLIMIT_AS, &wanted);
+    // Lower only: an unprivileged worker cannot raise its hard limit.
+    const rlim_t value = static_cast<rlim_t>(limit);
+    if (wanted.rlim_max != RLIM_INFINITY && value > wanted.rlim_max) {
+        std::fprintf(stderr, "coproc: worker %d cannot set an address-space limit of %llu bytes: its hard RLIMIT_AS is %llu\n",
+                     static_cast<int>(::getpid()), static_cast<unsigned long long>(limit),
+                     static_cast<unsigned long long>(wanted.rlim_max));
+        return 0;
+    }
+    wanted.rlim_cur = value;
+    if (::setrlimit(RLIMIT_AS, &wanted) != 0) {
+        std::fprintf(stderr, "coproc: worker %d cannot set RLIMIT_AS to %llu bytes: %s\n", static_cast<int>(::getpid()),
+                     static_cast<unsigned long long>(limit), std::strerror(errno));
+        return 0;
+    }
+    return limit;
 }
 
 } // namespace coproc::detail

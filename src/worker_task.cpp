@@ -2,18 +2,80 @@
 #include "worker_task.hpp"
 
 #include <coproc/detail/wire.hpp>
+#include <coproc/error.hpp>
 
 #include <algorithm>
 #include <cstddef>
 #include <cstdio>
 #include <cstring>
+#include <new>
+#include <string>
+#include <string_view>
 #include <exception>
 #include <span>
+#include <stdexcept>
 #include <utility>
 
 #include <unistd.h>
 
 namespace coproc::detail {
+
+namespace {
+
+// The stream task running on this thread, for its sink's pushes.
+struct running_stream {
+    std::uint64_t work_id;
+    const task_hooks* hooks;
+};
+thread_local const running_stream* current_stream = nullptr;
+
+std::uint64_t address_space_limit = 0; // set before the first task
+
+// The error a task ends with: its own, except that under a hard memory
+// limit an allocation failure says which limit refused it.
+std::exception_ptr task_error(std::exception_ptr error, std::string_view function) {
+    if (address_space_limit == 0) return error;
+    try {
+        std::rethrow_exception(error);
+    } catch (const std::bad_alloc&) {
+        return std::make_exception_ptr(memory_limit_exceeded(
+            address_space_limit,
+            "coproc: " + std::string(function) + " ran out of memory in worker " + std::to_string(::getpid()) +
+                ": an allocation would exceed its address-space limit of " + std::to_string(address_space_limit) +
+                " bytes (process_pool_options::worker_address_space_limit, RLIMIT_AS)"));
+    } catch (...) {
+        return error;
+    }
+}
+
+// Makes `stream` the thread's running stream until destroyed.
+class stream_scope {
+public:
+    explicit stream_scope(const running_stream* stream) noexcept : outer_(std::exchange(current_stream, stream)) {}
+    ~stream_scope() { current_stream = outer_; }
+    stream_scope(const stream_scope&) = delete;
+    stream_scope& operator=(const stream_scope&) = delete;
+
+private:
+    const running_stream* outer_;
+};
+
+} // namespace
+
+void send_stream_item(byte_buffer& frame) {
+    const running_stream* stream = current_stream;
+    if (stream == nullptr) {
+        throw std::logic_error("coproc::sink::push called outside the stream task it was made for (a worker's sink "
+                               "serves its task, on the thread that runs it)");
+    }
+    const wire::frame_header header{0, static_cast<std::uint16_t>(wire::frame_kind::item), 0, stream->work_id};
+    std::memcpy(frame.data(), &header, wire::header_size);
+    wire::finish_frame(frame, 0); // a value too large for a frame throws here, nothing sent
+    stream->hooks->take_credit(stream->hooks->session);
+    stream->hooks->send(stream->hooks->session, frame);
+}
+
+void set_address_space_limit(std::uint64_t bytes) noexcept { address_space_limit = bytes; }
 
 byte_buffer start_frame(std::uint64_t work_id, std::optional<std::chrono::steady_clock::duration> ran) {
     byte_buffer frame;
@@ -28,7 +90,7 @@ byte_buffer start_frame(std::uint64_t work_id, std::optional<std::chrono::steady
     return frame;
 }
 
-outgoing run_call(const call& task, std::stop_token token, task_progress::send_function send, void* session) {
+outgoing run_call(const call& task, std::stop_token token, const task_hooks& hooks) {
     outgoing reply;
     std::uint64_t function_id = 0;
     if (task.payload.size() < sizeof function_id) {
@@ -55,7 +117,9 @@ outgoing run_call(const call& task, std::stop_token token, task_progress::send_f
         // report_progress in the task; a report it holds back goes out
         // when this ends, before the answer.
         std::optional<task_progress> progress;
-        if ((task.flags & wire::frame_flag::initializer) == 0) progress.emplace(task.work_id, send, session);
+        if ((task.flags & wire::frame_flag::initializer) == 0) progress.emplace(task.work_id, hooks.send, hooks.session);
+        const running_stream stream{task.work_id, &hooks};
+        const stream_scope streaming{(task.flags & wire::frame_flag::stream) != 0 ? &stream : nullptr};
         if (task.prepared.values) {
             function->invoke_prepared(task.prepared.values.get(), reply.bytes, reply.attached, std::move(token));
         } else {
@@ -79,12 +143,12 @@ outgoing run_call(const call& task, std::stop_token token, task_progress::send_f
             reply.clear(); // the partial results cannot travel: the error alone does
         }
         const auto error_offset = wire::begin_frame(reply.bytes, wire::frame_kind::error, task.work_id);
-        encode_exception(failure.error, reply.bytes);
+        encode_exception(task_error(failure.error, function->name), reply.bytes);
         wire::finish_frame(reply.bytes, error_offset);
     } catch (...) {
         reply.clear(); // drop whatever part of the result was encoded
         const auto error_offset = wire::begin_frame(reply.bytes, wire::frame_kind::error, task.work_id);
-        encode_exception(std::current_exception(), reply.bytes);
+        encode_exception(task_error(std::current_exception(), function->name), reply.bytes);
         wire::finish_frame(reply.bytes, error_offset);
     }
     return reply;

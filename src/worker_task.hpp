@@ -1,7 +1,8 @@
 // Running one CALL in a worker and framing its answer. Private to src/.
 //
 //   call (function id + encoded arguments, or arguments received in place)
-//     --run_call--> the function, with the task's stop token and progress
+//     --run_call--> the function, with the task's stop token and progress;
+//                   a stream's sink sends ITEMs against the parent's credit
 //     --> outgoing: RESULT (a large result attached where the function left
 //         it), or a partial RESULT then ERROR (a chunk that failed midway),
 //         or ERROR (an exception, an unknown or ambiguous function)
@@ -26,13 +27,29 @@ struct call {
     std::uint16_t flags;
     byte_buffer payload;           // the function id, then its encoded arguments...
     prepared_arguments prepared{}; // ... or, when set, those arguments received in place
+    std::uint32_t credit = 0;      // a stream's: ITEMs it may send (CREDIT frames so far)
+};
+
+// What a running task reaches its worker's session through.
+struct task_hooks {
+    void* session;
+    // Sends one whole frame (serialized with the worker's other writes).
+    task_progress::send_function send;
+    // Takes one ITEM's worth of the running stream's credit, blocking until
+    // the parent grants some; throws cancelled_error when the task is
+    // cancelled meanwhile.
+    void (*take_credit)(void* session);
 };
 
 // A START frame; `ran`: how long the task has run when it is sent late.
 byte_buffer start_frame(std::uint64_t work_id, std::optional<std::chrono::steady_clock::duration> ran);
 
+// The hard limit the worker runs under (apply_address_space_limit), or 0:
+// with one, a task's std::bad_alloc becomes memory_limit_exceeded.
+void set_address_space_limit(std::uint64_t bytes) noexcept;
+
 // Runs `task` and returns its answer for the caller to send. Progress
-// reports go out through `send`, before the answer.
-outgoing run_call(const call& task, std::stop_token token, task_progress::send_function send, void* session);
+// reports and a stream's ITEMs go out through `hooks`, before the answer.
+outgoing run_call(const call& task, std::stop_token token, const task_hooks& hooks);
 
 } // namespace coproc::detail

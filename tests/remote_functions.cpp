@@ -29,6 +29,7 @@
 #include <vector>
 
 #include <coproc/progress.hpp>
+#include <coproc/cancellation.hpp>
 #include <coproc/worker.hpp>
 
 COPROC_REGISTER_EXCEPTION(pool_test::quota_exceeded);
@@ -522,5 +523,93 @@ unreadable make_unreadable(int value) { return {value}; }
 unwritable make_unwritable(int value) { return {value}; }
 int take_unreadable(unreadable value) { return value.value; }
 int take_unwritable(unwritable value) { return value.value; }
+
+void count_up(int n, coproc::sink<int>& out) {
+    for (int i = 0; i < n; ++i) out.push(i);
+}
+
+void push_counted(int n, std::string path, coproc::sink<int>& out) {
+    for (int i = 0; i < n; ++i) {
+        out.push(i);
+        std::ofstream{path, std::ios::trunc} << i + 1 << '\n';
+    }
+}
+
+void push_then_wait(int n, std::string marker, coproc::sink<int>& out, std::stop_token token) {
+    for (int i = 0; i < n; ++i) out.push(i);
+    const auto end = std::chrono::steady_clock::now() + std::chrono::seconds{30};
+    while (!token.stop_requested() && std::chrono::steady_clock::now() < end) {
+        std::this_thread::sleep_for(std::chrono::milliseconds{2});
+    }
+    if (token.stop_requested()) std::ofstream{marker} << "stopped\n";
+}
+
+void push_then_crash(int n, coproc::sink<int>& out) {
+    for (int i = 0; i < n; ++i) out.push(i);
+    ::kill(::getpid(), SIGKILL);
+    hang_forever();
+}
+
+void push_then_throw(int n, coproc::sink<int>& out) {
+    for (int i = 0; i < n; ++i) out.push(i);
+    throw std::runtime_error("failed after " + std::to_string(n) + " items");
+}
+
+void push_then_ignore_stop(int n, coproc::sink<int>& out) {
+    for (int i = 0; i < n; ++i) out.push(i);
+    hang_forever();
+}
+
+void push_until_cancelled(std::string marker, coproc::sink<int>& out) {
+    try {
+        for (int i = 0;; ++i) out.push(i);
+    } catch (const coproc::cancelled_error&) {
+        std::ofstream{marker} << "cancelled while pushing\n";
+        throw;
+    }
+}
+
+void push_slowly(int n, int milliseconds, coproc::sink<int>& out) {
+    for (int i = 0; i < n; ++i) {
+        std::this_thread::sleep_for(std::chrono::milliseconds{milliseconds});
+        out.push(i);
+    }
+}
+
+void push_strings(int n, int size, coproc::sink<std::string>& out) {
+    for (int i = 0; i < n; ++i) out.push(pattern(static_cast<std::size_t>(size), i));
+}
+
+namespace {
+
+void write_item_frames(std::uint64_t work_id, int count) {
+    for (int i = 0; i < count; ++i) {
+        coproc::detail::byte_buffer frame;
+        const auto offset =
+            coproc::detail::wire::begin_frame(frame, coproc::detail::wire::frame_kind::item, work_id);
+        coproc::detail::encode_into(frame, i);
+        coproc::detail::wire::finish_frame(frame, offset);
+        [[maybe_unused]] auto written = ::write(3, frame.data(), frame.size());
+    }
+}
+
+} // namespace
+
+void send_items_by_hand(std::uint64_t work_id, int count, coproc::sink<int>&) {
+    write_item_frames(work_id, count);
+    hang_forever();
+}
+
+int send_item_for_plain_task(std::uint64_t work_id) {
+    write_item_frames(work_id, 1);
+    return hang_forever();
+}
+
+std::size_t allocate_mebibytes(int mebibytes) {
+    std::vector<char> block(static_cast<std::size_t>(mebibytes) << 20);
+    block.front() = 1;
+    block.back() = 1;
+    return block.size();
+}
 
 } // namespace pool_test

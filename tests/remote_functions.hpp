@@ -4,6 +4,7 @@
 #pragma once
 
 #include <coproc/error.hpp>
+#include <coproc/sink.hpp>
 
 #include <cereal/cereal.hpp>
 
@@ -249,5 +250,37 @@ std::string send_block_result_by_hand(std::uint64_t work_id, std::size_t size, i
 std::string transparent_huge_page_mode();
 bool huge_page_eligible(const void* address);
 bool malloc_block_huge_page_eligible(std::size_t size);
+
+// Streams (submit_stream, coproc::sink).
+// Pushes 0, 1, ... n - 1.
+void count_up(int n, coproc::sink<int>& out);
+// Pushes 0 .. n - 1 and after each push writes how many it pushed to the
+// file `path`: how far the task got, whatever the consumer took.
+void push_counted(int n, std::string path, coproc::sink<int>& out);
+// Pushes 0 .. n - 1, then waits for its stop token (30 s at most) and
+// creates `marker` when it saw the stop.
+void push_then_wait(int n, std::string marker, coproc::sink<int>& out, std::stop_token token);
+// Pushes 0 .. n - 1, then its worker kills itself (SIGKILL).
+void push_then_crash(int n, coproc::sink<int>& out);
+// Pushes 0 .. n - 1, then throws std::runtime_error("failed after <n> items").
+void push_then_throw(int n, coproc::sink<int>& out);
+// Pushes 0 .. n - 1, then spins ignoring its stop token.
+void push_then_ignore_stop(int n, coproc::sink<int>& out);
+// Pushes 0, 1, ... for ever; when a push throws cancelled_error it creates
+// `marker` and lets the error end the task.
+void push_until_cancelled(std::string marker, coproc::sink<int>& out);
+// Pushes 0 .. n - 1, sleeping `milliseconds` before each.
+void push_slowly(int n, int milliseconds, coproc::sink<int>& out);
+// Pushes n strings of `size` bytes: pattern(size, i) for the i-th.
+void push_strings(int n, int size, coproc::sink<std::string>& out);
+// Writes `count` ITEM frames for `work_id` by hand, ignoring the window,
+// then hangs: a worker that breaks the protocol.
+void send_items_by_hand(std::uint64_t work_id, int count, coproc::sink<int>& out);
+// A plain task that writes an ITEM frame for `work_id` by hand, then hangs.
+int send_item_for_plain_task(std::uint64_t work_id);
+
+// Allocates `mebibytes` MiB (touching its first and last byte only) and
+// returns the size: address space, hardly any resident memory.
+std::size_t allocate_mebibytes(int mebibytes);
 
 } // namespace pool_test

@@ -1,4 +1,4 @@
-// coproc/asio.hpp: async_submit, async_map and async_shutdown with every
+// coproc/asio.hpp: async_submit, async_map, async_next and async_shutdown with every
 // completion token of Asio 1.22, per-operation cancellation in every task
 // state, executors and work, lifetimes, and the loop driven by an
 // io_context on one thread.
@@ -778,6 +778,32 @@ asio::awaitable<void> map_or_timer(coproc::process_pool* pool, std::size_t* inde
     *index = winner.index();
 }
 
+asio::awaitable<void> stream_items(coproc::process_pool* pool, std::vector<int>* out, std::vector<int>* before_crash,
+                                   std::string* crash) {
+    auto items = pool->submit_stream<pool_test::count_up>(40);
+    while (std::optional<int> value = co_await coproc::async_next(*pool, items, asio::use_awaitable)) out->push_back(*value);
+    auto crashing = pool->submit_stream<pool_test::push_then_crash>(2);
+    try {
+        while (std::optional<int> value = co_await coproc::async_next(*pool, crashing, asio::use_awaitable)) {
+            before_crash->push_back(*value);
+        }
+    } catch (const coproc::worker_died& e) {
+        *crash = e.what();
+    }
+}
+
+asio::awaitable<void> stream_or_timer(coproc::process_pool* pool, std::string marker, std::size_t* index) {
+    using namespace asio::experimental::awaitable_operators;
+    auto items = pool->submit_stream<pool_test::push_then_wait>(1, marker);
+    const std::optional<int> first = co_await coproc::async_next(*pool, items, asio::use_awaitable);
+    if (!first || *first != 0) co_return;
+    asio::steady_timer timer{co_await asio::this_coro::executor, 200ms};
+    auto next = coproc::async_next(*pool, items, asio::use_awaitable);
+    auto tick = timer.async_wait(asio::use_awaitable);
+    auto winner = co_await (std::move(next) || std::move(tick));
+    *index = winner.index();
+}
+
 asio::awaitable<void> work_then_shutdown(coproc::process_pool* pool, int* value, bool* closed) {
     auto pending = coproc::async_submit<pool_test::sleep_then>(*pool, 200, 3, asio::experimental::deferred);
     auto shutdown = coproc::async_shutdown(*pool, {.wait = true}, asio::experimental::deferred);
@@ -820,6 +846,39 @@ TEST_CASE("async_map cancelled by || cancels every chunk, pending and running") 
         CHECK(index == 1);
         CHECK(b.wait_until([&] { return b.pool().stats().tasks_cancelled == 4; }));
         CHECK(b.wait_until([&] { return b.pool().stats().tasks_cancelling == 0; }));
+    }
+}
+
+TEST_CASE("async_next yields a stream's items in order, then nothing; a crash ends it with worker_died after its items") {
+    for (const auto how : both_modes) {
+        const std::string mode_text = mode_name(how);
+        CAPTURE(mode_text);
+        bridge b{how, {.max_workers = 2}};
+        std::vector<int> items;
+        std::vector<int> before_crash;
+        std::string crash;
+        asio::co_spawn(b.io, stream_items(&b.pool(), &items, &before_crash, &crash), asio::detached);
+        run_io(b.io);
+        REQUIRE(items.size() == 40);
+        for (int i = 0; i < 40; ++i) CHECK(items[static_cast<std::size_t>(i)] == i);
+        CHECK(before_crash == std::vector<int>{0, 1});
+        CHECK(crash.find("push_then_crash") != std::string::npos);
+    }
+}
+
+TEST_CASE("async_next cancelled by || cancels the stream: its task sees the stop") {
+    for (const auto how : both_modes) {
+        const std::string mode_text = mode_name(how);
+        CAPTURE(mode_text);
+        bridge b{how, {.max_workers = 1}};
+        auto hold = how == mode::one_thread ? b.driver->keep_driving() : coproc::asio_driver::hold{};
+        marker_file stopped{"asio-stream-stopped"};
+        std::size_t index = 99;
+        asio::co_spawn(b.io, stream_or_timer(&b.pool(), stopped.path(), &index), asio::detached);
+        CHECK(b.wait_until([&] { return index != 99; }));
+        CHECK(index == 1);
+        CHECK(b.wait_until([&] { return stopped.exists(); }));
+        CHECK(b.wait_until([&] { return b.pool().stats().tasks_cancelled == 1; }));
     }
 }
 

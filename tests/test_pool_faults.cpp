@@ -356,3 +356,56 @@ TEST_CASE("stats() shows a cancelled task still running in its worker during the
     CHECK(pool.stats().tasks_cancelling == 0);
     CHECK(pool.stats().workers_killed_for_cancel == 1);
 }
+
+// AddressSanitizer and ThreadSanitizer reserve terabytes of address space,
+// and their allocators abort rather than throw on absurd sizes.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+constexpr bool sanitized = true;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+constexpr bool sanitized = true;
+#else
+constexpr bool sanitized = false;
+#endif
+#else
+constexpr bool sanitized = false;
+#endif
+
+TEST_CASE("worker_address_space_limit: an allocation beyond it fails only its task, with memory_limit_exceeded naming the limit") {
+    if (sanitized) {
+        MESSAGE("skipped: a sanitizer reserves more address space than any limit would allow (the worker ignores it)");
+        return;
+    }
+    coproc::event_loop loop;
+    constexpr std::size_t limit = std::size_t{1} << 30;
+    coproc::process_pool pool{loop, {.max_workers = 1, .worker_address_space_limit = limit}};
+    const int pid = run_bounded(loop, await_future(pool.submit<worker_pid>()));
+    // Under the limit: served as usual.
+    CHECK(run_bounded(loop, await_future(pool.submit<allocate_mebibytes>(64))) == std::size_t{64} << 20);
+    // Beyond it: the task fails, saying which limit refused it.
+    try {
+        run_bounded(loop, await_future(pool.submit<allocate_mebibytes>(2048)));
+        FAIL("an allocation of 2 GiB under a 1 GiB limit succeeded");
+    } catch (const coproc::memory_limit_exceeded& e) {
+        CHECK(e.limit() == limit);
+        const std::string what = e.what();
+        CHECK(what.find("allocate_mebibytes") != std::string::npos);
+        CHECK(what.find("worker_address_space_limit") != std::string::npos);
+        CHECK(what.find(std::to_string(limit)) != std::string::npos);
+    }
+    // Only that task: the same worker serves on.
+    CHECK(run_bounded(loop, await_future(pool.submit<worker_pid>())) == pid);
+    CHECK(pool.stats().workers_started == 1);
+}
+
+TEST_CASE("without worker_address_space_limit, a worker's allocation failure travels as std::bad_alloc") {
+    if (sanitized) {
+        MESSAGE("skipped: a sanitizer's allocator aborts on such a size instead of throwing");
+        return;
+    }
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1}};
+    // 2^46 bytes (64 TiB): more than memory and swap, which the kernel's
+    // default overcommit heuristic refuses at once: std::bad_alloc.
+    CHECK_THROWS_AS(run_bounded(loop, await_future(pool.submit<allocate_mebibytes>(1 << 26))), std::bad_alloc);
+}

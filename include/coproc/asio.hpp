@@ -114,6 +114,8 @@ template <auto F>
 struct initiate_submit;
 template <auto F>
 struct initiate_map;
+template <class T>
+struct initiate_next;
 struct initiate_shutdown;
 class driver_core;
 class loop_demand;
@@ -189,6 +191,25 @@ auto async_submit(process_pool& pool, ArgsAndToken&&... args_and_token);
 template <auto F, std::ranges::input_range Range, class CompletionToken>
 auto async_map(process_pool& pool, Range&& inputs, map_options options, CompletionToken&& token);
 
+// The next item of a stream (process_pool::submit_stream), as co_await
+// items.next() does: the item, or std::nullopt once the task returned and
+// every item was taken; or why the task ended otherwise (its exception,
+// worker_died, timeout_error), once every item received before was taken.
+// `items` must belong to `pool`, outlive the operation and not be used
+// otherwise until the handler runs; one async_next at a time per stream.
+//
+// @par Completion Signature
+// void(std::exception_ptr, std::optional<T>)
+//
+// @par Per-Operation Cancellation
+// terminal and partial: the stream is cancelled, as a stop of a coroutine
+// awaiting next() cancels it (its task's stop token, then a kill after
+// cancel_grace), and the handler gets operation_aborted. total: ignored.
+//
+// Thread Safety: callable from any thread.
+template <class T, class CompletionToken>
+auto async_next(process_pool& pool, stream<T>& items, CompletionToken&& token);
+
 // co_await pool.shutdown(options), for Asio code: stops accepting work and,
 // with `wait`, completes once the pending and running tasks are done and
 // the workers have exited. process_pool::shutdown_blocking cannot be used on
@@ -214,8 +235,8 @@ auto async_shutdown(process_pool& pool, shutdown_options options, CompletionToke
 // handler.
 //
 // The wait is armed only while the loop has something to do for Asio code:
-// while an async_submit, async_map or async_shutdown on a pool of this loop
-// is outstanding, or while a hold from keep_driving() exists. So
+// while an async_submit, async_map, async_next or async_shutdown on a pool
+// of this loop is outstanding, or while a hold from keep_driving() exists. So
 // io_context::run() returns when the server's own work is done, as with any
 // other Asio I/O object. Between those, the loop is not driven: its
 // timers (idle workers, cancel_grace kills, deadlines) wait for the next
@@ -300,6 +321,12 @@ auto async_map(process_pool& pool, Range&& inputs, map_options options, Completi
     using R = std::vector<typename detail::remote<F>::result>;
     return asio::async_initiate<CompletionToken, void(std::exception_ptr, R)>(
         detail::asio_bridge::initiate_map<F>{&pool}, token, std::decay_t<Range>(std::forward<Range>(inputs)), options);
+}
+
+template <class T, class CompletionToken>
+auto async_next(process_pool& pool, stream<T>& items, CompletionToken&& token) {
+    return asio::async_initiate<CompletionToken, void(std::exception_ptr, std::optional<T>)>(
+        detail::asio_bridge::initiate_next<T>{&pool, &items}, token);
 }
 
 template <class CompletionToken>

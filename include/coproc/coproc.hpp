@@ -8,6 +8,8 @@
 #include <coproc/future.hpp>
 #include <coproc/process_pool.hpp>
 #include <coproc/progress.hpp>
+#include <coproc/sink.hpp>
+#include <coproc/stream.hpp>
 #include <coproc/task.hpp>
 #include <coproc/wait.hpp>
 #include <coproc/when_all.hpp>

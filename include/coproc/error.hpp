@@ -5,6 +5,7 @@
 #pragma once
 
 #include <exception>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -125,6 +126,20 @@ public:
 
 private:
     int code_;
+};
+
+// A task ran out of memory in a worker that has a hard limit
+// (process_pool_options::worker_address_space_limit, RLIMIT_AS): an
+// allocation the limit refused threw std::bad_alloc, and the task failed
+// with this instead, naming the limit. Only that task fails; its worker
+// serves on. limit() is the limit in bytes.
+class memory_limit_exceeded : public error {
+public:
+    memory_limit_exceeded(std::uint64_t limit, const std::string& what) : error(what), limit_(limit) {}
+    [[nodiscard]] std::uint64_t limit() const noexcept { return limit_; }
+
+private:
+    std::uint64_t limit_;
 };
 
 // submit() while the pool already holds process_pool_options::max_pending

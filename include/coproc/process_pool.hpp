@@ -29,6 +29,7 @@
 #include <coproc/event_loop.hpp>
 #include <coproc/future.hpp>
 #include <coproc/progress.hpp>
+#include <coproc/stream.hpp>
 #include <coproc/task.hpp>
 #include <coproc/worker.hpp>
 
@@ -119,6 +120,16 @@ struct process_pool_options {
     // shared-memory buffers it touched): set the limit well above what a
     // fresh worker uses.
     std::size_t max_worker_memory = 0;
+    // A hard limit on each worker's address space, in bytes (RLIMIT_AS,
+    // set by the worker on itself); 0: none. An allocation beyond it fails:
+    // the task that made it fails with memory_limit_exceeded, which names
+    // the limit, and the worker serves on. It counts address space, not
+    // resident memory: every mapping (the program, thread stacks, malloc's
+    // arenas) counts whether touched or not, so set it well above what a
+    // fresh worker maps (ps -o vsz). Not with AddressSanitizer or
+    // ThreadSanitizer, which reserve terabytes of address space: a worker
+    // built with one ignores the limit and says so on stderr.
+    std::size_t worker_address_space_limit = 0;
     // Runs once in each worker before any task: coproc::call<f>(args...).
     // If it throws, the pool is broken: every pending and later submit fails
     // with broken_process_pool, whose cause() is the initializer's error.
@@ -174,6 +185,10 @@ struct process_pool_options {
     // latest, and sends it before the task's answer. Zero: every report is
     // sent.
     std::chrono::milliseconds progress_interval{50};
+    // A stream's window, unless its submit sets one (submit_options::
+    // stream_window): items a stream task may send ahead of its consumer.
+    // At least 1.
+    std::uint32_t stream_window = 16;
     // Tasks waiting in the parent for a worker, at most; 0: no bound. When
     // reached, submit throws queue_full, try_submit returns nothing and
     // co_await submit_async waits for room: memory stays bounded.
@@ -189,6 +204,9 @@ struct submit_options {
     // (in whatever state it is) and its future ends with timeout_error.
     // Zero: none.
     std::chrono::milliseconds timeout{0};
+    // submit_stream_with: items the task may send ahead of its consumer (it
+    // blocks in push beyond); 0: process_pool_options::stream_window.
+    std::uint32_t stream_window = 0;
 };
 
 struct shutdown_options {
@@ -273,6 +291,16 @@ public:
     // submit with per-task options.
     template <auto F, class... Args>
     future<typename detail::remote<F>::result> submit_with(submit_options options, Args&&... args);
+
+    // Runs the stream function F (one that takes a coproc::sink<T>&,
+    // coproc/sink.hpp) in a worker and returns the stream of the items it
+    // pushes (coproc/stream.hpp), received while it runs. Throws and fails
+    // as submit does. Thread-safe.
+    template <auto F, class... Args>
+    stream<typename detail::remote<F>::stream_item> submit_stream(Args&&... args);
+    // ... with per-task options (stream_window, timeout, max_retries).
+    template <auto F, class... Args>
+    stream<typename detail::remote<F>::stream_item> submit_stream_with(submit_options options, Args&&... args);
 
     // Runs F over every element of `inputs` in workers, `chunksize` elements
     // per task, and yields the results in input order. F takes the element
@@ -463,6 +491,8 @@ std::optional<future<R>> submit_to(pool_core& core, std::uint16_t frame_flags, s
     item->function_name = remote::name;
     item->frame_flags = frame_flags;
     item->retries_left = options.max_retries;
+    // A stream's window; 0 here: the pool's default (pool_core::submit).
+    if ((frame_flags & wire::frame_flag::stream) != 0) item->stream_window = options.stream_window;
     if (options.timeout.count() > 0) item->deadline = std::chrono::steady_clock::now() + options.timeout;
     bool failed = false;
     if (!unique) {
@@ -655,6 +685,7 @@ future<typename detail::remote<F>::result> process_pool::submit(Args&&... args) 
     using arguments = typename remote::arguments;
     static_assert(std::is_constructible_v<arguments, Args&&...>,
                   "coproc: submit<F>(args...): the arguments do not convert to F's parameters");
+    static_assert(!remote::is_stream, "coproc: F pushes items into a coproc::sink: submit it with submit_stream<F>");
     return *submit_encoded<remote, typename remote::result>(0, {}, true, arguments{std::forward<Args>(args)...});
 }
 
@@ -675,6 +706,7 @@ std::optional<future<typename detail::remote<F>::result>> process_pool::try_subm
     using arguments = typename remote::arguments;
     static_assert(std::is_constructible_v<arguments, Args&&...>,
                   "coproc: try_submit<F>(args...): the arguments do not convert to F's parameters");
+    static_assert(!remote::is_stream, "coproc: F pushes items into a coproc::sink: submit it with submit_stream<F>");
     return submit_encoded<remote, typename remote::result>(0, {}, false, arguments{std::forward<Args>(args)...});
 }
 
@@ -696,7 +728,26 @@ future<typename detail::remote<F>::result> process_pool::submit_with(submit_opti
     using arguments = typename remote::arguments;
     static_assert(std::is_constructible_v<arguments, Args&&...>,
                   "coproc: submit_with<F>(options, args...): the arguments do not convert to F's parameters");
+    static_assert(!remote::is_stream, "coproc: F pushes items into a coproc::sink: submit it with submit_stream<F>");
     return *submit_encoded<remote, typename remote::result>(0, options, true, arguments{std::forward<Args>(args)...});
+}
+
+template <auto F, class... Args>
+stream<typename detail::remote<F>::stream_item> process_pool::submit_stream(Args&&... args) {
+    return submit_stream_with<F>(submit_options{}, std::forward<Args>(args)...);
+}
+
+template <auto F, class... Args>
+stream<typename detail::remote<F>::stream_item> process_pool::submit_stream_with(submit_options options, Args&&... args) {
+    using remote = detail::remote<F>;
+    using arguments = typename remote::arguments;
+    static_assert(remote::is_stream,
+                  "coproc: submit_stream<F> takes a stream function: one whose last parameter (before an optional "
+                  "std::stop_token) is a coproc::sink<T>&");
+    static_assert(std::is_constructible_v<arguments, Args&&...>,
+                  "coproc: submit_stream<F>(args...): the arguments do not convert to F's parameters");
+    return stream<typename remote::stream_item>{
+        *submit_encoded<remote, void>(detail::wire::frame_flag::stream, options, true, arguments{std::forward<Args>(args)...})};
 }
 
 } // namespace coproc

@@ -3,7 +3,8 @@
 // kind (src/worker_connection.cpp, handle_frames and handle_answer): HELLO's
 // version and pid, ERROR's transported exception (decode_exception), a
 // RESULT of a function returning std::vector<std::string>, PROGRESS's
-// double, and the count
+// double, a stream's ITEM as its consumer decodes it (stream<T>::next),
+// and the count
 // that starts a large RESULT received in place (prepare_block_result).
 // handle_frames is a member of the pool and reads from its worker's buffer,
 // so the harness repeats its steps over the input instead of calling it.
@@ -12,6 +13,7 @@
 #include <coproc/detail/remote_function.hpp>
 #include <coproc/detail/wire.hpp>
 #include <coproc/detail/work_item.hpp>
+#include <coproc/error.hpp>
 
 #include <cstddef>
 #include <cstdint>
@@ -63,6 +65,11 @@ void handle(const wire::frame_header& header, std::span<const std::byte> payload
             coproc::detail::decode_from(payload, value);
             break;
         }
+        case wire::frame_kind::item: {
+            std::vector<std::string> value{};
+            coproc::detail::decode_from(payload, value);
+            break;
+        }
         case wire::frame_kind::result: {
             coproc::detail::typed_work_item<std::vector<std::string>> item;
             item.store_result(payload);
@@ -91,6 +98,10 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
               error_payload(std::make_exception_ptr(std::system_error(std::make_error_code(std::errc::io_error), "read")))),
         frame(wire::frame_kind::result, 4, encoded("", std::vector<std::int32_t>{1, 2, 3})),
         frame(wire::frame_kind::progress, 5, encoded("", 0.5)) + frame(wire::frame_kind::result, 5, encoded("", 1)),
+        frame(wire::frame_kind::item, 6, encoded("", std::vector<std::string>{"x", "yz"})) +
+            frame(wire::frame_kind::item, 6, encoded("", std::vector<std::string>{})) + frame(wire::frame_kind::result, 6, ""),
+        frame(wire::frame_kind::error, 7,
+              error_payload(std::make_exception_ptr(coproc::memory_limit_exceeded(1 << 30, "out of memory")))),
     });
     return 0;
 }

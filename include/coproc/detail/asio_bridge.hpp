@@ -666,6 +666,27 @@ struct initiate_map {
     }
 };
 
+template <class T>
+task<std::optional<T>> next_item(stream<T>* items) {
+    co_return co_await items->next();
+}
+
+template <class T>
+struct initiate_next {
+    process_pool* pool;
+    stream<T>* items;
+
+    template <class Handler>
+    void operator()(Handler&& handler) const {
+        asio::cancellation_slot slot = asio::get_associated_cancellation_slot(handler);
+        event_loop& loop = loop_of(*pool);
+        auto op = std::make_shared<operation_for<Handler, std::optional<T>>>(std::move(handler), loop,
+                                                                            cancel_target::coroutine);
+        op->install_cancellation(slot);
+        start_on_loop(loop, complete_from(next_item(items), op), op);
+    }
+};
+
 struct initiate_shutdown {
     process_pool* pool;
 

@@ -17,6 +17,7 @@
 #pragma once
 
 #include <coproc/detail/serialization.hpp>
+#include <coproc/sink.hpp>
 
 #include <cstddef>
 #include <cstdint>
@@ -110,6 +111,42 @@ constexpr bool takes_stop_token() {
     }
 }
 
+// A parameter `coproc::sink<T>&`: the function streams T items.
+template <class Parameter>
+struct sink_parameter : std::false_type {
+    using item = void;
+};
+template <class T>
+struct sink_parameter<sink<T>&> : std::true_type {
+    using item = T;
+};
+
+// How many parameters the worker passes after the caller's: a trailing
+// std::stop_token, and before it (or last) a coproc::sink<T>&.
+template <class Parameters>
+constexpr std::size_t worker_parameters() {
+    constexpr std::size_t token = takes_stop_token<Parameters>() ? 1 : 0;
+    if constexpr (std::tuple_size_v<Parameters> > token) {
+        using before = std::tuple_element_t<std::tuple_size_v<Parameters> - token - 1, Parameters>;
+        return token + (sink_parameter<before>::value ? 1 : 0);
+    } else {
+        return token;
+    }
+}
+
+// The item type of a stream function (its sink<T>&), or void.
+template <class Parameters, bool Stream = (worker_parameters<Parameters>() > (takes_stop_token<Parameters>() ? 1 : 0))>
+struct stream_item_of {
+    using type = void;
+};
+template <class Parameters>
+struct stream_item_of<Parameters, true> {
+    using type = typename sink_parameter<
+        std::tuple_element_t<std::tuple_size_v<Parameters> - worker_parameters<Parameters>(), Parameters>>::item;
+};
+template <class Parameters>
+using stream_item_t = typename stream_item_of<Parameters>::type;
+
 // The parameters the caller supplies, decayed: what travels in a CALL frame.
 template <class Parameters, class Indices>
 struct wire_arguments_impl;
@@ -119,7 +156,7 @@ struct wire_arguments_impl<Parameters, std::index_sequence<I...>> {
 };
 template <class Parameters>
 using wire_arguments_t = typename wire_arguments_impl<
-    Parameters, std::make_index_sequence<std::tuple_size_v<Parameters> - (takes_stop_token<Parameters>() ? 1 : 0)>>::type;
+    Parameters, std::make_index_sequence<std::tuple_size_v<Parameters> - worker_parameters<Parameters>()>>::type;
 
 template <class Tuple, class Indices>
 struct all_serializable_impl;
@@ -189,6 +226,12 @@ struct remote {
     using arguments = wire_arguments_t<parameters>;
     using result = std::decay_t<typename traits::result>;
     static constexpr bool wants_stop_token = takes_stop_token<parameters>();
+    // A stream function (a coproc::sink<T>& parameter): the T it pushes.
+    using stream_item = stream_item_t<parameters>;
+    static constexpr bool is_stream = !std::is_void_v<stream_item>;
+    static_assert(!is_stream || std::is_void_v<result>,
+                  "coproc: a stream function (one that takes a coproc::sink<T>&) returns void: its items go "
+                  "through the sink, and its end ends the stream");
 
     static_assert(all_serializable<arguments>,
                   "coproc: a parameter type of this function cannot be serialized by cereal. Give the type a "
@@ -280,7 +323,15 @@ private:
     static decltype(auto) call(arguments&& values, std::stop_token token) {
         return std::apply(
             [&token](auto&&... unpacked) -> decltype(auto) {
-                if constexpr (wants_stop_token) {
+                if constexpr (is_stream) {
+                    sink<stream_item> out = sink_access::for_worker<stream_item>();
+                    if constexpr (wants_stop_token) {
+                        F(std::move(unpacked)..., out, std::move(token));
+                    } else {
+                        (void)token;
+                        F(std::move(unpacked)..., out);
+                    }
+                } else if constexpr (wants_stop_token) {
                     return F(std::move(unpacked)..., std::move(token));
                 } else {
                     (void)token;
@@ -309,6 +360,9 @@ struct remote_object {
     using arguments = wire_arguments_t<parameters>;
     using result = std::decay_t<typename traits::result>;
     static constexpr bool wants_stop_token = takes_stop_token<parameters>();
+    static_assert(std::is_void_v<stream_item_t<parameters>>,
+                  "coproc: a callable object cannot stream (take a coproc::sink<T>&); submit_stream takes a free "
+                  "function");
     static_assert(all_serializable<arguments>,
                   "coproc: a parameter type of this object's operator() cannot be serialized by cereal");
     static_assert(std::is_void_v<result> || serializable<result>,

@@ -30,6 +30,14 @@
 //   PROGRESS worker -> parent double: report_progress of the running task
 //                             with this work id (throttled by the worker;
 //                             the last one comes before its RESULT or ERROR)
+//   ITEM    worker -> parent  one item a stream task pushed into its sink
+//                             (submit_stream), in order, only as many as
+//                             the parent granted; the task's RESULT (empty)
+//                             or ERROR ends the stream
+//   CREDIT  parent -> worker  u32: the stream task with this work id may
+//                             send that many more ITEMs. The first follows
+//                             its CALL (the window); the others are sent as
+//                             the consumer takes items
 #pragma once
 
 #include <coproc/detail/byte_buffer.hpp>
@@ -44,7 +52,7 @@
 
 namespace coproc::detail::wire {
 
-inline constexpr std::uint16_t protocol_version = 4;
+inline constexpr std::uint16_t protocol_version = 5;
 
 // The start word: 8 bytes of shared memory (a memfd the parent maps and
 // passes to the worker as this descriptor, named by the environment
@@ -68,6 +76,8 @@ enum class frame_kind : std::uint16_t {
     recall = 8,
     recalled = 9,
     progress = 10,
+    item = 11,
+    credit = 12,
 };
 
 // Bits of frame_header::flags.
@@ -81,6 +91,9 @@ enum frame_flag : std::uint16_t {
     // RESULT of a chunk: the results of its inputs before the one that
     // failed; the chunk's ERROR follows at once. It does not end the task.
     partial = 4,
+    // CALL: a stream task (submit_stream): it answers with ITEMs, as many
+    // as CREDIT frames allow, before its RESULT.
+    stream = 8,
 };
 
 struct frame_header {

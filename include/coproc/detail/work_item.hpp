@@ -27,6 +27,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <exception>
 #include <functional>
 #include <memory>
@@ -129,6 +130,20 @@ public:
     std::atomic<double> progress{0.0};
     std::atomic<std::uint64_t> progress_reports{0};
 
+    // A stream (submit_stream): ITEMs in flight at most; 0 for any other
+    // task. Fixed at submit.
+    std::uint32_t stream_window = 0;
+    // ITEMs the worker may still send: the window at dispatch, one less per
+    // ITEM received, more with each CREDIT sent (loop thread).
+    std::uint32_t stream_credit = 0;
+    // The ITEMs received and not yet taken by the consumer, still encoded
+    // (pool mutex until final; dropped by cancel()).
+    std::deque<byte_buffer> stream_items;
+    // Items taken since the last CREDIT was sent (pool mutex).
+    std::uint32_t stream_taken = 0;
+    // The consumer cancelled: the items not taken are never yielded.
+    std::atomic<bool> stream_dropped{false};
+
 private:
     std::atomic<std::uint32_t> references_{1};
     std::atomic<work_state> state_{work_state::pending};
@@ -200,6 +215,20 @@ void set_work_item_progress_callback(work_item& item, std::function<void(double)
 // to the unhandled-exception handler of the loop the calling thread runs
 // (posted to it), or to stderr on a thread that runs no loop.
 void report_callback_error(const work_item& item, std::exception_ptr error) noexcept;
+// --- called by stream<T> (src/pool_stream.cpp)
+
+// Registers `awaiting` to be resumed on the pool's loop when the stream
+// `item` has an item to take or is final; false when it has one or is
+// final already (then nothing is registered). Throws std::logic_error
+// when another coroutine already awaits the item.
+bool await_stream_item(work_item& item, std::coroutine_handle<> awaiting);
+// The oldest item received and not yet taken, or nothing; grants the
+// worker credit for more as items are taken.
+std::optional<byte_buffer> take_stream_item(work_item& item);
+// Drops the items received and not yet taken (the consumer cancelled): the
+// next take_stream_item finds none. Any thread.
+void drop_stream_items(work_item& item) noexcept;
+
 // Blocks the calling thread (never the loop's) until the item is final or
 // `timeout` passes; false on timeout. A negative timeout waits for ever.
 bool wait_work_item(work_item& item, std::chrono::nanoseconds timeout);
