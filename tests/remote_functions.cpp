@@ -582,15 +582,17 @@ void push_strings(int n, int size, coproc::sink<std::string>& out) {
 
 namespace {
 
+// All in one write: the parent reads them in one go, with no consumer
+// taking items (and granting credit) in between.
 void write_item_frames(std::uint64_t work_id, int count) {
+    coproc::detail::byte_buffer frames;
     for (int i = 0; i < count; ++i) {
-        coproc::detail::byte_buffer frame;
         const auto offset =
-            coproc::detail::wire::begin_frame(frame, coproc::detail::wire::frame_kind::item, work_id);
-        coproc::detail::encode_into(frame, i);
-        coproc::detail::wire::finish_frame(frame, offset);
-        [[maybe_unused]] auto written = ::write(3, frame.data(), frame.size());
+            coproc::detail::wire::begin_frame(frames, coproc::detail::wire::frame_kind::item, work_id);
+        coproc::detail::encode_into(frames, i);
+        coproc::detail::wire::finish_frame(frames, offset);
     }
+    [[maybe_unused]] auto written = ::write(3, frames.data(), frames.size());
 }
 
 } // namespace
@@ -609,6 +611,8 @@ std::size_t allocate_mebibytes(int mebibytes) {
     std::vector<char> block(static_cast<std::size_t>(mebibytes) << 20);
     block.front() = 1;
     block.back() = 1;
+    // Escapes, so that no compiler elides the allocation (Clang does).
+    asm volatile("" : : "r"(block.data()) : "memory");
     return block.size();
 }
 
