@@ -15,6 +15,12 @@
 //                 first echo in a fresh pool, and the median of 5 more; and,
 //                 timed alone, encoding it into a frame buffer and decoding
 //                 it into a new std::string (ms)
+//   shared_echo   64 MiB in a coproc::shared_buffer through a task that
+//                 reads every byte and writes a transformed copy (each byte
+//                 XOR 0x5a) into a result buffer: GiB/s of the first in a
+//                 fresh pool, the task creating the result buffer, and the
+//                 median of 5 more into one result buffer reused (pages
+//                 touched once)
 //   startup       pool construction to first result, and shutdown (ms)
 //   cpu           a CPU-heavy function on 2 workers against inline: speedup
 //   memory        parent heap bytes per queued future, 1,000,000 queued
@@ -54,6 +60,20 @@ using clock_type = std::chrono::steady_clock;
 void noop() {}
 std::int64_t identity(std::int64_t x) { return x; }
 std::string echo(std::string bytes) { return bytes; }
+
+void transform_bytes(const coproc::shared_buffer& in, const coproc::shared_buffer& out) {
+    const auto* from = reinterpret_cast<const std::uint64_t*>(in.data());
+    auto* to = reinterpret_cast<std::uint64_t*>(out.data());
+    for (std::size_t i = 0; i < in.size() / 8; ++i) to[i] = from[i] ^ 0x5a5a5a5a5a5a5a5aULL;
+}
+// The shared echo, fresh: the task makes the result buffer.
+coproc::shared_buffer transform_new(coproc::shared_buffer in) {
+    coproc::shared_buffer out{in.size()};
+    transform_bytes(in, out);
+    return out;
+}
+// ... and repeated: into the buffer the parent passes, reused.
+void transform_into(coproc::shared_buffer in, coproc::shared_buffer out) { transform_bytes(in, out); }
 
 long count_primes(long from, long to) {
     long count = 0;
@@ -176,6 +196,27 @@ coproc::task<std::vector<double>> measure_echo(coproc::process_pool* pool, std::
         if (back.size() != bytes) co_return std::vector<double>{};
         rates.push_back(static_cast<double>(bytes) / seconds / double(1 << 30));
     }
+    co_return rates;
+}
+
+// shared_echo: the first in a fresh pool (the task makes the result
+// buffer), then `repeats` more into one result buffer: GiB/s of each.
+coproc::task<std::vector<double>> measure_shared_echo(coproc::process_pool* pool, std::size_t bytes, int repeats) {
+    co_await pool->submit<noop>();
+    coproc::shared_buffer in{bytes};
+    std::memset(in.data(), 'x', bytes);
+    std::vector<double> rates;
+    auto start = clock_type::now();
+    const coproc::shared_buffer fresh = co_await pool->submit<transform_new>(in);
+    rates.push_back(static_cast<double>(bytes) / seconds_since(start) / double(1 << 30));
+    if (fresh.size() != bytes || fresh.data()[bytes - 1] != std::byte{'x' ^ 0x5a}) co_return std::vector<double>{};
+    coproc::shared_buffer out{bytes};
+    for (int i = 0; i < repeats; ++i) {
+        start = clock_type::now();
+        co_await pool->submit<transform_into>(in, out);
+        rates.push_back(static_cast<double>(bytes) / seconds_since(start) / double(1 << 30));
+    }
+    if (out.data()[0] != std::byte{'x' ^ 0x5a}) co_return std::vector<double>{};
     co_return rates;
 }
 
@@ -338,6 +379,14 @@ int main(int argc, char** argv) {
         });
         std::printf("{\"gib_per_s\": %.3f, \"repeat_gib_per_s\": %.3f, \"encode_ms\": %.2f, \"decode_ms\": %.2f}\n", rate,
                     percentile(rates, 0.5), encode_ms, decode_ms);
+    } else if (workload == "shared_echo") {
+        coproc::process_pool pool{loop, {.max_workers = 2, .worker_executable = worker_path}};
+        const std::size_t bytes = quick ? (1u << 20) : (64u << 20);
+        auto rates = loop.run(measure_shared_echo(&pool, bytes, 5));
+        if (rates.empty()) return 1;
+        const double rate = rates.front();
+        rates.erase(rates.begin());
+        std::printf("{\"gib_per_s\": %.3f, \"repeat_gib_per_s\": %.3f}\n", rate, percentile(rates, 0.5));
     } else if (workload == "startup") {
         // Pool construction to first result, and to the end of shutdown()
         // (every worker exited and reaped).

@@ -51,6 +51,8 @@ WORKLOADS = [
     ("map", "items_per_s", "items/s", True),
     ("echo", "gib_per_s", "GiB/s", True),
     ("echo", "repeat_gib_per_s", "GiB/s", True),
+    ("shared_echo", "gib_per_s", "GiB/s", True),
+    ("shared_echo", "repeat_gib_per_s", "GiB/s", True),
     ("startup", "first_result_ms", "ms", False),
     ("startup", "start_to_shutdown_ms", "ms", False),
     ("cpu", "speedup", "x", True),
@@ -82,7 +84,7 @@ ECHO_FIELDS = {
 }
 
 # The plain programs' counterpart of each workload.
-PLAIN = {"latency": "latency", "throughput": "pipelined", "echo": "bulk"}
+PLAIN = {"latency": "latency", "throughput": "pipelined", "echo": "bulk", "shared_echo": "bulk"}
 PLAIN_METRIC = {"tasks_per_s": "messages_per_s"}
 
 
@@ -185,7 +187,7 @@ def main():
     def record(workload, system, result):
         samples.setdefault((workload, system), []).append(result)
 
-    workload_names = ["latency", "throughput", "map", "echo", "startup", "cpu", "memory", "mixed"]
+    workload_names = ["latency", "throughput", "map", "echo", "shared_echo", "startup", "cpu", "memory", "mixed"]
     for round_index in range(rounds):
         for workload in workload_names:
             for suffix, prefix in (PLACEMENTS.items() if workload in PLACED else [("", [])]):
@@ -200,7 +202,7 @@ def main():
                     elif system == "coproc":
                         result = run_json(prefix + [coproc_bench] + quick + [workload])
                     else:
-                        if workload == "memory":
+                        if workload in ("memory", "shared_echo"):  # no counterpart in Python's executors
                             continue
                         kind = "cpython" if system == "python" else "loky"
                         result = run_json(prefix + [PYTHON, python_bench] + quick + [kind, workload])
@@ -289,6 +291,10 @@ def targets(table):
     add("map with chunksize 1000 at least 5x Python's", r, r is not None and r >= 5, "coproc/python")
     r = ratio(get(table, "gib_per_s", "coproc"), get(table, "gib_per_s", "plain"))
     add("64 MiB echo at least as fast as the plain bulk copy", r, r is not None and r >= 1, "coproc/plain")
+    # Issue 15: shared buffers against the plain copy, both repeated (pages
+    # already touched on both sides).
+    r = ratio(get(table, "repeat_gib_per_s", "coproc", "shared_echo"), get(table, "repeat_gib_per_s", "plain", "shared_echo"))
+    add("shared_echo repeated at least 3x the plain socket-pair copy", r, r is not None and r >= 3, "coproc/plain")
     v = get(table, "first_result_ms", "coproc")
     add("start to first result under 5 ms", v, v is not None and v < 5, "ms")
     v = get(table, "speedup", "coproc")

@@ -74,6 +74,8 @@ struct worker_handle : worker_connection, worker_process, worker_assignment {
     void close_descriptors() noexcept {
         if (socket >= 0) ::close(std::exchange(socket, -1));
         if (pidfd >= 0) ::close(std::exchange(pidfd, -1));
+        for (const int received : received_descriptors) ::close(received);
+        received_descriptors.clear();
     }
 };
 

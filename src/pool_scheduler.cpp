@@ -296,6 +296,7 @@ bool pool_core::finalize_locked(work_item& item, work_state state, std::exceptio
     done.progress_callback = std::move(item.progress_callback);
     item.arguments = {};
     item.attached = {};
+    item.descriptors = {};
     item.set_state(state); // release: publishes value and error
     return true;
 }
@@ -410,7 +411,8 @@ void pool_core::dispatch() {
             item->set_state(work_state::dispatched);
             target->assigned.push_back(item);
             ++target->generation;
-            target->queued.add_call(item->id, item->frame_flags, item->function_id, item->arguments, item->attached);
+            target->queued.add_call(item->id, item->frame_flags, item->function_id, item->arguments, item->attached,
+                                    item->descriptors);
             if (item->stream_window > 0) {
                 // The window goes with the CALL, in the same send: a stream
                 // task starts with room for that many items.

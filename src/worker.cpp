@@ -167,7 +167,16 @@ private:
                          static_cast<int>(::getpid()), header.length);
             detail::worker_quit(3);
         }
-        call received{header.work_id, header.flags, {}};
+        call received{header.work_id, header.flags, {}, {}, 0, {}};
+        if (const std::size_t count = wire::descriptor_count(header.flags); count > 0) {
+            // A CALL's shared buffers, received with its bytes or before.
+            if (static_cast<wire::frame_kind>(header.kind) != wire::frame_kind::call ||
+                !channel_.take_descriptors(count, received.descriptors.fds)) {
+                std::fprintf(stderr, "coproc worker %d: a frame from the parent claims %zu descriptors it did not send\n",
+                             static_cast<int>(::getpid()), count);
+                detail::worker_quit(3);
+            }
+        }
         if (static_cast<wire::frame_kind>(header.kind) == wire::frame_kind::call) {
             read_call(header, received);
             std::lock_guard lock{mutex_};
@@ -375,7 +384,7 @@ private:
     // Runs `task` (mutex_ held on entry and on return, not while it runs):
     // sends `held` first, with the task's START unless START can wait;
     // returns the task's answer, preceded by its START if still owed.
-    outgoing run_next(std::unique_lock<std::mutex>& lock, const call& task, outgoing held) {
+    outgoing run_next(std::unique_lock<std::mutex>& lock, call& task, outgoing held) {
         const bool initializer = (task.flags & wire::frame_flag::initializer) != 0;
         // START waits only when nothing else goes out now and the start word
         // tells the parent, should the worker die, that the task began.

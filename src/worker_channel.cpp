@@ -29,6 +29,15 @@ void worker_channel::write_all(const byte_buffer& frame) {
 }
 
 void worker_channel::send(const outgoing& frames) {
+    if (!frames.descriptors.empty()) {
+        std::vector<::iovec> parts = wire_parts(frames.bytes, frames.attached);
+        if (!frames.start.empty()) {
+            parts.insert(parts.begin(), ::iovec{const_cast<std::byte*>(frames.start.data()), frames.start.size()});
+        }
+        auto lock = hold_writes();
+        write_parts(parts.data(), parts.size(), &frames.descriptors);
+        return;
+    }
     if (frames.attached.empty() && frames.start.empty()) {
         send(frames.bytes);
         return;
@@ -49,17 +58,31 @@ void worker_channel::send(const outgoing& frames) {
 }
 
 // With write_mutex_ held: sends parts[0, count) whole (empty ones skipped),
-// advancing them as they go.
-void worker_channel::write_parts(::iovec* parts, std::size_t count) {
+// advancing them as they go; `descriptors` go with the first byte.
+void worker_channel::write_parts(::iovec* parts, std::size_t count, const shared_descriptors* descriptors) {
     std::size_t next = 0;
     while (next < count && parts[next].iov_len == 0) ++next;
+    alignas(::cmsghdr) std::byte control[CMSG_SPACE(max_descriptors_per_frame * sizeof(int))];
     while (next < count) {
         ::msghdr message{};
         message.msg_iov = parts + next;
         message.msg_iovlen = std::min<std::size_t>(count - next, IOV_MAX);
+        if (descriptors != nullptr && !descriptors->empty()) {
+            message.msg_control = control;
+            message.msg_controllen = CMSG_SPACE(descriptors->size() * sizeof(int));
+            ::cmsghdr* header = CMSG_FIRSTHDR(&message);
+            header->cmsg_level = SOL_SOCKET;
+            header->cmsg_type = SCM_RIGHTS;
+            header->cmsg_len = CMSG_LEN(descriptors->size() * sizeof(int));
+            for (std::size_t i = 0; i < descriptors->size(); ++i) {
+                const int fd = (*descriptors)[i]->fd();
+                std::memcpy(CMSG_DATA(header) + i * sizeof(int), &fd, sizeof fd);
+            }
+        }
         const ssize_t n = ::sendmsg(fd_, &message, MSG_NOSIGNAL);
         if (n < 0 && errno == EINTR) continue;
         if (n <= 0) worker_quit(0); // the parent is gone
+        descriptors = nullptr; // they went with these bytes
         auto sent = static_cast<std::size_t>(n);
         while (next < count && (sent > 0 || parts[next].iov_len == 0)) {
             const std::size_t taken = std::min(sent, parts[next].iov_len);
@@ -90,8 +113,7 @@ bool worker_channel::read_exact(void* into, std::size_t size) {
             ::pollfd readable{fd_, POLLIN, 0};
             if (::poll(&readable, 1, -1) < 0 && errno == EINTR) continue;
         }
-        const ssize_t n = direct ? ::recv(fd_, bytes + got, size - got, 0)
-                                 : ::recv(fd_, inbox_.data(), inbox_capacity, MSG_DONTWAIT);
+        const ssize_t n = direct ? receive(bytes + got, size - got, 0) : receive(inbox_.data(), inbox_capacity, MSG_DONTWAIT);
         if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
         if (n <= 0) return false;
         if (direct) {
@@ -103,6 +125,44 @@ bool worker_channel::read_exact(void* into, std::size_t size) {
         got += taken;
         inbox_begin_ = taken;
         inbox_end_ = static_cast<std::size_t>(n);
+    }
+    return true;
+}
+
+// recv, with the descriptors that come with the bytes (a CALL's shared
+// buffers) queued for their frame. Too many to receive is a protocol fault.
+ssize_t worker_channel::receive(void* into, std::size_t size, int flags) {
+    alignas(::cmsghdr) std::byte control[CMSG_SPACE(max_descriptors_per_frame * sizeof(int))];
+    ::iovec part{into, size};
+    ::msghdr message{};
+    message.msg_iov = &part;
+    message.msg_iovlen = 1;
+    message.msg_control = control;
+    message.msg_controllen = sizeof control;
+    const ssize_t n = ::recvmsg(fd_, &message, flags | MSG_CMSG_CLOEXEC);
+    if (n <= 0) return n;
+    for (::cmsghdr* header = CMSG_FIRSTHDR(&message); header != nullptr; header = CMSG_NXTHDR(&message, header)) {
+        if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS) continue;
+        const std::size_t count = (header->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (std::size_t i = 0; i < count; ++i) {
+            int fd = -1;
+            std::memcpy(&fd, CMSG_DATA(header) + i * sizeof(int), sizeof fd);
+            descriptors_.push_back(fd);
+        }
+    }
+    if ((message.msg_flags & MSG_CTRUNC) != 0) {
+        std::fprintf(stderr, "coproc worker %d: more descriptors in one message than it can receive\n",
+                     static_cast<int>(::getpid()));
+        worker_quit(3);
+    }
+    return n;
+}
+
+bool worker_channel::take_descriptors(std::size_t count, std::vector<int>& into) {
+    if (descriptors_.size() < count) return false;
+    for (std::size_t i = 0; i < count; ++i) {
+        into.push_back(descriptors_.front());
+        descriptors_.pop_front();
     }
     return true;
 }

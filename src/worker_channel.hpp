@@ -5,6 +5,8 @@
 //   send(frame | outgoing) --write mutex--> sendmsg, whole, never interleaved
 //   read_exact(size) <--inbox (64 KiB, refilled by one recv)-- socket
 //                    <--large payloads straight into the caller's memory--
+//   descriptors (shared buffers) travel by SCM_RIGHTS both ways: those
+//   received queue up until their frame takes them
 //
 // Plain blocking I/O: a worker serves one parent over one socket and has
 // nothing else to wait for. When the parent is gone a send ends the worker
@@ -13,9 +15,11 @@
 
 #include <coproc/detail/byte_buffer.hpp>
 #include <coproc/detail/serialization.hpp>
+#include <coproc/shared_buffer.hpp>
 
 #include <cstddef>
 #include <cstdio>
+#include <deque>
 #include <mutex>
 #include <vector>
 
@@ -38,11 +42,15 @@ struct outgoing {
     byte_buffer start;
     byte_buffer bytes;
     std::vector<attached_bytes> attached;
+    // The shared buffers of the RESULT in `bytes`: their descriptors go with
+    // the first byte sent.
+    shared_descriptors descriptors;
     [[nodiscard]] bool empty() const noexcept { return start.empty() && bytes.empty() && attached.empty(); }
     void clear() noexcept {
         start.clear();
         bytes.clear();
         attached.clear();
+        descriptors.clear();
     }
 };
 
@@ -69,9 +77,13 @@ public:
     [[nodiscard]] bool inbox_holds_bytes() const noexcept { return inbox_begin_ < inbox_end_; }
     // Whether bytes from the parent wait in the socket, without blocking.
     [[nodiscard]] bool bytes_waiting() const;
+    // The next `count` descriptors received (SCM_RIGHTS, with the bytes
+    // read so far), taken over by the caller; false when fewer came.
+    bool take_descriptors(std::size_t count, std::vector<int>& into);
 
 private:
-    void write_parts(::iovec* parts, std::size_t count);
+    void write_parts(::iovec* parts, std::size_t count, const shared_descriptors* descriptors = nullptr);
+    ssize_t receive(void* into, std::size_t size, int flags);
 
     static constexpr std::size_t inbox_capacity = 64 * 1024;
     int fd_;
@@ -79,6 +91,7 @@ private:
     std::vector<std::byte> inbox_ = std::vector<std::byte>(inbox_capacity); // bytes [begin, end) not read yet
     std::size_t inbox_begin_ = 0;
     std::size_t inbox_end_ = 0;
+    std::deque<int> descriptors_; // received, not yet taken by their frame
 };
 
 } // namespace coproc::detail

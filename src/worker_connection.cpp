@@ -27,6 +27,7 @@
 
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <climits>
@@ -49,18 +50,75 @@ public:
     using std::runtime_error::runtime_error;
 };
 
-task<std::size_t> receive_some(event_loop* loop, int socket, std::span<std::byte> into) {
-    co_return co_await loop->recv(socket, into);
+// Descriptors taken for one frame: those its value did not take over are
+// closed.
+struct received_descriptors {
+    std::vector<int> fds;
+    received_descriptors() = default;
+    received_descriptors(const received_descriptors&) = delete;
+    received_descriptors& operator=(const received_descriptors&) = delete;
+    ~received_descriptors() {
+        for (const int fd : fds) {
+            if (fd >= 0) ::close(fd);
+        }
+    }
+};
+
+// Room for the descriptors of one message: the kernel passes at most
+// SCM_MAX_FD (253) at a time.
+constexpr std::size_t descriptor_room = CMSG_SPACE(max_descriptors_per_frame * sizeof(int));
+
+// One recvmsg's message: the bytes of the worker's frames, and the
+// descriptors that come with them (shared buffers), which collect() adds to
+// the worker's queue, in order.
+struct frame_receiver {
+    ::iovec part{};
+    ::msghdr message{};
+    alignas(::cmsghdr) std::byte control[descriptor_room];
+
+    ::msghdr* prepare(std::span<std::byte> into) noexcept {
+        part = {into.data(), into.size()};
+        message = {};
+        message.msg_iov = &part;
+        message.msg_iovlen = 1;
+        message.msg_control = control;
+        message.msg_controllen = sizeof control;
+        return &message;
+    }
+
+    void collect(worker_handle& worker) {
+        if (message.msg_controllen > 0) {
+            for (::cmsghdr* header = CMSG_FIRSTHDR(&message); header != nullptr; header = CMSG_NXTHDR(&message, header)) {
+                if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS) continue;
+                const std::size_t count = (header->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+                for (std::size_t i = 0; i < count; ++i) {
+                    int fd = -1;
+                    std::memcpy(&fd, CMSG_DATA(header) + i * sizeof(int), sizeof fd);
+                    worker.received_descriptors.push_back(fd);
+                }
+            }
+        }
+        if ((message.msg_flags & MSG_CTRUNC) != 0) {
+            throw protocol_violation("more descriptors in one message than the kernel passes at once");
+        }
+    }
+};
+
+task<std::size_t> receive_some(event_loop* loop, worker_handle* worker, std::span<std::byte> into) {
+    frame_receiver receiving;
+    const std::size_t received = co_await loop->recvmsg(worker->socket, receiving.prepare(into), MSG_CMSG_CLOEXEC);
+    receiving.collect(*worker);
+    co_return received;
 }
 
 // Receives more of a frame that has begun: a worker that sends nothing more
 // for frame_timeout is a protocol violation (a silent worker would hold its
 // tasks for ever).
-task<std::size_t> receive_frame_part(pool_core* core, int socket, std::span<std::byte> into) {
+task<std::size_t> receive_frame_part(pool_core* core, worker_handle* worker, std::span<std::byte> into) {
     const auto limit = core->frame_timeout();
-    if (limit.count() <= 0) co_return co_await core->loop.recv(socket, into);
+    if (limit.count() <= 0) co_return co_await receive_some(&core->loop, worker, into);
     try {
-        co_return co_await with_timeout(receive_some(&core->loop, socket, into), limit);
+        co_return co_await with_timeout(receive_some(&core->loop, worker, into), limit);
     } catch (const timeout_error&) {
         throw protocol_violation("part of a frame, then nothing for " + std::to_string(limit.count()) +
                                  " ms (process_pool_options::frame_timeout)");
@@ -75,7 +133,7 @@ task<bool> receive_block(std::shared_ptr<pool_core> core, worker_handle* worker,
     try {
         while (got < target.size()) {
             if (core->destroyed) co_return false;
-            const std::size_t received = co_await receive_frame_part(core.get(), worker->socket, target.subspan(got));
+            const std::size_t received = co_await receive_frame_part(core.get(), worker, target.subspan(got));
             if (received == 0) co_return false;
             got += received;
         }
@@ -88,11 +146,80 @@ task<bool> receive_block(std::shared_ptr<pool_core> core, worker_handle* worker,
     co_return true;
 }
 
+// Sends a batch whose frames carry descriptors (shared buffers): each
+// sendmsg carries the descriptors of the frames that begin within the
+// bytes it may send (at most SCM_MAX_FD of them), so they reach the worker
+// no later than their frame's first byte, in frame order.
+task<void> send_with_descriptors(pool_core* core, worker_handle* worker, const outbox& batch) {
+    std::vector<::iovec> parts = wire_parts(batch.bytes, batch.attachments);
+    // Where each run's frame begins on the wire: its offset in `bytes`, plus
+    // the attached parts spliced in before it.
+    std::vector<std::size_t> run_at;
+    run_at.reserve(batch.descriptors.size());
+    for (const auto& run : batch.descriptors) {
+        std::size_t at = run.offset;
+        for (const auto& part : batch.attachments) {
+            if (part.offset <= run.offset) at += part.size;
+        }
+        run_at.push_back(at);
+    }
+    std::size_t total = 0;
+    for (const auto& part : parts) total += part.iov_len;
+    std::size_t position = 0; // wire bytes sent
+    std::size_t next = 0;     // the first part not completely sent
+    std::size_t run = 0;      // the first run whose descriptors are not sent
+    alignas(::cmsghdr) std::byte control[descriptor_room];
+    while (position < total && !core->destroyed && worker->state != worker_handle::phase::exited) {
+        // This send may carry the runs from `run` on, as many as fit in one
+        // message; it stops before the frame of the first run left out.
+        std::size_t end = run;
+        std::size_t count = 0;
+        while (end < batch.descriptors.size() && count + batch.descriptors[end].owners.size() <= max_descriptors_per_frame) {
+            count += batch.descriptors[end].owners.size();
+            ++end;
+        }
+        const std::size_t limit = end < batch.descriptors.size() ? run_at[end] : total;
+        std::vector<::iovec> window;
+        std::size_t room = limit - position;
+        for (std::size_t i = next; i < parts.size() && room > 0 && window.size() < IOV_MAX; ++i) {
+            const std::size_t length = std::min(parts[i].iov_len, room);
+            window.push_back({parts[i].iov_base, length});
+            room -= length;
+        }
+        ::msghdr message{};
+        message.msg_iov = window.data();
+        message.msg_iovlen = window.size();
+        if (count > 0) {
+            message.msg_control = control;
+            message.msg_controllen = CMSG_SPACE(count * sizeof(int));
+            ::cmsghdr* header = CMSG_FIRSTHDR(&message);
+            header->cmsg_level = SOL_SOCKET;
+            header->cmsg_type = SCM_RIGHTS;
+            header->cmsg_len = CMSG_LEN(count * sizeof(int));
+            std::size_t slot = 0;
+            for (std::size_t r = run; r < end; ++r) {
+                for (const auto& owner : batch.descriptors[r].owners) {
+                    const int fd = owner->fd();
+                    std::memcpy(CMSG_DATA(header) + slot++ * sizeof(int), &fd, sizeof fd);
+                }
+            }
+        }
+        const std::size_t sent = co_await core->loop.sendmsg(worker->socket, &message);
+        run = end; // sent with the first byte of this message
+        next = consume_parts(parts, next, sent);
+        position += sent;
+    }
+}
+
 task<void> write_worker(std::shared_ptr<pool_core> core, worker_handle* worker) {
     try {
         while (!worker->queued.empty() && !core->destroyed && worker->state != worker_handle::phase::exited) {
             outbox batch;
             std::swap(batch, worker->queued);
+            if (!batch.descriptors.empty()) {
+                co_await send_with_descriptors(core.get(), worker, batch);
+                continue;
+            }
             if (batch.attachments.empty()) {
                 // The usual case: one buffer, plain send. It spends about 280
                 // fewer instructions per round trip in the parent than the
@@ -125,6 +252,7 @@ task<void> read_worker(std::shared_ptr<pool_core> core, worker_handle* worker) {
     constexpr std::size_t usual_size = 64 * 1024;
     byte_buffer buffer(usual_size);
     std::size_t filled = 0;
+    frame_receiver receiving;
     try {
         // Until EOF, even after the process was reaped: frames it sent
         // before dying are still in the socket and must be seen.
@@ -132,9 +260,13 @@ task<void> read_worker(std::shared_ptr<pool_core> core, worker_handle* worker) {
             if (filled == buffer.size()) buffer.resize(buffer.size() * 2);
             std::size_t received = 0;
             if (filled == 0) {
-                received = co_await core->loop.recv(worker->socket, std::span{buffer}.subspan(filled));
+                // In this frame, not a coroutine of its own: the usual
+                // receive costs no allocation.
+                received = co_await core->loop.recvmsg(worker->socket, receiving.prepare(std::span{buffer}.subspan(filled)),
+                                                       MSG_CMSG_CLOEXEC);
+                receiving.collect(*worker);
             } else { // the rest of a frame that has begun
-                received = co_await receive_frame_part(core.get(), worker->socket, std::span{buffer}.subspan(filled));
+                received = co_await receive_frame_part(core.get(), worker, std::span{buffer}.subspan(filled));
             }
             if (received == 0 || core->destroyed) break;
             filled += received;
@@ -157,7 +289,7 @@ task<void> read_worker(std::shared_ptr<pool_core> core, worker_handle* worker) {
                 const auto needed = wire::header_size + header.length;
                 const bool large_result = header.kind == static_cast<std::uint16_t>(wire::frame_kind::result) &&
                                           (header.flags & wire::frame_flag::partial) == 0 && needed > buffer.size() &&
-                                          header.length >= attach_from;
+                                          header.length >= attach_from && wire::descriptor_count(header.flags) == 0;
                 if (large_result && filled < wire::header_size + sizeof(wire_count)) continue; // its count is next
                 if (large_result) {
                     // One block container: received into the value itself.
@@ -208,7 +340,8 @@ void pool_core::send_bye(worker_handle& worker) {
 }
 
 void pool_core::start_writer(worker_handle& worker) {
-    if (!handling_frames && worker.queued.attachments.empty() && !worker.queued.bytes.empty() &&
+    if (!handling_frames && worker.queued.attachments.empty() && worker.queued.descriptors.empty() &&
+        !worker.queued.bytes.empty() &&
         worker.state != worker_handle::phase::exited) {
         // Frames in one buffer (the usual CALLs, CANCEL, RECALL, BYE),
         // queued outside the handling of a batch of answers, go out now, with one send(2) that does not block: no loop iteration and
@@ -248,6 +381,24 @@ void pool_core::handle_frames(worker_handle& worker, std::span<const std::byte> 
         consumed += wire::header_size + header.length;
 
         const auto kind = static_cast<wire::frame_kind>(header.kind);
+        // The descriptors of the shared buffers in a RESULT: received before
+        // its bytes, taken from the queue in order, and closed after it
+        // unless its value took them over.
+        received_descriptors descriptors;
+        if (const std::size_t count = wire::descriptor_count(header.flags); count > 0) {
+            if (kind != wire::frame_kind::result) {
+                throw protocol_violation("descriptors with a frame of kind " + std::to_string(header.kind));
+            }
+            if (worker.received_descriptors.size() < count) {
+                throw protocol_violation("a RESULT that claims " + std::to_string(count) +
+                                         " descriptors, more than it sent");
+            }
+            for (std::size_t i = 0; i < count; ++i) {
+                descriptors.fds.push_back(worker.received_descriptors.front());
+                worker.received_descriptors.pop_front();
+            }
+        }
+        const descriptor_decoding decoding{descriptors.fds};
         if (kind == wire::frame_kind::hello) {
             if (worker.state != worker_handle::phase::starting) throw protocol_violation("a second HELLO");
             std::uint16_t version = 0;
@@ -265,7 +416,7 @@ void pool_core::handle_frames(worker_handle& worker, std::span<const std::byte> 
             if (options_.initializer) {
                 worker.state = worker_handle::phase::initializing;
                 worker.queued.add_call(0, wire::frame_flag::initializer, options_.initializer.function_id,
-                                       options_.initializer.arguments, {});
+                                       options_.initializer.arguments, {}, {});
                 if (!worker.writing) start_writer(worker);
                 continue;
             }

@@ -10,6 +10,7 @@
 #include <coproc/task.hpp>
 
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <vector>
 
@@ -19,8 +20,16 @@ namespace coproc::detail {
 // outbox shares the item's attached parts, and write_worker sends them from
 // where they are (sendmsg, one iovec per part).
 struct outbox {
+    // The descriptors of the shared buffers of the frame that begins at
+    // `offset` of `bytes`, kept open until sent (SCM_RIGHTS).
+    struct descriptor_run {
+        std::size_t offset;
+        shared_descriptors owners;
+    };
+
     byte_buffer bytes;
     std::vector<attached_bytes> attachments; // offsets into `bytes`, in order
+    std::vector<descriptor_run> descriptors; // in frame order
 
     [[nodiscard]] bool empty() const noexcept { return bytes.empty() && attachments.empty(); }
 
@@ -36,10 +45,13 @@ struct outbox {
     }
 
     // A CALL frame: the function id, then `arguments` (copied) with the
-    // `attached` parts (referred to) at their offsets.
+    // `attached` parts (referred to) at their offsets, and the descriptors
+    // of its `shared` buffers.
     void add_call(std::uint64_t work_id, std::uint16_t flags, std::uint64_t function_id, const byte_buffer& arguments,
-                  const std::vector<attached_bytes>& attached) {
-        const auto offset = wire::begin_frame(bytes, wire::frame_kind::call, work_id, flags);
+                  const std::vector<attached_bytes>& attached, const shared_descriptors& shared) {
+        const auto offset =
+            wire::begin_frame(bytes, wire::frame_kind::call, work_id, wire::with_descriptors(flags, shared.size()));
+        if (!shared.empty()) descriptors.push_back({offset, shared});
         bytes.append(&function_id, sizeof function_id);
         std::size_t done = 0;
         for (const auto& part : attached) {
@@ -55,6 +67,9 @@ struct outbox {
 // A worker_handle's connection: its socket and the frames for it.
 struct worker_connection {
     int socket = -1;
+    // Descriptors received from the worker (SCM_RIGHTS), not yet taken by
+    // the frame they came for: in order, owned here.
+    std::deque<int> received_descriptors;
     outbox queued; // frames not yet handed to write_worker
     bool writing = false;
     bool bye_sent = false;

@@ -77,6 +77,12 @@ void send_stream_item(byte_buffer& frame) {
 
 void set_address_space_limit(std::uint64_t bytes) noexcept { address_space_limit = bytes; }
 
+owned_descriptors::~owned_descriptors() {
+    for (const int fd : fds) {
+        if (fd >= 0) ::close(fd);
+    }
+}
+
 byte_buffer start_frame(std::uint64_t work_id, std::optional<std::chrono::steady_clock::duration> ran) {
     byte_buffer frame;
     const auto offset = wire::begin_frame(frame, wire::frame_kind::start, work_id);
@@ -90,7 +96,18 @@ byte_buffer start_frame(std::uint64_t work_id, std::optional<std::chrono::steady
     return frame;
 }
 
-outgoing run_call(const call& task, std::stop_token token, const task_hooks& hooks) {
+namespace {
+
+// Writes the flags of the RESULT frame at `offset`: `flags`, and how many
+// descriptors go with it.
+void set_flags(outgoing& reply, std::size_t offset, std::uint16_t flags) {
+    const std::uint16_t value = wire::with_descriptors(flags, reply.descriptors.size());
+    std::memcpy(reply.bytes.data() + offset + offsetof(wire::frame_header, flags), &value, sizeof value);
+}
+
+} // namespace
+
+outgoing run_call(call& task, std::stop_token token, const task_hooks& hooks) {
     outgoing reply;
     std::uint64_t function_id = 0;
     if (task.payload.size() < sizeof function_id) {
@@ -120,24 +137,31 @@ outgoing run_call(const call& task, std::stop_token token, const task_hooks& hoo
         if ((task.flags & wire::frame_flag::initializer) == 0) progress.emplace(task.work_id, hooks.send, hooks.session);
         const running_stream stream{task.work_id, &hooks};
         const stream_scope streaming{(task.flags & wire::frame_flag::stream) != 0 ? &stream : nullptr};
-        if (task.prepared.values) {
-            function->invoke_prepared(task.prepared.values.get(), reply.bytes, reply.attached, std::move(token));
-        } else {
-            invoke(arguments, reply.bytes, reply.attached, std::move(token));
+        {
+            // Shared buffers: the arguments map the CALL's descriptors, and
+            // the result's go with the RESULT.
+            const descriptor_decoding taking{task.descriptors.fds};
+            const descriptor_encoding sharing{reply.descriptors};
+            if (task.prepared.values) {
+                function->invoke_prepared(task.prepared.values.get(), reply.bytes, reply.attached, std::move(token));
+            } else {
+                invoke(arguments, reply.bytes, reply.attached, std::move(token));
+            }
         }
         progress.reset();
         if ((task.flags & wire::frame_flag::initializer) != 0) { // its value is not used
             reply.bytes.resize(offset + wire::header_size);
             reply.attached.clear();
+            reply.descriptors.clear();
         }
+        set_flags(reply, offset, 0);
         // A result too large for a frame throws: an ERROR instead.
         wire::finish_frame(reply.bytes, offset, attached_size(reply.attached));
     } catch (const chunk_failure& failure) {
         // The results before the failing input, as a partial RESULT,
         // then the ERROR, in one send.
         try {
-            const std::uint16_t flags = wire::frame_flag::partial;
-            std::memcpy(reply.bytes.data() + offset + offsetof(wire::frame_header, flags), &flags, sizeof flags);
+            set_flags(reply, offset, wire::frame_flag::partial);
             wire::finish_frame(reply.bytes, offset, attached_size(reply.attached));
         } catch (...) {
             reply.clear(); // the partial results cannot travel: the error alone does

@@ -18,8 +18,23 @@
 #include <cstdint>
 #include <optional>
 #include <stop_token>
+#include <utility>
+#include <vector>
 
 namespace coproc::detail {
+
+// Descriptors a worker received for one CALL (its shared buffers): closed
+// when destroyed, unless the task's arguments took them over (set to -1).
+struct owned_descriptors {
+    std::vector<int> fds;
+    owned_descriptors() = default;
+    owned_descriptors(owned_descriptors&& other) noexcept : fds(std::move(other.fds)) { other.fds.clear(); }
+    owned_descriptors& operator=(owned_descriptors&& other) noexcept {
+        std::swap(fds, other.fds);
+        return *this;
+    }
+    ~owned_descriptors();
+};
 
 // A CALL as the worker holds it until it runs.
 struct call {
@@ -28,6 +43,7 @@ struct call {
     byte_buffer payload;           // the function id, then its encoded arguments...
     prepared_arguments prepared{}; // ... or, when set, those arguments received in place
     std::uint32_t credit = 0;      // a stream's: ITEMs it may send (CREDIT frames so far)
+    owned_descriptors descriptors; // its shared buffers' descriptors, in slot order
 };
 
 // What a running task reaches its worker's session through.
@@ -50,6 +66,6 @@ void set_address_space_limit(std::uint64_t bytes) noexcept;
 
 // Runs `task` and returns its answer for the caller to send. Progress
 // reports and a stream's ITEMs go out through `hooks`, before the answer.
-outgoing run_call(const call& task, std::stop_token token, const task_hooks& hooks);
+outgoing run_call(call& task, std::stop_token token, const task_hooks& hooks);
 
 } // namespace coproc::detail

@@ -616,4 +616,87 @@ std::size_t allocate_mebibytes(int mebibytes) {
     return block.size();
 }
 
+std::uint64_t sum_shared(coproc::shared_buffer data) {
+    std::uint64_t sum = 0;
+    for (const std::byte value : data.bytes()) sum += std::to_integer<std::uint8_t>(value);
+    return sum;
+}
+
+int increment_shared(coproc::shared_buffer data) {
+    for (std::byte& value : data.bytes()) value = static_cast<std::byte>(std::to_integer<std::uint8_t>(value) + 1);
+    return static_cast<int>(::getpid());
+}
+
+void invert_shared(coproc::shared_buffer in, coproc::shared_buffer out) {
+    const auto from = in.bytes();
+    const auto to = out.bytes();
+    for (std::size_t i = 0; i < from.size() && i < to.size(); ++i) to[i] = ~from[i];
+}
+
+coproc::shared_buffer make_shared_pattern(std::size_t size, int seed) {
+    coproc::shared_buffer made{size};
+    const std::string bytes = pattern(size, seed);
+    std::memcpy(made.data(), bytes.data(), size);
+    return made;
+}
+
+bool same_shared(coproc::shared_buffer a, coproc::shared_buffer b) {
+    if (a.size() == 0 || a.size() != b.size()) return false;
+    a.bytes()[0] = std::byte{0x5a};
+    return b.bytes()[0] == std::byte{0x5a};
+}
+
+std::vector<coproc::shared_buffer> split_shared(coproc::shared_buffer data, int parts) {
+    std::vector<coproc::shared_buffer> slices;
+    const std::size_t each = data.size() / static_cast<std::size_t>(parts);
+    for (int i = 0; i < parts; ++i) {
+        coproc::shared_buffer slice{each};
+        std::memcpy(slice.data(), data.data() + static_cast<std::size_t>(i) * each, each);
+        slices.push_back(slice);
+    }
+    return slices;
+}
+
+std::uint64_t measure_shared(std::vector<coproc::shared_buffer> buffers) {
+    std::uint64_t total = 0;
+    for (const auto& buffer : buffers) total += buffer.size();
+    return total * 1000 + buffers.size();
+}
+
+int crash_with_shared(coproc::shared_buffer data) {
+    data.bytes()[0] = std::byte{0xee};
+    ::kill(::getpid(), SIGKILL);
+    return hang_forever();
+}
+
+std::uint64_t crash_once_with_shared(std::string marker, coproc::shared_buffer data) {
+    if (!std::filesystem::exists(marker)) {
+        std::ofstream{marker} << "crashed\n";
+        ::kill(::getpid(), SIGKILL);
+        hang_forever();
+    }
+    return sum_shared(data);
+}
+
+std::uint64_t wait_with_shared(coproc::shared_buffer data, std::stop_token token) {
+    const auto end = std::chrono::steady_clock::now() + std::chrono::seconds{30};
+    while (!token.stop_requested() && std::chrono::steady_clock::now() < end) {
+        std::this_thread::sleep_for(std::chrono::milliseconds{2});
+    }
+    return data.size();
+}
+
+void push_shared(coproc::sink<coproc::shared_buffer>& out) { out.push(coproc::shared_buffer{4096}); }
+
+coproc::shared_buffer send_result_claiming_descriptor(std::uint64_t work_id) {
+    coproc::detail::byte_buffer frame;
+    const auto offset = coproc::detail::wire::begin_frame(frame, coproc::detail::wire::frame_kind::result, work_id,
+                                                          coproc::detail::wire::with_descriptors(0, 1));
+    coproc::detail::encode_into(frame, std::uint64_t{4096}, std::uint32_t{0});
+    coproc::detail::wire::finish_frame(frame, offset);
+    [[maybe_unused]] auto written = ::write(3, frame.data(), frame.size());
+    hang_forever();
+    return {};
+}
+
 } // namespace pool_test

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <coproc/error.hpp>
+#include <coproc/shared_buffer.hpp>
 #include <coproc/sink.hpp>
 
 #include <cereal/cereal.hpp>
@@ -282,5 +283,33 @@ int send_item_for_plain_task(std::uint64_t work_id);
 // Allocates `mebibytes` MiB (touching its first and last byte only) and
 // returns the size: address space, hardly any resident memory.
 std::size_t allocate_mebibytes(int mebibytes);
+
+// Shared buffers (coproc::shared_buffer).
+// The sum of the buffer's bytes.
+std::uint64_t sum_shared(coproc::shared_buffer data);
+// Adds one to every byte, in place; returns the worker's pid.
+int increment_shared(coproc::shared_buffer data);
+// out[i] = ~in[i].
+void invert_shared(coproc::shared_buffer in, coproc::shared_buffer out);
+// A new buffer of `size` bytes holding pattern(size, seed).
+coproc::shared_buffer make_shared_pattern(std::size_t size, int seed);
+// Whether a and b are one mapping: a write through one is read through the other.
+bool same_shared(coproc::shared_buffer a, coproc::shared_buffer b);
+// `parts` new buffers, each a copy of one slice of `data`.
+std::vector<coproc::shared_buffer> split_shared(coproc::shared_buffer data, int parts);
+// The total size of the buffers, and how many there are (size * 1000 + count).
+std::uint64_t measure_shared(std::vector<coproc::shared_buffer> buffers);
+// Writes 0xEE into the first byte, then its worker kills itself.
+int crash_with_shared(coproc::shared_buffer data);
+// The first time (no `marker` yet: it creates it) the worker kills itself;
+// then returns the sum of the bytes.
+std::uint64_t crash_once_with_shared(std::string marker, coproc::shared_buffer data);
+// Waits for its stop token (30 s at most); returns the buffer's size.
+std::uint64_t wait_with_shared(coproc::shared_buffer data, std::stop_token token);
+// Pushes a shared buffer as a stream item (not supported: it throws).
+void push_shared(coproc::sink<coproc::shared_buffer>& out);
+// Writes a RESULT frame for `work_id` that claims a descriptor it does not
+// send, then hangs.
+coproc::shared_buffer send_result_claiming_descriptor(std::uint64_t work_id);
 
 } // namespace pool_test

@@ -8,6 +8,7 @@
 #include <coproc/future.hpp>
 #include <coproc/process_pool.hpp>
 #include <coproc/progress.hpp>
+#include <coproc/shared_buffer.hpp>
 #include <coproc/sink.hpp>
 #include <coproc/stream.hpp>
 #include <coproc/task.hpp>

@@ -501,7 +501,9 @@ std::optional<future<R>> submit_to(pool_core& core, std::uint16_t frame_flags, s
     } else {
         try {
             // Moved-in strings and byte or number vectors of 64 KiB or more
-            // are kept as they are and sent from there, not copied.
+            // are kept as they are and sent from there, not copied; shared
+            // buffers are sent as their descriptors.
+            descriptor_encoding sharing{item->descriptors};
             encode_attaching(item->arguments, item->attached, std::forward<Payload>(payload)...);
             const std::size_t size = item->arguments.size() + attached_size(item->attached);
             if (size + sizeof item->function_id > wire::max_payload) {
@@ -511,6 +513,7 @@ std::optional<future<R>> submit_to(pool_core& core, std::uint16_t frame_flags, s
         } catch (...) {
             item->arguments = {};
             item->attached.clear();
+            item->descriptors.clear();
             item->error = std::current_exception();
             failed = true;
         }

@@ -19,6 +19,7 @@
 
 #include <coproc/detail/serialization.hpp>
 #include <coproc/detail/wire.hpp>
+#include <coproc/shared_buffer.hpp>
 
 #include <functional>
 #include <stdexcept>
@@ -80,7 +81,10 @@ public:
         }
         detail::byte_buffer frame;
         frame.resize(detail::wire::header_size);
-        detail::encode_into(frame, value);
+        {
+            const detail::descriptor_encoding none{nullptr}; // not the task's result's
+            detail::encode_into(frame, value);
+        }
         detail::send_stream_item(frame);
     }
 

@@ -10,7 +10,9 @@
 //   kind    direction         payload
 //   HELLO   worker -> parent  u16 protocol version, i32 pid
 //   CALL    parent -> worker  u64 function id, then the arguments (flag
-//                             `chunk`: a vector of argument tuples, for map)
+//                             `chunk`: a vector of argument tuples, for map;
+//                             shared buffers as descriptors, see
+//                             descriptor_count)
 //   START   worker -> parent  the task with this work id began running: no
 //                             payload when sent before the task ran, or a
 //                             u32 of the microseconds it had run when sent
@@ -52,7 +54,7 @@
 
 namespace coproc::detail::wire {
 
-inline constexpr std::uint16_t protocol_version = 5;
+inline constexpr std::uint16_t protocol_version = 6;
 
 // The start word: 8 bytes of shared memory (a memfd the parent maps and
 // passes to the worker as this descriptor, named by the environment
@@ -95,6 +97,17 @@ enum frame_flag : std::uint16_t {
     // as CREDIT frames allow, before its RESULT.
     stream = 8,
 };
+
+// The high byte of a CALL's or RESULT's flags: how many descriptors
+// (shared buffers, coproc/shared_buffer.hpp) go with the frame. They travel
+// by SCM_RIGHTS with the bytes of this frame or of one sent before it, in
+// frame order, so each end takes them from the queue of descriptors it has
+// received when it reads the frame's header.
+inline constexpr unsigned descriptor_shift = 8;
+constexpr std::size_t descriptor_count(std::uint16_t flags) noexcept { return flags >> descriptor_shift; }
+constexpr std::uint16_t with_descriptors(std::uint16_t flags, std::size_t count) noexcept {
+    return static_cast<std::uint16_t>((flags & 0xff) | (count << descriptor_shift));
+}
 
 struct frame_header {
     std::uint32_t length;

@@ -20,6 +20,7 @@
 #pragma once
 
 #include <coproc/detail/serialization.hpp>
+#include <coproc/shared_buffer.hpp>
 
 #include <atomic>
 #include <chrono>
@@ -94,6 +95,10 @@ public:
     // instead of copying them.
     byte_buffer arguments;
     std::vector<attached_bytes> attached;
+    // The shared buffers among the arguments (coproc/shared_buffer.hpp), in
+    // slot order: their descriptors go with each CALL frame sent. Freed
+    // with the arguments.
+    shared_descriptors descriptors;
     pool_core* pool = nullptr;        // its pool; not used once the item is final; null for a ready future
     unsigned retries_left = 0;
     unsigned requeues = 0; // sent to a worker that died before starting it
