@@ -636,7 +636,7 @@ void invert_shared(coproc::shared_buffer in, coproc::shared_buffer out) {
 coproc::shared_buffer make_shared_pattern(std::size_t size, int seed) {
     coproc::shared_buffer made{size};
     const std::string bytes = pattern(size, seed);
-    std::memcpy(made.data(), bytes.data(), size);
+    if (size > 0) std::memcpy(made.data(), bytes.data(), size); // an empty buffer's data() is null
     return made;
 }
 
