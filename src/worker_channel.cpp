@@ -1,6 +1,8 @@
 // See worker_channel.hpp.
 #include "worker_channel.hpp"
 
+#include "descriptor_passing.hpp"
+
 #include <poll.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
@@ -62,27 +64,20 @@ void worker_channel::send(const outgoing& frames) {
 void worker_channel::write_parts(::iovec* parts, std::size_t count, const shared_descriptors* descriptors) {
     std::size_t next = 0;
     while (next < count && parts[next].iov_len == 0) ++next;
-    alignas(::cmsghdr) std::byte control[CMSG_SPACE(max_descriptors_per_frame * sizeof(int))];
+    descriptor_control control;
+    std::vector<int> fds;
+    if (descriptors != nullptr) {
+        for (const auto& owner : *descriptors) fds.push_back(owner->fd());
+    }
     while (next < count) {
         ::msghdr message{};
         message.msg_iov = parts + next;
         message.msg_iovlen = std::min<std::size_t>(count - next, IOV_MAX);
-        if (descriptors != nullptr && !descriptors->empty()) {
-            message.msg_control = control;
-            message.msg_controllen = CMSG_SPACE(descriptors->size() * sizeof(int));
-            ::cmsghdr* header = CMSG_FIRSTHDR(&message);
-            header->cmsg_level = SOL_SOCKET;
-            header->cmsg_type = SCM_RIGHTS;
-            header->cmsg_len = CMSG_LEN(descriptors->size() * sizeof(int));
-            for (std::size_t i = 0; i < descriptors->size(); ++i) {
-                const int fd = (*descriptors)[i]->fd();
-                std::memcpy(CMSG_DATA(header) + i * sizeof(int), &fd, sizeof fd);
-            }
-        }
+        attach_descriptors(message, control, fds);
         const ssize_t n = ::sendmsg(fd_, &message, MSG_NOSIGNAL);
         if (n < 0 && errno == EINTR) continue;
         if (n <= 0) worker_quit(0); // the parent is gone
-        descriptors = nullptr; // they went with these bytes
+        fds.clear(); // they went with these bytes
         auto sent = static_cast<std::size_t>(n);
         while (next < count && (sent > 0 || parts[next].iov_len == 0)) {
             const std::size_t taken = std::min(sent, parts[next].iov_len);
@@ -132,25 +127,15 @@ bool worker_channel::read_exact(void* into, std::size_t size) {
 // recv, with the descriptors that come with the bytes (a CALL's shared
 // buffers) queued for their frame. Too many to receive is a protocol fault.
 ssize_t worker_channel::receive(void* into, std::size_t size, int flags) {
-    alignas(::cmsghdr) std::byte control[CMSG_SPACE(max_descriptors_per_frame * sizeof(int))];
+    descriptor_control control;
     ::iovec part{into, size};
     ::msghdr message{};
     message.msg_iov = &part;
     message.msg_iovlen = 1;
-    message.msg_control = control;
-    message.msg_controllen = sizeof control;
+    prepare_receive(message, control);
     const ssize_t n = ::recvmsg(fd_, &message, flags | MSG_CMSG_CLOEXEC);
     if (n <= 0) return n;
-    for (::cmsghdr* header = CMSG_FIRSTHDR(&message); header != nullptr; header = CMSG_NXTHDR(&message, header)) {
-        if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS) continue;
-        const std::size_t count = (header->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-        for (std::size_t i = 0; i < count; ++i) {
-            int fd = -1;
-            std::memcpy(&fd, CMSG_DATA(header) + i * sizeof(int), sizeof fd);
-            descriptors_.push_back(fd);
-        }
-    }
-    if ((message.msg_flags & MSG_CTRUNC) != 0) {
+    if (!collect_descriptors(message, descriptors_)) {
         std::fprintf(stderr, "coproc worker %d: more descriptors in one message than it can receive\n",
                      static_cast<int>(::getpid()));
         worker_quit(3);

@@ -20,6 +20,7 @@
 // worker.
 
 #include "worker_connection.hpp"
+#include "descriptor_passing.hpp"
 #include "pool_core.hpp"
 
 #include <coproc/with_timeout.hpp>
@@ -64,41 +65,25 @@ struct received_descriptors {
     }
 };
 
-// Room for the descriptors of one message: the kernel passes at most
-// SCM_MAX_FD (253) at a time.
-constexpr std::size_t descriptor_room = CMSG_SPACE(max_descriptors_per_frame * sizeof(int));
-
 // One recvmsg's message: the bytes of the worker's frames, and the
 // descriptors that come with them (shared buffers), which collect() adds to
 // the worker's queue, in order.
 struct frame_receiver {
     ::iovec part{};
     ::msghdr message{};
-    alignas(::cmsghdr) std::byte control[descriptor_room];
+    descriptor_control control;
 
     ::msghdr* prepare(std::span<std::byte> into) noexcept {
         part = {into.data(), into.size()};
         message = {};
         message.msg_iov = &part;
         message.msg_iovlen = 1;
-        message.msg_control = control;
-        message.msg_controllen = sizeof control;
+        prepare_receive(message, control);
         return &message;
     }
 
     void collect(worker_handle& worker) {
-        if (message.msg_controllen > 0) {
-            for (::cmsghdr* header = CMSG_FIRSTHDR(&message); header != nullptr; header = CMSG_NXTHDR(&message, header)) {
-                if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS) continue;
-                const std::size_t count = (header->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-                for (std::size_t i = 0; i < count; ++i) {
-                    int fd = -1;
-                    std::memcpy(&fd, CMSG_DATA(header) + i * sizeof(int), sizeof fd);
-                    worker.received_descriptors.push_back(fd);
-                }
-            }
-        }
-        if ((message.msg_flags & MSG_CTRUNC) != 0) {
+        if (!collect_descriptors(message, worker.received_descriptors)) {
             throw protocol_violation("more descriptors in one message than the kernel passes at once");
         }
     }
@@ -168,7 +153,8 @@ task<void> send_with_descriptors(pool_core* core, worker_handle* worker, const o
     std::size_t position = 0; // wire bytes sent
     std::size_t next = 0;     // the first part not completely sent
     std::size_t run = 0;      // the first run whose descriptors are not sent
-    alignas(::cmsghdr) std::byte control[descriptor_room];
+    descriptor_control control;
+    std::vector<int> fds;
     while (position < total && !core->destroyed && worker->state != worker_handle::phase::exited) {
         // This send may carry the runs from `run` on, as many as fit in one
         // message; it stops before the frame of the first run left out.
@@ -189,21 +175,11 @@ task<void> send_with_descriptors(pool_core* core, worker_handle* worker, const o
         ::msghdr message{};
         message.msg_iov = window.data();
         message.msg_iovlen = window.size();
-        if (count > 0) {
-            message.msg_control = control;
-            message.msg_controllen = CMSG_SPACE(count * sizeof(int));
-            ::cmsghdr* header = CMSG_FIRSTHDR(&message);
-            header->cmsg_level = SOL_SOCKET;
-            header->cmsg_type = SCM_RIGHTS;
-            header->cmsg_len = CMSG_LEN(count * sizeof(int));
-            std::size_t slot = 0;
-            for (std::size_t r = run; r < end; ++r) {
-                for (const auto& owner : batch.descriptors[r].owners) {
-                    const int fd = owner->fd();
-                    std::memcpy(CMSG_DATA(header) + slot++ * sizeof(int), &fd, sizeof fd);
-                }
-            }
+        fds.clear();
+        for (std::size_t r = run; r < end; ++r) {
+            for (const auto& owner : batch.descriptors[r].owners) fds.push_back(owner->fd());
         }
+        attach_descriptors(message, control, fds);
         const std::size_t sent = co_await core->loop.sendmsg(worker->socket, &message);
         run = end; // sent with the first byte of this message
         next = consume_parts(parts, next, sent);

@@ -181,13 +181,7 @@ public:
     // finished or failed, it is the last value the task reported (the worker
     // sends it before the answer); a report that arrives after cancel() is
     // dropped. Does not block. Thread-safe.
-    [[nodiscard]] std::optional<double> latest_progress() const {
-        const auto& item = checked();
-        // acquire: pairs with the release increment made after the value
-        // was stored (work_item::progress_reports).
-        if (item.progress_reports.load(std::memory_order_acquire) == 0) return std::nullopt;
-        return item.progress.load(std::memory_order_relaxed);
-    }
+    [[nodiscard]] std::optional<double> latest_progress() const { return detail::latest_progress_of(checked()); }
 
     // Calls `callback(value)` for each progress report of the task that
     // reaches the parent from now on, on the pool's loop thread, in the order

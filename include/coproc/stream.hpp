@@ -104,11 +104,7 @@ public:
     // True while a worker runs the task (it said START, or sent an item).
     [[nodiscard]] bool running() const { return checked().state() == detail::work_state::running; }
     // The task's progress reports, as for a future (coproc/progress.hpp).
-    [[nodiscard]] std::optional<double> latest_progress() const {
-        const auto& item = checked();
-        if (item.progress_reports.load(std::memory_order_acquire) == 0) return std::nullopt;
-        return item.progress.load(std::memory_order_relaxed);
-    }
+    [[nodiscard]] std::optional<double> latest_progress() const { return detail::latest_progress_of(checked()); }
     void on_progress(std::function<void(double)> callback) {
         detail::set_work_item_progress_callback(checked(), std::move(callback));
     }

@@ -194,6 +194,15 @@ public:
     void store_result(std::span<const std::byte>) override {}
 };
 
+// The last progress report of `item` that reached the parent, or nothing
+// before the first (future::latest_progress, stream::latest_progress).
+inline std::optional<double> latest_progress_of(const work_item& item) noexcept {
+    // acquire: pairs with the release increment made after the value was
+    // stored (work_item::progress_reports).
+    if (item.progress_reports.load(std::memory_order_acquire) == 0) return std::nullopt;
+    return item.progress.load(std::memory_order_relaxed);
+}
+
 // --- called by future<T> (src/process_pool.cpp)
 
 // Registers `awaiting` to be resumed on the pool's loop when `item` is
