@@ -36,6 +36,7 @@
 #include <exception>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <system_error>
@@ -359,8 +360,10 @@ void pool_core::handle_frames(worker_handle& worker, std::span<const std::byte> 
         const auto kind = static_cast<wire::frame_kind>(header.kind);
         // The descriptors of the shared buffers in a RESULT: received before
         // its bytes, taken from the queue in order, and closed after it
-        // unless its value took them over.
+        // unless its value took them over. Frames without any (nearly all)
+        // set nothing up.
         received_descriptors descriptors;
+        std::optional<descriptor_decoding> decoding;
         if (const std::size_t count = wire::descriptor_count(header.flags); count > 0) {
             if (kind != wire::frame_kind::result) {
                 throw protocol_violation("descriptors with a frame of kind " + std::to_string(header.kind));
@@ -373,8 +376,8 @@ void pool_core::handle_frames(worker_handle& worker, std::span<const std::byte> 
                 descriptors.fds.push_back(worker.received_descriptors.front());
                 worker.received_descriptors.pop_front();
             }
+            decoding.emplace(descriptors.fds);
         }
-        const descriptor_decoding decoding{descriptors.fds};
         if (kind == wire::frame_kind::hello) {
             if (worker.state != worker_handle::phase::starting) throw protocol_violation("a second HELLO");
             std::uint16_t version = 0;
