@@ -293,7 +293,7 @@ int increment_shared(coproc::shared_buffer data);
 void invert_shared(coproc::shared_buffer in, coproc::shared_buffer out);
 // A new buffer of `size` bytes holding pattern(size, seed).
 coproc::shared_buffer make_shared_pattern(std::size_t size, int seed);
-// Whether a and b are one mapping: a write through one is read through the other.
+// Whether a and b are one handle and one mapping in this worker.
 bool same_shared(coproc::shared_buffer a, coproc::shared_buffer b);
 // `parts` new buffers, each a copy of one slice of `data`.
 std::vector<coproc::shared_buffer> split_shared(coproc::shared_buffer data, int parts);
