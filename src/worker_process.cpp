@@ -275,28 +275,20 @@ std::string pool_core::worker_program_name() const {
     return std::string(path.substr(path.rfind('/') + 1));
 }
 
-void pool_core::spawn_worker() {
-    int fds[2];
-    if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) {
-        throw std::system_error(errno, std::system_category(), "coproc: socketpair for a worker");
-    }
-    int child_end = fds[1];
+int spawn_worker_program(const std::string& executable, const std::string& title, char* const* environment,
+                         int child_end, int start_word_fd, ::pid_t& pid) noexcept {
+    static_assert(wire::start_word_descriptor == worker_socket_in_child + 1);
+    int moved = -1;
     if (child_end == worker_socket_in_child) {
         // dup2 onto itself would keep FD_CLOEXEC set; move it out of the way.
-        child_end = ::fcntl(fds[1], F_DUPFD_CLOEXEC, worker_socket_in_child + 1);
-        const int error = errno;
-        ::close(fds[1]);
-        if (child_end < 0) {
-            ::close(fds[0]);
-            throw std::system_error(error, std::system_category(), "coproc: socketpair for a worker");
-        }
+        moved = ::fcntl(child_end, F_DUPFD_CLOEXEC, worker_socket_in_child + 1);
+        if (moved < 0) return errno;
+        child_end = moved;
     }
-    static_assert(wire::start_word_descriptor == worker_socket_in_child + 1);
-    const auto [word_fd, word] = make_start_word();
     ::posix_spawn_file_actions_t actions;
     ::posix_spawn_file_actions_init(&actions);
     ::posix_spawn_file_actions_adddup2(&actions, child_end, worker_socket_in_child);
-    if (word_fd >= 0) ::posix_spawn_file_actions_adddup2(&actions, word_fd, wire::start_word_descriptor);
+    if (start_word_fd >= 0) ::posix_spawn_file_actions_adddup2(&actions, start_word_fd, wire::start_word_descriptor);
     ::posix_spawn_file_actions_addclosefrom_np(&actions, wire::start_word_descriptor + 1);
     ::posix_spawnattr_t attributes;
     ::posix_spawnattr_init(&attributes);
@@ -308,16 +300,28 @@ void pool_core::spawn_worker() {
     ::posix_spawnattr_setflags(&attributes, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
 
     std::string flag = "--coproc-worker";
-    // What `ps` shows: the program's name behind a prefix that says it is a
-    // coproc worker (the worker also names its thread for `top`).
-    std::string title = "coproc-worker:" + worker_program_name();
-    char* argv[] = {title.data(), flag.data(), nullptr};
-    auto envp = worker_environment();
-    ::pid_t pid = -1;
-    const int result = ::posix_spawn(&pid, executable_.c_str(), &actions, &attributes, argv, envp.data());
+    std::string name = title;
+    char* argv[] = {name.data(), flag.data(), nullptr};
+    const int result = ::posix_spawn(&pid, executable.c_str(), &actions, &attributes, argv, environment);
     ::posix_spawn_file_actions_destroy(&actions);
     ::posix_spawnattr_destroy(&attributes);
-    ::close(child_end);
+    if (moved >= 0) ::close(moved);
+    return result;
+}
+
+void pool_core::spawn_worker() {
+    int fds[2];
+    if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) {
+        throw std::system_error(errno, std::system_category(), "coproc: socketpair for a worker");
+    }
+    const auto [word_fd, word] = make_start_word();
+    // What `ps` shows: the program's name behind a prefix that says it is a
+    // coproc worker (the worker also names its thread for `top`).
+    auto envp = worker_environment();
+    ::pid_t pid = -1;
+    const int result = spawn_worker_program(executable_, "coproc-worker:" + worker_program_name(), envp.data(), fds[1],
+                                            word_fd, pid);
+    ::close(fds[1]);
     if (word_fd >= 0) ::close(word_fd); // the mapping stays
     if (result != 0) {
         if (word != nullptr) ::munmap(word, sizeof(std::uint64_t));

@@ -51,6 +51,14 @@ struct worker_process {
 
 // Defined in worker_process.cpp, used by the constructor (process_pool.cpp)
 // and by the scheduler.
+
+// posix_spawn of `executable` in worker mode, shown as `title`: `child_end`
+// becomes its descriptor 3 (its socket) and `start_word_fd`, unless -1, its
+// descriptor 4; every other descriptor is closed and every signal is reset.
+// 0, with `pid` set, or the error. The caller keeps and closes its
+// descriptors.
+int spawn_worker_program(const std::string& executable, const std::string& title, char* const* environment,
+                         int child_end, int start_word_fd, ::pid_t& pid) noexcept;
 void add_huge_page_tunable(std::vector<std::string>& environment);
 bool failed_by_itself(const ::siginfo_t& info);
 std::string describe_shortage(int error);
