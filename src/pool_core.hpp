@@ -71,6 +71,8 @@ struct worker_handle : worker_connection, worker_process, worker_assignment {
     // grace): the worker exited, or the pool is gone.
     std::stop_source lifetime_stop;
 
+    // The socket and pidfd; a remote worker's exit event is its placement's
+    // (pool_core::release_remote).
     void close_descriptors() noexcept {
         if (socket >= 0) ::close(std::exchange(socket, -1));
         if (pidfd >= 0) ::close(std::exchange(pidfd, -1));
@@ -151,11 +153,15 @@ public:
     void send_credit(work_item& item, std::uint32_t items);
 
     // --- worker_process.cpp: a worker's life; coroutine bodies
-    void cancel_in_worker(std::uint64_t id, int pid, bool kill_now, bool kill_after_grace = true);
+    void cancel_in_worker(std::uint64_t id, std::uint64_t serial, bool kill_now, bool kill_after_grace = true);
     void grace_expired(worker_handle& worker, std::uint64_t id);
     [[nodiscard]] std::chrono::milliseconds cancel_grace() const noexcept { return options_.cancel_grace; }
     [[nodiscard]] std::chrono::milliseconds start_timeout() const noexcept { return options_.start_timeout; }
     void on_reaped(worker_handle& worker, const ::siginfo_t& info);
+    // A remote worker's exit event fired: its exit status, then on_reaped.
+    void on_remote_exit(worker_handle& worker);
+    // Gives a remote worker back to its placement, once (no-op for a local one).
+    void release_remote(worker_handle& worker) noexcept;
     void release_coroutine(worker_handle& worker) noexcept;
     // Kills the worker (SIGKILL, or `signal`: terminate_workers sends
     // SIGTERM) and condemns it: nothing more is dispatched to it.
@@ -226,7 +232,10 @@ private:
     void send_bye(worker_handle& worker);
 
     // --- worker_process.cpp
+    // A local worker, or, once max_workers local ones live, one that
+    // options_.placement starts elsewhere.
     void spawn_worker();
+    void spawn_remote_worker();
     // A task its worker gave back unrun (RECALLED), already out of the
     // worker's list: back to the front of the queue (pool_scheduler.cpp).
     void take_back(work_item* item);
@@ -241,7 +250,12 @@ private:
     // Data, in the order it always had; the files that use it in [brackets].
     // Options and what the constructor (process_pool.cpp) makes of them [all].
     process_pool_options options_;
-    int max_workers_;
+    int max_workers_;       // local_workers_ plus the placement's slots
+    int local_workers_;
+    // For remote workers: the options' environment and the pool's COPROC_
+    // variables, which their host agent adds to its own environment.
+    std::vector<std::string> remote_environment_;
+    std::uint64_t next_serial_ = 1; // worker_process::serial [worker_process.cpp]
     std::string executable_;
     std::vector<std::string> environment_storage_;
 

@@ -167,6 +167,10 @@ bool pool_core::submit(work_item* item, bool encoding_failed, bool throw_when_fu
         std::lock_guard lock{mutex_};
         if (closed_) throw pool_closed();
         if (broken_) std::rethrow_exception(broken_error_locked());
+        if (!encoding_failed && !item->descriptors.empty() && local_workers_ == 0) {
+            throw std::invalid_argument("coproc: a task with shared_buffer arguments needs a local worker, and this pool "
+                                        "has none (max_workers = 0): descriptors do not cross hosts");
+        }
         if (!encoding_failed && options_.max_pending > 0 && queued_.load(std::memory_order_relaxed) >= options_.max_pending) {
             if (throw_when_full) throw queue_full();
             return false;
@@ -229,10 +233,10 @@ bool pool_core::cancel(work_item& item, bool force, std::exception_ptr reason, b
     deliver(done);
     const bool remote = before != work_state::pending;
     const bool kill_now = force && before == work_state::running;
-    auto follow_up = [weak = weak_from_this(), id = item.id, pid = item.worker_pid, remote, kill_now, kill_after_grace] {
+    auto follow_up = [weak = weak_from_this(), id = item.id, serial = item.worker_serial, remote, kill_now, kill_after_grace] {
         auto core = weak.lock();
         if (!core) return;
-        if (remote) core->cancel_in_worker(id, pid, kill_now, kill_after_grace);
+        if (remote) core->cancel_in_worker(id, serial, kill_now, kill_after_grace);
         core->wake_waiters(); // room in the queue for submit_async
     };
     if (loop.is_loop_thread()) {
@@ -386,7 +390,11 @@ void pool_core::dispatch() {
                 continue;
             }
             worker_handle* target = nullptr;
+            // Descriptors (shared_buffer) do not cross hosts: such a task
+            // waits for a local worker.
+            const bool local_only = !item->descriptors.empty();
             for (worker_handle* worker : ready) {
+                if (local_only && worker->remote) continue;
                 if (worker->assigned.empty() && worker->state == worker_handle::phase::ready) {
                     target = worker;
                     break;
@@ -399,6 +407,7 @@ void pool_core::dispatch() {
                 const std::size_t allowed = prefetch_allowed(*item, starting);
                 for (worker_handle* worker : ready) {
                     if (worker->state != worker_handle::phase::ready || worker->assigned.size() >= allowed) continue;
+                    if (local_only && worker->remote) continue;
                     if (target == nullptr || worker->assigned.size() < target->assigned.size()) target = worker;
                 }
             }
@@ -408,6 +417,7 @@ void pool_core::dispatch() {
             in_workers_.fetch_add(1, std::memory_order_relaxed);
             item->in_worker = true;
             item->worker_pid = target->pid;
+            item->worker_serial = target->serial;
             item->set_state(work_state::dispatched);
             target->assigned.push_back(item);
             ++target->generation;
@@ -608,6 +618,9 @@ void pool_core::on_worker_exit(worker_handle& worker) {
     const int exit_code = info.si_code == CLD_EXITED ? info.si_status : -1;
     std::string how = worker.kill_reason.empty() ? describe_exit(info)
                                                  : "sent " + worker.kill_reason + " and was killed by the pool";
+    if (!worker.exit_reason.empty()) how = worker.exit_reason; // a remote worker that never ran, or lost its host
+    // Its pid, and for a remote worker its host: pids are per host.
+    const std::string name = std::to_string(worker.pid) + (worker.remote ? " on " + worker.host : "");
 
     // First what the exit means for the pool; then what it means for the
     // tasks the worker held.
@@ -621,7 +634,7 @@ void pool_core::on_worker_exit(worker_handle& worker) {
         // not saying HELLO) proves the program unable to start; one killed
         // from outside (an operator, the OOM killer) costs a start, not the
         // pool.
-        const bool own_failure = !worker.kill_reason.empty() || failed_by_itself(info);
+        const bool own_failure = !worker.kill_reason.empty() || !worker.exit_reason.empty() || failed_by_itself(info);
         if (own_failure && ++startup_failures_ >= startup_failures_allowed) {
             std::string message;
             if (was_initializing) {
@@ -642,7 +655,7 @@ void pool_core::on_worker_exit(worker_handle& worker) {
                (worker.kill_reason.empty() || worker.violated)) {
         // CPython's behaviour. A worker the pool killed on purpose (a
         // cancelled task past its grace) did not crash.
-        break_pool("coproc: worker " + std::to_string(worker.pid) + " " + how +
+        break_pool("coproc: worker " + name + " " + how +
                    "; the pool is broken (crash_policy::break_pool)");
         broken = true;
     }
@@ -686,11 +699,11 @@ void pool_core::on_worker_exit(worker_handle& worker) {
             continue;
         }
         const std::string function{item->function_name};
-        std::string account = "coproc: worker " + std::to_string(worker.pid) + " running " + function + " " + how;
+        std::string account = "coproc: worker " + name + " running " + function + " " + how;
         if (!started && !worker.violated) {
             account = "coproc: " + function + " was sent to " + std::to_string(item->requeues + 1) +
                       " workers that each died before starting it, and never ran (the last, " +
-                      std::to_string(worker.pid) + ", " + how + ")";
+                      name + ", " + how + ")";
         }
         complete(item, work_state::failed,
                  std::make_exception_ptr(worker_died(worker.pid, signal, exit_code, function, account)));

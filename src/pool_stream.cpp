@@ -77,7 +77,7 @@ std::optional<byte_buffer> pool_core::take_stream_item(work_item& item) {
 void pool_core::send_credit(work_item& item, std::uint32_t items) {
     if (destroyed || is_final(item.state())) return;
     for (auto& worker : workers_) {
-        if (worker->pid != item.worker_pid || worker->state == worker_handle::phase::exited) continue;
+        if (worker->serial != item.worker_serial || worker->state == worker_handle::phase::exited) continue;
         if (std::find(worker->assigned.begin(), worker->assigned.end(), &item) == worker->assigned.end()) return;
         item.stream_credit += items;
         worker->queued.add_credit(item.id, items);

@@ -108,9 +108,11 @@ task<void> shielded(task<void> body) {
 
 pool_core::pool_core(event_loop& event_loop, process_pool_options opts)
     : loop(event_loop), options_(std::move(opts)) {
-    if (options_.max_workers.has_value() && *options_.max_workers <= 0) {
-        throw std::invalid_argument("coproc: process_pool_options::max_workers must be positive, got " +
-                                    std::to_string(*options_.max_workers));
+    // Zero only with a placement that has slots: then every worker is remote.
+    const bool remote_only = options_.placement && options_.placement->slots() > 0;
+    if (options_.max_workers.has_value() && (*options_.max_workers < 0 || (*options_.max_workers == 0 && !remote_only))) {
+        throw std::invalid_argument("coproc: process_pool_options::max_workers must be positive (or zero with a "
+                                    "placement that has slots), got " + std::to_string(*options_.max_workers));
     }
     if (options_.prefetch == 0) throw std::invalid_argument("coproc: process_pool_options::prefetch must be positive");
     if (options_.stream_window == 0) {
@@ -123,7 +125,9 @@ pool_core::pool_core(event_loop& event_loop, process_pool_options opts)
         throw std::logic_error("coproc: a process_pool was created in a process started as a pool worker; main must "
                                "call coproc::run_worker_if_requested(argc, argv) before anything else");
     }
-    max_workers_ = options_.max_workers.value_or(default_worker_count());
+    local_workers_ = options_.max_workers.value_or(default_worker_count());
+    const std::size_t remote_slots = options_.placement ? options_.placement->slots() : 0;
+    max_workers_ = local_workers_ + static_cast<int>(std::min<std::size_t>(remote_slots, 1 << 20));
     executable_ = options_.worker_executable.empty() ? "/proc/self/exe" : options_.worker_executable;
 
     // The workers' environment: ours, minus the names the options replace,
@@ -139,24 +143,34 @@ pool_core::pool_core(event_loop& event_loop, process_pool_options opts)
     for (char** entry = environ; entry != nullptr && *entry != nullptr; ++entry) {
         if (!replaced(*entry)) environment_storage_.emplace_back(*entry);
     }
-    for (const auto& [name, value] : options_.environment) environment_storage_.push_back(name + "=" + value);
-    environment_storage_.push_back("COPROC_PARENT_PID=" + std::to_string(::getpid()));
+    // What every worker gets, local or remote (a remote one's host agent
+    // adds these to its own environment, and its own pid as the parent's).
+    for (const auto& [name, value] : options_.environment) remote_environment_.push_back(name + "=" + value);
     const std::int64_t keep_ms = std::max<std::int64_t>(0, options_.keep_result_memory.count());
-    environment_storage_.push_back("COPROC_KEEP_RESULT_MS=" + std::to_string(keep_ms));
-    // Set for every worker; one whose spawn could not make its start word
-    // finds nothing at the descriptor and sends START before each task.
+    remote_environment_.push_back("COPROC_KEEP_RESULT_MS=" + std::to_string(keep_ms));
+    const std::int64_t progress_ms = std::max<std::int64_t>(0, options_.progress_interval.count());
+    remote_environment_.push_back("COPROC_PROGRESS_INTERVAL_MS=" + std::to_string(progress_ms));
+    if (options_.worker_address_space_limit > 0) {
+        remote_environment_.push_back("COPROC_ADDRESS_SPACE_LIMIT=" + std::to_string(options_.worker_address_space_limit));
+    }
+    environment_storage_.insert(environment_storage_.end(), remote_environment_.begin(), remote_environment_.end());
+    environment_storage_.push_back("COPROC_PARENT_PID=" + std::to_string(::getpid()));
+    // Set for every local worker; one whose spawn could not make its start
+    // word finds nothing at the descriptor and sends START before each task.
     environment_storage_.push_back(std::string(wire::start_word_variable) + "=" +
                                    std::to_string(wire::start_word_descriptor));
-    const std::int64_t progress_ms = std::max<std::int64_t>(0, options_.progress_interval.count());
-    environment_storage_.push_back("COPROC_PROGRESS_INTERVAL_MS=" + std::to_string(progress_ms));
-    if (options_.worker_address_space_limit > 0) {
-        environment_storage_.push_back("COPROC_ADDRESS_SPACE_LIMIT=" + std::to_string(options_.worker_address_space_limit));
+    if (options_.huge_pages) {
+        add_huge_page_tunable(environment_storage_);
+        add_huge_page_tunable(remote_environment_);
     }
-    if (options_.huge_pages) add_huge_page_tunable(environment_storage_);
+    if (!options_.placement) remote_environment_.clear();
 }
 
 pool_core::~pool_core() {
-    for (auto& worker : workers_) worker->close_descriptors();
+    for (auto& worker : workers_) {
+        release_remote(*worker);
+        worker->close_descriptors();
+    }
 }
 
 void pool_core::destroy() noexcept {
@@ -172,7 +186,12 @@ void pool_core::destroy() noexcept {
     end_all_pending(work_state::cancelled, destroyed_error);
     for (auto& worker : workers_) {
         worker->lifetime_stop.request_stop();
-        if (worker->state != worker_handle::phase::exited && !worker->reaped && worker->pid > 0) {
+        if (worker->remote && worker->state != worker_handle::phase::exited && !worker->reaped) {
+            // Killed on its host by its placement; nothing here to wait for.
+            options_.placement->signal(worker->remote_handle, SIGKILL);
+            worker->state = worker_handle::phase::exited;
+            workers_alive_.fetch_sub(1, std::memory_order_relaxed);
+        } else if (worker->state != worker_handle::phase::exited && !worker->reaped && worker->pid > 0) {
             // Not reaped yet, so the pid cannot have been reused.
             ::kill(worker->pid, SIGKILL);
             ::siginfo_t info{};

@@ -587,8 +587,17 @@ private:
 
 } // namespace
 
+namespace {
+std::atomic<detail::launch_hook> launch_hook_{nullptr};
+} // namespace
+
+void detail::set_launch_hook(launch_hook hook) noexcept { launch_hook_.store(hook); }
+
 void run_worker_if_requested(int argc, char** argv) {
-    if (argc < 2 || argv == nullptr || argv[1] == nullptr || std::strcmp(argv[1], worker_flag) != 0) return;
+    if (argc < 2 || argv == nullptr || argv[1] == nullptr || std::strcmp(argv[1], worker_flag) != 0) {
+        if (const auto hook = launch_hook_.load()) hook(argc, argv);
+        return;
+    }
     // Die with the parent. The check after it closes the race with a parent
     // that died before the call.
     ::prctl(PR_SET_PDEATHSIG, SIGKILL);

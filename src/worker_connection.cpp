@@ -391,7 +391,11 @@ void pool_core::handle_frames(worker_handle& worker, std::span<const std::byte> 
                 throw protocol_violation("protocol version " + std::to_string(version) + ", expected " +
                                          std::to_string(wire::protocol_version));
             }
-            if (pid != worker.pid) throw protocol_violation("a HELLO with pid " + std::to_string(pid));
+            if (worker.remote) {
+                worker.pid = pid; // its host's pid, which only the worker knows here
+            } else if (pid != worker.pid) {
+                throw protocol_violation("a HELLO with pid " + std::to_string(pid));
+            }
             if (options_.initializer) {
                 worker.state = worker_handle::phase::initializing;
                 worker.queued.add_call(0, wire::frame_flag::initializer, options_.initializer.function_id,

@@ -88,7 +88,21 @@ bool passing_shortage(int error) noexcept {
     return error == EAGAIN || error == ENOMEM || error == EMFILE || error == ENFILE || error == ENOBUFS;
 }
 
+task<void> poll_readable(event_loop* loop, int fd) { co_await loop->poll(fd, POLLIN); }
+
 task<void> watch_worker(std::shared_ptr<pool_core> core, worker_handle* worker) {
+    if (worker->remote) {
+        // The placement's exit event polls readable once the worker exited
+        // on its host; destroy() stops the wait through lifetime_stop.
+        try {
+            co_await with_stop_token(poll_readable(&core->loop, worker->exit_event), worker->lifetime_stop.get_token());
+            if (!core->destroyed) core->on_remote_exit(*worker);
+        } catch (...) {
+            // Stopped: the pool is gone.
+        }
+        core->release_coroutine(*worker);
+        co_return;
+    }
     if (worker->pidfd < 0) {
         // No pidfd: poll for the exit every 2 ms (never blocking the loop).
         while (!core->destroyed) {
@@ -289,7 +303,10 @@ int spawn_worker_program(const std::string& executable, const std::string& title
     ::posix_spawn_file_actions_init(&actions);
     ::posix_spawn_file_actions_adddup2(&actions, child_end, worker_socket_in_child);
     if (start_word_fd >= 0) ::posix_spawn_file_actions_adddup2(&actions, start_word_fd, wire::start_word_descriptor);
-    ::posix_spawn_file_actions_addclosefrom_np(&actions, wire::start_word_descriptor + 1);
+    // Without a start word, descriptor 4 is closed too: an MPI agent's own
+    // descriptors (not all close-on-exec) must not reach its workers.
+    ::posix_spawn_file_actions_addclosefrom_np(
+        &actions, start_word_fd >= 0 ? wire::start_word_descriptor + 1 : wire::start_word_descriptor);
     ::posix_spawnattr_t attributes;
     ::posix_spawnattr_init(&attributes);
     ::sigset_t signals;
@@ -310,6 +327,16 @@ int spawn_worker_program(const std::string& executable, const std::string& title
 }
 
 void pool_core::spawn_worker() {
+    if (options_.placement) {
+        std::size_t local = 0;
+        for (const auto& worker : workers_) {
+            if (!worker->remote && worker->state != worker_handle::phase::exited && !worker->reaped) ++local;
+        }
+        if (local >= static_cast<std::size_t>(local_workers_)) {
+            spawn_remote_worker();
+            return;
+        }
+    }
     int fds[2];
     if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) {
         throw std::system_error(errno, std::system_category(), "coproc: socketpair for a worker");
@@ -341,12 +368,48 @@ void pool_core::spawn_worker() {
     worker.socket = fds[0];
     worker.pidfd = pidfd;
     worker.start_word = word;
+    worker.serial = next_serial_++;
     worker.coroutines = 3;
     workers_started_.fetch_add(1, std::memory_order_relaxed);
     workers_alive_.fetch_add(1, std::memory_order_relaxed);
     loop.spawn(shielded(read_worker(shared_from_this(), &worker)));
     loop.spawn(shielded(watch_worker(shared_from_this(), &worker)));
     loop.spawn(shielded(hello_timer(shared_from_this(), &worker)));
+}
+
+void pool_core::spawn_remote_worker() {
+    auto started = options_.placement->start(options_.worker_executable, remote_environment_);
+    auto& worker = *workers_.emplace_back(std::make_unique<worker_handle>());
+    worker.remote = true;
+    worker.pid = 0; // its HELLO says
+    worker.socket = started.socket;
+    worker.exit_event = started.exit_event;
+    worker.remote_handle = started.handle;
+    worker.host = std::move(started.host);
+    worker.serial = next_serial_++;
+    worker.coroutines = 3;
+    workers_started_.fetch_add(1, std::memory_order_relaxed);
+    workers_alive_.fetch_add(1, std::memory_order_relaxed);
+    loop.spawn(shielded(read_worker(shared_from_this(), &worker)));
+    loop.spawn(shielded(watch_worker(shared_from_this(), &worker)));
+    loop.spawn(shielded(hello_timer(shared_from_this(), &worker)));
+}
+
+void pool_core::on_remote_exit(worker_handle& worker) {
+    const auto status = options_.placement->exit(worker.remote_handle);
+    ::siginfo_t info{};
+    info.si_pid = status.pid;
+    info.si_code = status.exited ? CLD_EXITED : CLD_KILLED;
+    info.si_status = status.status;
+    if (worker.pid <= 0) worker.pid = status.pid;
+    worker.exit_reason = status.reason;
+    on_reaped(worker, info);
+}
+
+void pool_core::release_remote(worker_handle& worker) noexcept {
+    if (!worker.remote || worker.remote_handle == 0) return;
+    options_.placement->release(std::exchange(worker.remote_handle, 0));
+    worker.exit_event = -1;
 }
 
 void pool_core::initializer_failed(worker_handle& worker, std::exception_ptr cause) {
@@ -370,7 +433,11 @@ void pool_core::kill_worker(worker_handle& worker, const std::string& reason, bo
     if (worker.kill_reason.empty()) worker.kill_reason = reason;
     worker.condemned = true;
     worker.violated = worker.violated || violation;
-    ::kill(worker.pid, signal);
+    if (worker.remote) {
+        options_.placement->signal(worker.remote_handle, signal);
+    } else {
+        ::kill(worker.pid, signal);
+    }
 }
 
 void pool_core::on_reaped(worker_handle& worker, const ::siginfo_t& info) {
@@ -384,6 +451,7 @@ void pool_core::on_reaped(worker_handle& worker, const ::siginfo_t& info) {
 
 void pool_core::release_coroutine(worker_handle& worker) noexcept {
     if (--worker.coroutines > 0 || worker.state != worker_handle::phase::exited) return;
+    release_remote(worker);
     worker.close_descriptors();
     if (destroyed) return; // destroy() and ~pool_core own the list now
     workers_.remove_if([&](const std::unique_ptr<worker_handle>& entry) { return entry.get() == &worker; });
@@ -416,7 +484,7 @@ void pool_core::retire_if_over_memory(worker_handle& worker) {
     // one condemned or reaped is gone. The pid is still this worker's: it
     // has not been reaped.
     if (options_.max_worker_memory == 0 || worker.state != worker_handle::phase::ready || worker.condemned ||
-        worker.reaped) {
+        worker.reaped || worker.remote) {
         return;
     }
     if (resident_bytes(worker.pid) <= options_.max_worker_memory) return;
@@ -434,10 +502,10 @@ void pool_core::retire_if_over_memory(worker_handle& worker) {
     if (recalled && !worker.writing) start_writer(worker);
 }
 
-void pool_core::cancel_in_worker(std::uint64_t id, int pid, bool kill_now, bool kill_after_grace) {
+void pool_core::cancel_in_worker(std::uint64_t id, std::uint64_t serial, bool kill_now, bool kill_after_grace) {
     for (auto& entry : workers_) {
         worker_handle& worker = *entry;
-        if (worker.pid != pid || worker.state == worker_handle::phase::exited || worker.reaped) continue;
+        if (worker.serial != serial || worker.state == worker_handle::phase::exited || worker.reaped) continue;
         const bool held = std::any_of(worker.assigned.begin(), worker.assigned.end(),
                                       [id](const work_item* item) { return item->id == id; });
         if (!held) return; // its answer already came

@@ -24,6 +24,18 @@ struct worker_process {
 
     int pid = -1;
     int pidfd = -1;
+    // A worker that process_pool_options::placement started on another host
+    // (coproc/placement.hpp): no pidfd, no start word; its exit is announced
+    // on the placement's `exit_event`, it is signalled and freed through the
+    // placement, and its pid is the one its HELLO gives (0 until then).
+    bool remote = false;
+    std::uint64_t remote_handle = 0;
+    int exit_event = -1; // owned by the placement
+    std::string host;    // where it runs; empty for a local worker
+    std::string exit_reason; // a remote worker's exit_status::reason
+    // Unique in the pool, unlike pids, which two hosts may share: what a
+    // work_item names its worker by (work_item::worker_serial).
+    std::uint64_t serial = 0;
     phase state = phase::starting;
     std::string kill_reason; // why the parent killed it, if it did
     // The pool sent it SIGKILL: nothing more is dispatched to it, whatever
@@ -56,7 +68,7 @@ struct worker_process {
 // becomes its descriptor 3 (its socket) and `start_word_fd`, unless -1, its
 // descriptor 4; every other descriptor is closed and every signal is reset.
 // 0, with `pid` set, or the error. The caller keeps and closes its
-// descriptors.
+// descriptors. Also used by the MPI host agents (src/mpi/).
 int spawn_worker_program(const std::string& executable, const std::string& title, char* const* environment,
                          int child_end, int start_word_fd, ::pid_t& pid) noexcept;
 void add_huge_page_tunable(std::vector<std::string>& environment);

@@ -28,6 +28,7 @@
 #include <coproc/detail/work_item.hpp>
 #include <coproc/event_loop.hpp>
 #include <coproc/future.hpp>
+#include <coproc/placement.hpp>
 #include <coproc/progress.hpp>
 #include <coproc/stream.hpp>
 #include <coproc/task.hpp>
@@ -105,8 +106,16 @@ remote_call call(Args&&... args) {
 
 struct process_pool_options {
     // Worker processes at most. Default: the CPUs this process may run on
-    // (sched_getaffinity). Zero or negative is rejected (std::invalid_argument).
+    // (sched_getaffinity). Zero or negative is rejected (std::invalid_argument),
+    // except zero with a `placement` that has slots: remote workers only.
     std::optional<int> max_workers{};
+    // Workers elsewhere, beyond the max_workers local ones: the pool also
+    // runs up to placement->slots() workers that `placement` starts, for
+    // example coproc::mpi::placement() (coproc/mpi.hpp) on the other ranks
+    // of an MPI job. Local workers are started first. Null: local only.
+    // Tasks that pass shared_buffer descriptors run on local workers only;
+    // max_worker_memory applies to local workers only.
+    std::shared_ptr<worker_placement> placement{};
     // A worker exits after this many tasks and is replaced; 0: no limit.
     std::size_t max_tasks_per_child = 0;
     // Bytes of resident memory (VmRSS: /proc/PID/statm's resident pages)

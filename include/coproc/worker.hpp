@@ -15,10 +15,17 @@ namespace coproc {
 
 // In a worker process (started by a process_pool), serves tasks until the
 // pool says BYE, its socket closes or the parent dies, then exits the
-// process. Otherwise returns.
+// process. In a program linked with coproc_mpi and started by mpiexec, every
+// rank but 0 serves as a host agent here and exits (coproc/mpi.hpp).
+// Otherwise returns.
 void run_worker_if_requested(int argc, char** argv);
 
 namespace detail {
+// What run_worker_if_requested runs in a process that is not a worker:
+// coproc_mpi sets it, at static initialization, to its host agent.
+using launch_hook = void (*)(int argc, char** argv);
+void set_launch_hook(launch_hook hook) noexcept;
+
 // In a worker: how many large block arguments were received into the memory
 // of a result it had sent, and how many bytes of such memory it keeps now.
 // For tests and diagnostics.

@@ -121,6 +121,7 @@ public:
     std::coroutine_handle<> awaiter{};
     std::vector<std::function<void()>> callbacks;
     int worker_pid = 0;
+    std::uint64_t worker_serial = 0; // the pool's number for that worker (worker_process::serial)
     // Present when the item has a deadline: stopped when the item ends, so
     // that its deadline timer lets go of it at once.
     std::optional<std::stop_source> deadline_stop;
