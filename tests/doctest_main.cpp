@@ -72,6 +72,12 @@ private:
 
 DOCTEST_REGISTER_LISTENER("leaks", 1, leak_listener);
 
+namespace test_support {
+// Set by a test program (at static initialization) to run once before its
+// first case, outside every case's leak check.
+void (*before_tests)() = nullptr;
+} // namespace test_support
+
 int main(int argc, char** argv) {
     // A worker slow to start, for the tests that kill workers before they
     // say HELLO (test_pool_faults.cpp): set only in workers' environments.
@@ -79,6 +85,7 @@ int main(int argc, char** argv) {
         if (argc > 1 && std::string_view{argv[1]} == "--coproc-worker") ::usleep(static_cast<useconds_t>(std::atoi(delay)) * 1000);
     }
     coproc::run_worker_if_requested(argc, argv);
+    if (test_support::before_tests != nullptr) test_support::before_tests();
     const int status = doctest::Context(argc, argv).run();
     if (leak_found) {
         std::fprintf(stderr, "test program failed: a test case leaked processes or descriptors (see LEAK above)\n");

@@ -31,6 +31,9 @@
 
 namespace test_support {
 
+// doctest_main.cpp: run once before the first case, if a program sets it.
+extern void (*before_tests)();
+
 #if defined(__x86_64__)
 inline constexpr unsigned this_audit_arch = AUDIT_ARCH_X86_64;
 #elif defined(__aarch64__)

@@ -1,0 +1,156 @@
+// The MPI channel, socket queues and back-off shared by rank 0's relay and
+// the host agents (mpi_channel.hpp).
+
+#include "mpi_channel.hpp"
+
+#include <coproc/error.hpp>
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <system_error>
+
+namespace coproc::mpi::detail {
+
+channel::~channel() {
+    // Only at exit, after flush(): nothing is left but requests MPI already
+    // finished or will never finish (a lost peer).
+    for (auto& send : pending_) {
+        if (send.request != MPI_REQUEST_NULL) MPI_Request_free(&send.request);
+    }
+}
+
+void channel::send(int destination, message kind, std::uint32_t slot, std::int64_t a, std::int64_t b,
+                   std::span<const std::byte> payload) {
+    pending_send& send = pending_.emplace_back();
+    send.bytes.resize(sizeof(header) + payload.size());
+    const header head{static_cast<std::uint32_t>(kind), slot, a, b};
+    std::memcpy(send.bytes.data(), &head, sizeof head);
+    if (!payload.empty()) std::memcpy(send.bytes.data() + sizeof head, payload.data(), payload.size());
+    pending_bytes_ += send.bytes.size();
+    const int result = MPI_Isend(send.bytes.data(), static_cast<int>(send.bytes.size()), MPI_BYTE, destination, tag,
+                                 comm_, &send.request);
+    if (result != MPI_SUCCESS) {
+        pending_bytes_ -= send.bytes.size();
+        pending_.pop_back();
+        throw error("coproc: MPI_Isend to rank " + std::to_string(destination) + " failed (" +
+                    std::to_string(result) + ")");
+    }
+}
+
+std::optional<received> channel::receive() {
+    int arrived = 0;
+    MPI_Status status{};
+    if (MPI_Iprobe(MPI_ANY_SOURCE, tag, comm_, &arrived, &status) != MPI_SUCCESS || arrived == 0) return std::nullopt;
+    int count = 0;
+    MPI_Get_count(&status, MPI_BYTE, &count);
+    std::vector<std::byte> bytes(static_cast<std::size_t>(std::max(count, 0)));
+    MPI_Recv(bytes.data(), count, MPI_BYTE, status.MPI_SOURCE, tag, comm_, MPI_STATUS_IGNORE);
+    received message;
+    message.source = status.MPI_SOURCE;
+    if (bytes.size() < sizeof(header)) {
+        message.head.kind = 0; // malformed: the caller ignores kind 0
+        return message;
+    }
+    std::memcpy(&message.head, bytes.data(), sizeof(header));
+    message.payload.assign(bytes.begin() + sizeof(header), bytes.end());
+    return message;
+}
+
+bool channel::progress() {
+    bool completed = false;
+    for (auto it = pending_.begin(); it != pending_.end();) {
+        int done = 0;
+        MPI_Test(&it->request, &done, MPI_STATUS_IGNORE);
+        if (done == 0) {
+            ++it;
+            continue;
+        }
+        pending_bytes_ -= it->bytes.size();
+        it = pending_.erase(it);
+        completed = true;
+    }
+    return completed;
+}
+
+void channel::flush() {
+    for (auto& send : pending_) MPI_Wait(&send.request, MPI_STATUS_IGNORE);
+    pending_.clear();
+    pending_bytes_ = 0;
+}
+
+bool socket_queue::write_to(int fd) {
+    while (!chunks_.empty()) {
+        const auto& chunk = chunks_.front();
+        const ssize_t wrote = ::write(fd, chunk.data() + offset_, chunk.size() - offset_);
+        if (wrote < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) return true;
+            chunks_.clear();
+            offset_ = 0;
+            return false;
+        }
+        offset_ += static_cast<std::size_t>(wrote);
+        if (offset_ == chunk.size()) {
+            chunks_.pop_front();
+            offset_ = 0;
+        }
+    }
+    return true;
+}
+
+std::optional<std::vector<std::byte>> read_some(int fd) {
+    std::vector<std::byte> bytes(data_chunk);
+    for (;;) {
+        const ssize_t got = ::read(fd, bytes.data(), bytes.size());
+        if (got < 0 && errno == EINTR) continue;
+        if (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return std::nullopt;
+        bytes.resize(got < 0 ? 0 : static_cast<std::size_t>(got)); // an error counts as EOF
+        return bytes;
+    }
+}
+
+std::chrono::microseconds idle_backoff::timeout() const noexcept {
+    using namespace std::chrono;
+    const auto quiet = duration_cast<microseconds>(steady_clock::now() - last_);
+    if (quiet < milliseconds{2}) return microseconds{0};
+    return std::min<microseconds>(microseconds{1000}, quiet / 20);
+}
+
+std::vector<std::byte> encode_spawn(const std::string& program, const std::vector<std::string>& environment) {
+    std::vector<std::byte> bytes;
+    const auto add = [&bytes](const std::string& text) {
+        const auto* begin = reinterpret_cast<const std::byte*>(text.data());
+        bytes.insert(bytes.end(), begin, begin + text.size());
+        bytes.push_back(std::byte{0});
+    };
+    add(program);
+    for (const auto& entry : environment) add(entry);
+    return bytes;
+}
+
+void decode_spawn(std::span<const std::byte> payload, std::string& program, std::vector<std::string>& environment) {
+    std::vector<std::string> parts;
+    std::string current;
+    for (const std::byte b : payload) {
+        if (b == std::byte{0}) {
+            parts.push_back(std::move(current));
+            current.clear();
+        } else {
+            current.push_back(static_cast<char>(b));
+        }
+    }
+    if (parts.empty()) return;
+    program = std::move(parts.front());
+    environment.assign(std::make_move_iterator(parts.begin() + 1), std::make_move_iterator(parts.end()));
+}
+
+std::string host_name() {
+    char name[256] = {};
+    if (::gethostname(name, sizeof name - 1) != 0) return "unknown host";
+    return name;
+}
+
+} // namespace coproc::mpi::detail

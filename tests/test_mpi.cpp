@@ -1,0 +1,314 @@
+// coproc/mpi.hpp: a pool whose workers run on the other ranks of an MPI job.
+// Run by the suite as `mpiexec -n 3 --oversubscribe --mca btl tcp,self
+// test_mpi` (tests/meson.build): rank 0 runs these cases, ranks 1 and 2 are
+// host agents (they serve inside run_worker_if_requested, in doctest_main).
+// Each case ends with every remote worker gone from the relay, so that
+// nothing leaks from one case into the next.
+#include "remote_functions.hpp"
+#include "support.hpp"
+
+#include <coproc/coproc.hpp>
+#include <coproc/mpi.hpp>
+
+#include <doctest/doctest.h>
+
+#include <unistd.h>
+
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+using namespace test_support;
+using namespace pool_test;
+using namespace std::chrono_literals;
+
+// Where a task ran: the MPI rank of its host agent (which its worker
+// inherits), its host and its pid.
+std::string where_after(int milliseconds) {
+    std::this_thread::sleep_for(std::chrono::milliseconds{milliseconds});
+    const char* rank = std::getenv("OMPI_COMM_WORLD_RANK");
+    return std::string(rank != nullptr ? rank : "?") + "/" + std::to_string(::getppid()) + "/" + std::to_string(::getpid());
+}
+
+void count_to(int count, coproc::sink<int>& out) {
+    for (int i = 1; i <= count; ++i) out.push(i);
+}
+
+namespace {
+
+// Called by doctest_main before the first case: MPI and the relay start
+// here, so that their descriptors are not counted as a case's leak.
+[[maybe_unused]] const bool started = [] {
+    test_support::before_tests = [] { (void)coproc::mpi::agents(); };
+    return true;
+}();
+
+// Every remote worker the relay held is gone (exited and released).
+void expect_relay_empty() {
+    const auto deadline = std::chrono::steady_clock::now() + 10s;
+    while (coproc::mpi::detail::relay_workers() != 0 && std::chrono::steady_clock::now() < deadline) {
+        std::this_thread::sleep_for(5ms);
+    }
+    CHECK(coproc::mpi::detail::relay_workers() == 0);
+}
+
+bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
+
+coproc::task<void> pause(coproc::event_loop* loop, std::chrono::milliseconds duration) { co_await loop->sleep_for(duration); }
+
+std::string rank_of(const std::string& where) { return where.substr(0, where.find('/')); }
+
+coproc::task<std::vector<std::string>> spread(coproc::process_pool* pool, int tasks, int milliseconds) {
+    std::vector<coproc::future<std::string>> futures;
+    for (int i = 0; i < tasks; ++i) futures.push_back(pool->submit<where_after>(milliseconds));
+    std::vector<std::string> places;
+    for (auto& f : futures) places.push_back(co_await f);
+    co_return places;
+}
+
+} // namespace
+
+TEST_CASE("mpi: the job has two agents, and placement offers their slots") {
+    REQUIRE(coproc::mpi::size() == 3);
+    CHECK(coproc::mpi::rank() == 0);
+    const auto agents = coproc::mpi::agents();
+    REQUIRE(agents.size() == 2);
+    CHECK(agents[0].rank == 1);
+    CHECK(agents[1].rank == 2);
+    CHECK(!agents[0].host.empty());
+    CHECK(coproc::mpi::placement({.workers_per_rank = 2})->slots() == 4);
+    CHECK(coproc::mpi::placement({.workers_per_rank = 3})->slots() == 6);
+    // Zero local workers is refused without a placement that has slots.
+    coproc::event_loop loop;
+    CHECK_THROWS_AS(coproc::process_pool(loop, {.max_workers = 0}), std::invalid_argument);
+}
+
+TEST_CASE("mpi: submit runs tasks on workers of both agents, none on rank 0") {
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 0, .placement = coproc::mpi::placement({.workers_per_rank = 2})}};
+        CHECK(run_bounded(loop, await_future(pool.submit<square>(12)), 30s) == 144);
+        // Four tasks that each hold a worker for a while: all four slots.
+        const auto places = run_bounded(loop, spread(&pool, 4, 300), 30s);
+        std::set<std::string> ranks;
+        std::set<std::string> agents;
+        for (const auto& place : places) {
+            ranks.insert(rank_of(place));
+            agents.insert(place.substr(place.find('/') + 1, place.rfind('/') - place.find('/') - 1));
+        }
+        CHECK(ranks == std::set<std::string>{"1", "2"});
+        CHECK(agents.size() == 2);
+        CHECK(agents.count(std::to_string(::getpid())) == 0);
+        // Errors travel as they do from local workers.
+        CHECK_THROWS_AS(run_bounded(loop, await_future(pool.submit<fail_at>(3, 3)), 30s), std::domain_error);
+        run_bounded(loop, pool.shutdown(), 30s);
+        CHECK(pool.stats().workers_alive == 0);
+    }
+    expect_relay_empty();
+}
+
+TEST_CASE("mpi: local workers first, remote ones beyond max_workers") {
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 1, .placement = coproc::mpi::placement({.workers_per_rank = 1})}};
+        const auto places = run_bounded(loop, spread(&pool, 3, 300), 30s);
+        std::multiset<std::string> ranks;
+        for (const auto& place : places) ranks.insert(rank_of(place));
+        // Rank 0's own worker inherits rank 0 from mpiexec.
+        CHECK(ranks == std::multiset<std::string>{"0", "1", "2"});
+    }
+    expect_relay_empty();
+}
+
+TEST_CASE("mpi: map and a stream over remote workers give every result in order") {
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 0, .placement = coproc::mpi::placement({.workers_per_rank = 2})}};
+        std::vector<int> inputs(200);
+        for (int i = 0; i < 200; ++i) inputs[static_cast<std::size_t>(i)] = i;
+        const auto results = run_bounded(loop, pool.map<square>(inputs), 60s);
+        REQUIRE(results.size() == 200);
+        for (int i = 0; i < 200; ++i) CHECK(results[static_cast<std::size_t>(i)] == i * i);
+        auto consume = [](coproc::process_pool* p) -> coproc::task<int> {
+            auto items = p->submit_stream<count_to>(50);
+            int total = 0;
+            int expected = 1;
+            while (auto item = co_await items.next()) {
+                if (*item != expected++) co_return -1;
+                total += *item;
+            }
+            co_return total;
+        };
+        CHECK(run_bounded(loop, consume(&pool), 30s) == 50 * 51 / 2);
+        // A large argument and result cross MPI in several DATA messages.
+        const std::string big = run_bounded(loop, await_future(pool.submit<pattern>(std::size_t{5} << 20, 7)), 60s);
+        CHECK(big == pattern(std::size_t{5} << 20, 7));
+    }
+    expect_relay_empty();
+}
+
+TEST_CASE("mpi: a remote task that crashes its worker fails alone, naming pid, signal and host") {
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 0, .placement = coproc::mpi::placement({.workers_per_rank = 1})}};
+        try {
+            run_bounded(loop, await_future(pool.submit<crash_segfault>()), 30s);
+            FAIL("no exception");
+        } catch (const coproc::worker_died& e) {
+            CHECK(e.signal() == SIGSEGV);
+            CHECK(e.pid() > 0);
+            CHECK(e.pid() != ::getpid());
+            const std::string what = e.what();
+            CHECK(contains(what, " on " + coproc::mpi::agents()[0].host));
+            CHECK(contains(what, "(rank "));
+            CHECK(contains(what, "crash_segfault"));
+        }
+        // The agent replaces the worker: the pool serves on.
+        CHECK(run_bounded(loop, await_future(pool.submit<square>(9)), 30s) == 81);
+        try {
+            run_bounded(loop, await_future(pool.submit<crash_exit>(7)), 30s);
+            FAIL("no exception");
+        } catch (const coproc::worker_died& e) {
+            CHECK(e.exit_code() == 7);
+        }
+        CHECK(run_bounded(loop, await_future(pool.submit<square>(10)), 30s) == 100);
+    }
+    expect_relay_empty();
+}
+
+TEST_CASE("mpi: a running remote task is cancelled: its stop token first, then a kill after the grace") {
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 0,
+                                         .placement = coproc::mpi::placement({.workers_per_rank = 1}),
+                                         .cancel_grace = 300ms}};
+        auto cancel_when_running = [](coproc::event_loop* l, coproc::process_pool* p, bool cooperative) -> coproc::task<std::string> {
+            auto f = cooperative ? p->submit<cooperative_wait>(60'000, std::string("mpi"))
+                                 : p->submit<busy_forever>();
+            const auto deadline = std::chrono::steady_clock::now() + 20s;
+            while (!f.running() && std::chrono::steady_clock::now() < deadline) co_await l->sleep_for(2ms);
+            if (!f.running()) co_return "never ran";
+            f.cancel();
+            try {
+                co_await f;
+                co_return "finished";
+            } catch (const coproc::cancelled_error&) {
+                co_return "cancelled";
+            }
+        };
+        const auto before = pool.stats().workers_killed_for_cancel;
+        CHECK(run_bounded(loop, cancel_when_running(&loop, &pool, true), 30s) == "cancelled");
+        CHECK(pool.stats().workers_killed_for_cancel == before); // it stopped in time: no kill
+        CHECK(run_bounded(loop, cancel_when_running(&loop, &pool, false), 30s) == "cancelled");
+        // One that ignores its token is killed on its host after the grace
+        // (the future ended at the cancel already): its exit comes back,
+        // and the pool has one worker less.
+        const std::size_t workers = pool.worker_pids().size();
+        REQUIRE(workers >= 1);
+        const auto deadline = std::chrono::steady_clock::now() + 10s;
+        while (pool.worker_pids().size() != workers - 1 && std::chrono::steady_clock::now() < deadline) {
+            run_bounded(loop, pause(&loop, 10ms));
+        }
+        CHECK(pool.stats().workers_killed_for_cancel == before + 1);
+        CHECK(pool.worker_pids().size() == workers - 1);
+        CHECK(run_bounded(loop, await_future(pool.submit<square>(4)), 30s) == 16);
+    }
+    expect_relay_empty();
+}
+
+TEST_CASE("mpi: a deadline and a pending cancel work on remote workers") {
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 0, .placement = coproc::mpi::placement({.workers_per_rank = 1})}};
+        auto late = pool.submit_with<sleep_then>({.timeout = 200ms}, 60'000, 1);
+        CHECK_THROWS_AS(run_bounded(loop, await_future(std::move(late)), 30s), coproc::timeout_error);
+        CHECK(run_bounded(loop, await_future(pool.submit<square>(5)), 30s) == 25);
+    }
+    expect_relay_empty();
+}
+
+TEST_CASE("mpi: destroying a pool with remote tasks running kills them on their hosts and leaks nothing") {
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 0, .placement = coproc::mpi::placement({.workers_per_rank = 2})}};
+        auto a = pool.submit<hang_forever>();
+        auto b = pool.submit<hang_forever>();
+        const auto deadline = std::chrono::steady_clock::now() + 20s;
+        while ((!a.running() || !b.running()) && std::chrono::steady_clock::now() < deadline) {
+            run_bounded(loop, pause(&loop, 5ms));
+        }
+        CHECK(a.running());
+        CHECK(b.running());
+    }
+    expect_relay_empty();
+}
+
+TEST_CASE("mpi: shared_buffer tasks need a local worker") {
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 0, .placement = coproc::mpi::placement({.workers_per_rank = 1})}};
+        coproc::shared_buffer buffer{16};
+        CHECK_THROWS_AS((void)pool.submit<sum_shared>(buffer), std::invalid_argument);
+    }
+    expect_relay_empty();
+}
+
+namespace {
+
+// CPU time (user + system) of process `pid` so far, from /proc/PID/stat.
+std::chrono::milliseconds cpu_time(int pid) {
+    std::FILE* file = std::fopen(("/proc/" + std::to_string(pid) + "/stat").c_str(), "r");
+    if (file == nullptr) return std::chrono::milliseconds{-1};
+    char text[1024] = {};
+    const std::size_t got = std::fread(text, 1, sizeof text - 1, file);
+    std::fclose(file);
+    // Fields after the command name, which ends at the last ')': state is
+    // field 3, utime 14, stime 15.
+    const char* rest = std::strrchr(text, ')');
+    if (got == 0 || rest == nullptr) return std::chrono::milliseconds{-1};
+    unsigned long long user = 0;
+    unsigned long long system = 0;
+    if (std::sscanf(rest + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &user, &system) != 2) {
+        return std::chrono::milliseconds{-1};
+    }
+    const long ticks = ::sysconf(_SC_CLK_TCK);
+    return std::chrono::milliseconds{static_cast<long long>((user + system) * 1000 / static_cast<unsigned long long>(ticks))};
+}
+
+} // namespace
+
+TEST_CASE("mpi: idle, neither rank 0's MPI thread nor an agent spins a core") {
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 0, .placement = coproc::mpi::placement({.workers_per_rank = 1})}};
+        // Two workers, one per agent; where_after names each agent's pid.
+        const auto places = run_bounded(loop, spread(&pool, 2, 200), 30s);
+        std::set<int> agents;
+        for (const auto& place : places) {
+            agents.insert(std::stoi(place.substr(place.find('/') + 1, place.rfind('/') - place.find('/') - 1)));
+        }
+        REQUIRE(agents.size() == 2);
+        std::vector<int> watched{::getpid()};
+        watched.insert(watched.end(), agents.begin(), agents.end());
+        std::vector<std::chrono::milliseconds> before;
+        for (const int pid : watched) before.push_back(cpu_time(pid));
+        // A second of quiet, with the pool and its remote workers alive.
+        run_bounded(loop, pause(&loop, 1000ms));
+        for (std::size_t i = 0; i < watched.size(); ++i) {
+            const auto used = cpu_time(watched[i]) - before[i];
+            INFO("process " << watched[i] << " used " << used.count() << " ms of CPU in 1 s idle");
+            CHECK(before[i].count() >= 0);
+            // Sleeping in poll with a 1 ms back-off costs 20-30 ms here; the
+            // same threads never sleeping cost 260-320 ms each (three
+            // spinning processes on two cores).
+            CHECK(used < 150ms);
+        }
+    }
+    expect_relay_empty();
+}
