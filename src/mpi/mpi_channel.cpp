@@ -55,7 +55,8 @@ std::optional<received> channel::receive() {
         return message;
     }
     std::memcpy(&message.head, bytes.data(), sizeof(header));
-    message.payload.assign(bytes.begin() + sizeof(header), bytes.end());
+    bytes.erase(bytes.begin(), bytes.begin() + sizeof(header));
+    message.payload = std::move(bytes);
     return message;
 }
 
@@ -101,14 +102,15 @@ bool socket_queue::write_to(int fd) {
     return true;
 }
 
-std::optional<std::vector<std::byte>> read_some(int fd) {
-    std::vector<std::byte> bytes(data_chunk);
+std::optional<std::span<const std::byte>> read_some(int fd) {
+    // One buffer per thread (the MPI thread), reused: allocating and
+    // zeroing 1 MiB per read would cost more than a small task's round trip.
+    thread_local std::vector<std::byte> buffer(data_chunk);
     for (;;) {
-        const ssize_t got = ::read(fd, bytes.data(), bytes.size());
+        const ssize_t got = ::read(fd, buffer.data(), buffer.size());
         if (got < 0 && errno == EINTR) continue;
         if (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return std::nullopt;
-        bytes.resize(got < 0 ? 0 : static_cast<std::size_t>(got)); // an error counts as EOF
-        return bytes;
+        return std::span<const std::byte>{buffer.data(), got < 0 ? 0 : static_cast<std::size_t>(got)}; // an error counts as EOF
     }
 }
 

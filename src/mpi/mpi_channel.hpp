@@ -101,9 +101,10 @@ private:
     std::size_t offset_ = 0;
 };
 
-// Reads what `fd` has, at most data_chunk: the bytes (empty at EOF),
-// or nullopt when nothing is there now (EAGAIN).
-std::optional<std::vector<std::byte>> read_some(int fd);
+// Reads what `fd` has, at most data_chunk: the bytes (empty at EOF; valid
+// until the thread's next read_some), or nullopt when nothing is there now
+// (EAGAIN).
+std::optional<std::span<const std::byte>> read_some(int fd);
 
 // How long the MPI thread may sleep in poll(2) before it next asks MPI:
 // zero for 2 ms after anything happened (so that a busy pool is served at
