@@ -312,3 +312,21 @@ TEST_CASE("mpi: idle, neither rank 0's MPI thread nor an agent spins a core") {
     }
     expect_relay_empty();
 }
+
+TEST_CASE("mpi: a worker program missing on the agents' host breaks the pool with the agent's reason") {
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 0,
+                                         .placement = coproc::mpi::placement({.workers_per_rank = 1}),
+                                         .worker_executable = "/nonexistent/coproc-worker"}};
+        try {
+            run_bounded(loop, await_future(pool.submit<square>(2)), 30s);
+            FAIL("no exception");
+        } catch (const coproc::broken_process_pool& e) {
+            INFO(std::string(e.what()));
+            CHECK(contains(e.what(), "could not be started on " + coproc::mpi::agents()[0].host));
+            CHECK(contains(e.what(), "No such file or directory"));
+        }
+    }
+    expect_relay_empty();
+}

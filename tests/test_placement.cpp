@@ -1,0 +1,249 @@
+// process_pool_options::placement (coproc/placement.hpp): the pool's second
+// kind of worker life, without MPI. A test placement starts each "remote"
+// worker on this machine with the pool's own spawn function and watches it
+// from a thread of its own, so that every build (sanitizers, TSan, epoll)
+// checks the seam: exit events, signals and releases through the placement,
+// pids from HELLO, hosts in errors. tests/test_mpi.cpp checks the MPI one.
+// doctest_main's listener checks that no case leaves a process or descriptor.
+#include "remote_functions.hpp"
+#include "support.hpp"
+#include "worker_process.hpp"
+
+#include <coproc/coproc.hpp>
+
+#include <doctest/doctest.h>
+
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <csignal>
+#include <map>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+using namespace test_support;
+using namespace pool_test;
+using namespace std::chrono_literals;
+
+namespace {
+
+bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
+
+class local_placement final : public coproc::worker_placement {
+public:
+    explicit local_placement(std::size_t slots) : slots_(slots) {}
+
+    ~local_placement() override {
+        std::map<std::uint64_t, std::unique_ptr<worker>> left;
+        {
+            std::lock_guard lock{mutex_};
+            left.swap(workers_);
+        }
+        for (auto& [handle, w] : left) finish(*w);
+    }
+
+    [[nodiscard]] std::size_t slots() const override { return slots_; }
+
+    started start(const std::string& program, const std::vector<std::string>& environment) override {
+        int fds[2];
+        REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) == 0);
+        auto entries = environment;
+        for (char** entry = environ; *entry != nullptr; ++entry) {
+            if (!std::string_view{*entry}.starts_with("COPROC_")) entries.emplace_back(*entry);
+        }
+        entries.push_back("COPROC_PARENT_PID=" + std::to_string(::getpid()));
+        std::vector<char*> pointers;
+        for (auto& entry : entries) pointers.push_back(entry.data());
+        pointers.push_back(nullptr);
+        ::pid_t pid = -1;
+        const int failed = coproc::detail::spawn_worker_program(program.empty() ? "/proc/self/exe" : program,
+                                                                "coproc-worker:placed", pointers.data(), fds[1], -1, pid);
+        ::close(fds[1]);
+        REQUIRE(failed == 0);
+        auto w = std::make_unique<worker>();
+        w->pid = pid;
+        w->exit_event = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+        worker* raw = w.get();
+        // Watches the worker as an agent would: its exit, then the event.
+        w->watcher = std::thread([raw] {
+            ::siginfo_t info{};
+            while (::waitid(P_PID, static_cast<::id_t>(raw->pid), &info, WEXITED) < 0 && errno == EINTR) {
+            }
+            raw->status = {raw->pid, info.si_code == CLD_EXITED, info.si_status, {}};
+            raw->exited.store(true);
+            const std::uint64_t one = 1;
+            [[maybe_unused]] const auto wrote = ::write(raw->exit_event, &one, sizeof one);
+        });
+        std::lock_guard lock{mutex_};
+        const std::uint64_t handle = ++next_;
+        workers_.emplace(handle, std::move(w));
+        ++started_;
+        return {fds[0], raw->exit_event, handle, "placed-host"};
+    }
+
+    exit_status exit(std::uint64_t handle) override {
+        std::lock_guard lock{mutex_};
+        const auto found = workers_.find(handle);
+        REQUIRE(found != workers_.end());
+        REQUIRE(found->second->exited.load());
+        ++exits_asked_;
+        return found->second->status;
+    }
+
+    void signal(std::uint64_t handle, int number) noexcept override {
+        std::lock_guard lock{mutex_};
+        if (const auto found = workers_.find(handle); found != workers_.end() && !found->second->exited.load()) {
+            ::kill(found->second->pid, number);
+            signals_.push_back(number);
+        }
+    }
+
+    void release(std::uint64_t handle) noexcept override {
+        std::unique_ptr<worker> gone;
+        {
+            std::lock_guard lock{mutex_};
+            const auto found = workers_.find(handle);
+            if (found == workers_.end()) return;
+            gone = std::move(found->second);
+            workers_.erase(found);
+            ++released_;
+        }
+        finish(*gone);
+    }
+
+    std::size_t started_count() {
+        std::lock_guard lock{mutex_};
+        return started_;
+    }
+    std::size_t released_count() {
+        std::lock_guard lock{mutex_};
+        return released_;
+    }
+    std::size_t held() {
+        std::lock_guard lock{mutex_};
+        return workers_.size();
+    }
+    std::vector<int> signals() {
+        std::lock_guard lock{mutex_};
+        return signals_;
+    }
+
+private:
+    struct worker {
+        ::pid_t pid = -1;
+        int exit_event = -1;
+        std::thread watcher;
+        std::atomic<bool> exited{false};
+        exit_status status;
+    };
+
+    static void finish(worker& w) {
+        if (!w.exited.load()) ::kill(w.pid, SIGKILL);
+        w.watcher.join();
+        ::close(w.exit_event);
+    }
+
+    std::size_t slots_;
+    std::mutex mutex_;
+    std::map<std::uint64_t, std::unique_ptr<worker>> workers_;
+    std::uint64_t next_ = 0;
+    std::size_t started_ = 0;
+    std::size_t released_ = 0;
+    std::size_t exits_asked_ = 0;
+    std::vector<int> signals_;
+};
+
+coproc::task<std::vector<int>> pids_of(coproc::process_pool* pool, int tasks) {
+    std::vector<coproc::future<int>> futures;
+    for (int i = 0; i < tasks; ++i) futures.push_back(pool->submit<sleep_then_pid>(200));
+    std::vector<int> pids;
+    for (auto& f : futures) pids.push_back(co_await f);
+    co_return pids;
+}
+
+coproc::task<void> pause(coproc::event_loop* loop, std::chrono::milliseconds duration) { co_await loop->sleep_for(duration); }
+
+} // namespace
+
+TEST_CASE("placement: remote workers serve beyond the local ones, and each is released once it ends") {
+    auto placement = std::make_shared<local_placement>(2);
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 1, .placement = placement}};
+        const auto pids = run_bounded(loop, pids_of(&pool, 3), 30s);
+        CHECK(std::set<int>(pids.begin(), pids.end()).size() == 3);
+        CHECK(placement->started_count() == 2); // the local worker first, then two placed
+        // Each pid the pool reports came with its worker's HELLO.
+        const auto listed = pool.worker_pids();
+        CHECK(std::set<int>(listed.begin(), listed.end()) == std::set<int>(pids.begin(), pids.end()));
+        run_bounded(loop, pool.shutdown(), 30s);
+        CHECK(pool.stats().workers_alive == 0);
+        CHECK(placement->released_count() == 2);
+        CHECK(placement->held() == 0);
+    }
+}
+
+TEST_CASE("placement: a placed worker's crash fails its task with its host, its kill goes through the placement") {
+    auto placement = std::make_shared<local_placement>(1);
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 0, .placement = placement, .cancel_grace = 100ms}};
+        try {
+            run_bounded(loop, await_future(pool.submit<crash_segfault>()), 30s);
+            FAIL("no exception");
+        } catch (const coproc::worker_died& e) {
+            CHECK(e.signal() == SIGSEGV);
+            CHECK(e.pid() > 0);
+            CHECK(contains(e.what(), " on placed-host running "));
+        }
+        CHECK(run_bounded(loop, await_future(pool.submit<square>(6)), 30s) == 36);
+        // A task that ignores its stop token: killed after the grace, by a
+        // signal the placement sends, never by the pool's own kill(2).
+        auto stuck = pool.submit<busy_forever>();
+        const auto deadline = std::chrono::steady_clock::now() + 10s;
+        while (!stuck.running() && std::chrono::steady_clock::now() < deadline) run_bounded(loop, pause(&loop, 2ms));
+        REQUIRE(stuck.running());
+        stuck.cancel();
+        while (placement->signals().empty() && std::chrono::steady_clock::now() < deadline) {
+            run_bounded(loop, pause(&loop, 5ms));
+        }
+        CHECK(placement->signals() == std::vector<int>{SIGKILL});
+        CHECK(run_bounded(loop, await_future(pool.submit<square>(7)), 30s) == 49);
+    }
+    CHECK(placement->held() == 0); // the pool released every worker it had
+}
+
+TEST_CASE("placement: destroying the pool with placed tasks running releases them") {
+    auto placement = std::make_shared<local_placement>(2);
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 0, .placement = placement}};
+        auto a = pool.submit<hang_forever>();
+        auto b = pool.submit<hang_forever>();
+        const auto deadline = std::chrono::steady_clock::now() + 10s;
+        while ((!a.running() || !b.running()) && std::chrono::steady_clock::now() < deadline) {
+            run_bounded(loop, pause(&loop, 5ms));
+        }
+        REQUIRE(a.running());
+        REQUIRE(b.running());
+    }
+    CHECK(placement->signals() == std::vector<int>{SIGKILL, SIGKILL});
+    CHECK(placement->held() == 0);
+    CHECK(placement->released_count() == 2);
+}
+
+TEST_CASE("placement: zero local workers needs a placement with slots") {
+    coproc::event_loop loop;
+    CHECK_THROWS_AS(coproc::process_pool(loop, {.max_workers = 0}), std::invalid_argument);
+    CHECK_THROWS_AS(coproc::process_pool(loop, {.max_workers = 0, .placement = std::make_shared<local_placement>(0)}),
+                    std::invalid_argument);
+    coproc::process_pool pool{loop, {.max_workers = 0, .placement = std::make_shared<local_placement>(1)}};
+    coproc::shared_buffer buffer{16};
+    CHECK_THROWS_AS((void)pool.submit<sum_shared>(buffer), std::invalid_argument);
+}
