@@ -268,7 +268,7 @@ pool_stats pool_core::stats() const {
 std::vector<int> pool_core::worker_pids() const {
     std::vector<int> pids;
     for (const auto& worker : workers_) {
-        if (worker->state != worker_handle::phase::exited && !worker->reaped) pids.push_back(worker->pid);
+        if (worker->state != worker_handle::phase::exited && !worker->reaped && worker->pid > 0) pids.push_back(worker->pid);
     }
     return pids;
 }

@@ -370,7 +370,9 @@ public:
     // Counters, read on any thread.
     [[nodiscard]] pool_stats stats() const;
 
-    // The process ids of the live workers (loop thread).
+    // The process ids of the live workers (loop thread). A remote worker's
+    // (process_pool_options::placement) is its pid on its own host, once its
+    // HELLO came; one not started yet is left out.
     [[nodiscard]] std::vector<int> worker_pids() const;
 
 private:
