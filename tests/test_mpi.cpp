@@ -14,6 +14,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -188,12 +189,15 @@ TEST_CASE("mpi: a running remote task is cancelled: its stop token first, then a
         coproc::process_pool pool{loop, {.max_workers = 0,
                                          .placement = coproc::mpi::placement({.workers_per_rank = 1}),
                                          .cancel_grace = 300ms}};
-        auto cancel_when_running = [](coproc::event_loop* l, coproc::process_pool* p, bool cooperative) -> coproc::task<std::string> {
+        // `running_pids`: the pool's workers while the task ran.
+        auto cancel_when_running = [](coproc::event_loop* l, coproc::process_pool* p, bool cooperative,
+                                      std::vector<int>* running_pids) -> coproc::task<std::string> {
             auto f = cooperative ? p->submit<cooperative_wait>(60'000, std::string("mpi"))
                                  : p->submit<busy_forever>();
             const auto deadline = std::chrono::steady_clock::now() + 20s;
             while (!f.running() && std::chrono::steady_clock::now() < deadline) co_await l->sleep_for(2ms);
             if (!f.running()) co_return "never ran";
+            *running_pids = p->worker_pids();
             f.cancel();
             try {
                 co_await f;
@@ -203,20 +207,23 @@ TEST_CASE("mpi: a running remote task is cancelled: its stop token first, then a
             }
         };
         const auto before = pool.stats().workers_killed_for_cancel;
-        CHECK(run_bounded(loop, cancel_when_running(&loop, &pool, true), 30s) == "cancelled");
+        std::vector<int> pids;
+        CHECK(run_bounded(loop, cancel_when_running(&loop, &pool, true, &pids), 30s) == "cancelled");
         CHECK(pool.stats().workers_killed_for_cancel == before); // it stopped in time: no kill
-        CHECK(run_bounded(loop, cancel_when_running(&loop, &pool, false), 30s) == "cancelled");
+        CHECK(run_bounded(loop, cancel_when_running(&loop, &pool, false, &pids), 30s) == "cancelled");
         // One that ignores its token is killed on its host after the grace
-        // (the future ended at the cancel already): its exit comes back,
-        // and the pool has one worker less.
-        const std::size_t workers = pool.worker_pids().size();
-        REQUIRE(workers >= 1);
+        // (the future ended at the cancel already): its exit comes back, and
+        // one of the workers there while it ran is gone.
+        REQUIRE(!pids.empty());
+        const auto one_gone = [&] {
+            const auto now = pool.worker_pids();
+            return std::any_of(pids.begin(), pids.end(),
+                               [&](int pid) { return std::find(now.begin(), now.end(), pid) == now.end(); });
+        };
         const auto deadline = std::chrono::steady_clock::now() + 10s;
-        while (pool.worker_pids().size() != workers - 1 && std::chrono::steady_clock::now() < deadline) {
-            run_bounded(loop, pause(&loop, 10ms));
-        }
+        while (!one_gone() && std::chrono::steady_clock::now() < deadline) run_bounded(loop, pause(&loop, 10ms));
         CHECK(pool.stats().workers_killed_for_cancel == before + 1);
-        CHECK(pool.worker_pids().size() == workers - 1);
+        CHECK(one_gone());
         CHECK(run_bounded(loop, await_future(pool.submit<square>(4)), 30s) == 16);
     }
     expect_relay_empty();
@@ -327,6 +334,41 @@ TEST_CASE("mpi: a worker program missing on the agents' host breaks the pool wit
             CHECK(contains(e.what(), "could not be started on " + coproc::mpi::agents()[0].host));
             CHECK(contains(e.what(), "No such file or directory"));
         }
+    }
+    expect_relay_empty();
+}
+
+// Run by tests/mpi_netns.py, which gives rank 2 a network and UTS namespace
+// of its own: the two agents are on different hosts.
+TEST_CASE("mpi: agents on different hosts are told apart, and a crash names its own host" *
+          doctest::skip(std::getenv("COPROC_TEST_MPI_DISTINCT_HOSTS") == nullptr)) {
+    const auto agents = coproc::mpi::agents();
+    REQUIRE(agents.size() == 2);
+    CHECK(agents[0].host != agents[1].host);
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 0, .placement = coproc::mpi::placement({.workers_per_rank = 1})}};
+        // Workers start on demand, on the agent with the most free slots
+        // (rank 1 on a tie): while rank 1's worker is held, every other task
+        // runs on rank 2's.
+        auto held = pool.submit<cooperative_wait>(60'000, std::string("held"));
+        const auto deadline = std::chrono::steady_clock::now() + 20s;
+        while (!held.running() && std::chrono::steady_clock::now() < deadline) run_bounded(loop, pause(&loop, 5ms));
+        REQUIRE(held.running());
+        CHECK(rank_of(run_bounded(loop, await_future(pool.submit<where_after>(0)), 30s)) == "2");
+        // A large result crosses from rank 2's host.
+        const std::size_t size = std::size_t{1} << 20;
+        CHECK(run_bounded(loop, await_future(pool.submit<pattern>(size, 3)), 30s) == pattern(size, 3));
+        try {
+            run_bounded(loop, await_future(pool.submit<crash_segfault>()), 30s);
+            FAIL("no exception");
+        } catch (const coproc::worker_died& e) {
+            const std::string what = e.what();
+            CHECK(contains(what, " on " + agents[1].host + " (rank 2)"));
+            CHECK_FALSE(contains(what, " on " + agents[0].host + " ("));
+        }
+        held.cancel();
+        CHECK_THROWS_AS(run_bounded(loop, await_future(std::move(held)), 30s), coproc::cancelled_error);
     }
     expect_relay_empty();
 }
