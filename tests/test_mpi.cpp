@@ -61,7 +61,13 @@ void expect_relay_empty() {
 
 bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 
-coproc::task<void> pause(coproc::event_loop* loop, std::chrono::milliseconds duration) { co_await loop->sleep_for(duration); }
+// Whether `marker` exists within `limit` (cooperative_wait writes it when
+// its stop token is stopped).
+bool written(const marker_file& marker, std::chrono::milliseconds limit) {
+    const auto deadline = std::chrono::steady_clock::now() + limit;
+    while (!marker.exists() && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(5ms);
+    return marker.exists();
+}
 
 std::string rank_of(const std::string& where) { return where.substr(0, where.find('/')); }
 
@@ -190,10 +196,9 @@ TEST_CASE("mpi: a running remote task is cancelled: its stop token first, then a
                                          .placement = coproc::mpi::placement({.workers_per_rank = 1}),
                                          .cancel_grace = 300ms}};
         // `running_pids`: the pool's workers while the task ran.
-        auto cancel_when_running = [](coproc::event_loop* l, coproc::process_pool* p, bool cooperative,
+        auto cancel_when_running = [](coproc::event_loop* l, coproc::process_pool* p, const std::string* marker,
                                       std::vector<int>* running_pids) -> coproc::task<std::string> {
-            auto f = cooperative ? p->submit<cooperative_wait>(60'000, std::string("mpi"))
-                                 : p->submit<busy_forever>();
+            auto f = marker != nullptr ? p->submit<cooperative_wait>(60'000, *marker) : p->submit<busy_forever>();
             const auto deadline = std::chrono::steady_clock::now() + 20s;
             while (!f.running() && std::chrono::steady_clock::now() < deadline) co_await l->sleep_for(2ms);
             if (!f.running()) co_return "never ran";
@@ -208,9 +213,12 @@ TEST_CASE("mpi: a running remote task is cancelled: its stop token first, then a
         };
         const auto before = pool.stats().workers_killed_for_cancel;
         std::vector<int> pids;
-        CHECK(run_bounded(loop, cancel_when_running(&loop, &pool, true, &pids), 30s) == "cancelled");
+        const marker_file stopped{"mpi-stopped"};
+        const std::string stopped_path = stopped.path();
+        CHECK(run_bounded(loop, cancel_when_running(&loop, &pool, &stopped_path, &pids), 30s) == "cancelled");
+        CHECK(written(stopped, 10s)); // the task saw its stop token on the other rank
         CHECK(pool.stats().workers_killed_for_cancel == before); // it stopped in time: no kill
-        CHECK(run_bounded(loop, cancel_when_running(&loop, &pool, false, &pids), 30s) == "cancelled");
+        CHECK(run_bounded(loop, cancel_when_running(&loop, &pool, nullptr, &pids), 30s) == "cancelled");
         // One that ignores its token is killed on its host after the grace
         // (the future ended at the cancel already): its exit comes back, and
         // one of the workers there while it ran is gone.
@@ -221,7 +229,7 @@ TEST_CASE("mpi: a running remote task is cancelled: its stop token first, then a
                                [&](int pid) { return std::find(now.begin(), now.end(), pid) == now.end(); });
         };
         const auto deadline = std::chrono::steady_clock::now() + 10s;
-        while (!one_gone() && std::chrono::steady_clock::now() < deadline) run_bounded(loop, pause(&loop, 10ms));
+        while (!one_gone() && std::chrono::steady_clock::now() < deadline) run_bounded(loop, pause_for(&loop, 10ms));
         CHECK(pool.stats().workers_killed_for_cancel == before + 1);
         CHECK(one_gone());
         CHECK(run_bounded(loop, await_future(pool.submit<square>(4)), 30s) == 16);
@@ -248,7 +256,7 @@ TEST_CASE("mpi: destroying a pool with remote tasks running kills them on their 
         auto b = pool.submit<hang_forever>();
         const auto deadline = std::chrono::steady_clock::now() + 20s;
         while ((!a.running() || !b.running()) && std::chrono::steady_clock::now() < deadline) {
-            run_bounded(loop, pause(&loop, 5ms));
+            run_bounded(loop, pause_for(&loop, 5ms));
         }
         CHECK(a.running());
         CHECK(b.running());
@@ -306,7 +314,7 @@ TEST_CASE("mpi: idle, neither rank 0's MPI thread nor an agent spins a core") {
         std::vector<std::chrono::milliseconds> before;
         for (const int pid : watched) before.push_back(cpu_time(pid));
         // A second of quiet, with the pool and its remote workers alive.
-        run_bounded(loop, pause(&loop, 1000ms));
+        run_bounded(loop, pause_for(&loop, 1000ms));
         for (std::size_t i = 0; i < watched.size(); ++i) {
             const auto used = cpu_time(watched[i]) - before[i];
             INFO("process " << watched[i] << " used " << used.count() << " ms of CPU in 1 s idle");
@@ -351,9 +359,10 @@ TEST_CASE("mpi: agents on different hosts are told apart, and a crash names its 
         // Workers start on demand, on the agent with the most free slots
         // (rank 1 on a tie): while rank 1's worker is held, every other task
         // runs on rank 2's.
-        auto held = pool.submit<cooperative_wait>(60'000, std::string("held"));
+        const marker_file stopped{"mpi-held"};
+        auto held = pool.submit<cooperative_wait>(60'000, stopped.path());
         const auto deadline = std::chrono::steady_clock::now() + 20s;
-        while (!held.running() && std::chrono::steady_clock::now() < deadline) run_bounded(loop, pause(&loop, 5ms));
+        while (!held.running() && std::chrono::steady_clock::now() < deadline) run_bounded(loop, pause_for(&loop, 5ms));
         REQUIRE(held.running());
         CHECK(rank_of(run_bounded(loop, await_future(pool.submit<where_after>(0)), 30s)) == "2");
         // A large result crosses from rank 2's host.
@@ -369,6 +378,7 @@ TEST_CASE("mpi: agents on different hosts are told apart, and a crash names its 
         }
         held.cancel();
         CHECK_THROWS_AS(run_bounded(loop, await_future(std::move(held)), 30s), coproc::cancelled_error);
+        CHECK(written(stopped, 10s));
     }
     expect_relay_empty();
 }

@@ -167,8 +167,6 @@ coproc::task<std::vector<int>> pids_of(coproc::process_pool* pool, int tasks) {
     co_return pids;
 }
 
-coproc::task<void> pause(coproc::event_loop* loop, std::chrono::milliseconds duration) { co_await loop->sleep_for(duration); }
-
 } // namespace
 
 TEST_CASE("placement: remote workers serve beyond the local ones, and each is released once it ends") {
@@ -207,11 +205,11 @@ TEST_CASE("placement: a placed worker's crash fails its task with its host, its 
         // signal the placement sends, never by the pool's own kill(2).
         auto stuck = pool.submit<busy_forever>();
         const auto deadline = std::chrono::steady_clock::now() + 10s;
-        while (!stuck.running() && std::chrono::steady_clock::now() < deadline) run_bounded(loop, pause(&loop, 2ms));
+        while (!stuck.running() && std::chrono::steady_clock::now() < deadline) run_bounded(loop, pause_for(&loop, 2ms));
         REQUIRE(stuck.running());
         stuck.cancel();
         while (placement->signals().empty() && std::chrono::steady_clock::now() < deadline) {
-            run_bounded(loop, pause(&loop, 5ms));
+            run_bounded(loop, pause_for(&loop, 5ms));
         }
         CHECK(placement->signals() == std::vector<int>{SIGKILL});
         CHECK(run_bounded(loop, await_future(pool.submit<square>(7)), 30s) == 49);
@@ -228,7 +226,7 @@ TEST_CASE("placement: destroying the pool with placed tasks running releases the
         auto b = pool.submit<hang_forever>();
         const auto deadline = std::chrono::steady_clock::now() + 10s;
         while ((!a.running() || !b.running()) && std::chrono::steady_clock::now() < deadline) {
-            run_bounded(loop, pause(&loop, 5ms));
+            run_bounded(loop, pause_for(&loop, 5ms));
         }
         REQUIRE(a.running());
         REQUIRE(b.running());
