@@ -79,6 +79,24 @@ coproc::task<std::vector<std::string>> spread(coproc::process_pool* pool, int ta
     co_return places;
 }
 
+coproc::task<std::vector<int>> streamed_squares(coproc::process_pool* pool, std::vector<int> inputs) {
+    auto results = pool->map_stream<square>(inputs, {.chunksize = 3, .buffersize = 2});
+    std::vector<int> seen;
+    while (auto value = co_await results.next()) seen.push_back(*value);
+    co_return seen;
+}
+
+coproc::task<std::vector<std::size_t>> completion_order(std::vector<coproc::future<int>>* futures) {
+    std::vector<std::size_t> order;
+    auto completed = coproc::as_completed(*futures);
+    while (auto index = co_await completed.next()) order.push_back(*index);
+    co_return order;
+}
+
+coproc::task<coproc::wait_result> wait_first(std::vector<coproc::future<int>>* futures) {
+    co_return co_await coproc::wait(*futures, coproc::return_when::first_completed);
+}
+
 } // namespace
 
 TEST_CASE("mpi: the job has two agents, and placement offers their slots") {
@@ -156,6 +174,27 @@ TEST_CASE("mpi: map and a stream over remote workers give every result in order"
         // A large argument and result cross MPI in several DATA messages.
         const std::string big = run_bounded(loop, await_future(pool.submit<pattern>(std::size_t{5} << 20, 7)), 60s);
         CHECK(big == pattern(std::size_t{5} << 20, 7));
+    }
+    expect_relay_empty();
+}
+
+TEST_CASE("mpi: map_stream, as_completed and wait over remote workers") {
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 0, .placement = coproc::mpi::placement({.workers_per_rank = 1})}};
+        std::vector<int> inputs(40);
+        for (int i = 0; i < 40; ++i) inputs[static_cast<std::size_t>(i)] = i;
+        const auto seen = run_bounded(loop, streamed_squares(&pool, inputs), 60s);
+        REQUIRE(seen.size() == 40);
+        for (int i = 0; i < 40; ++i) CHECK(seen[static_cast<std::size_t>(i)] == i * i);
+        // The slow one last, the fast one first, whatever the hosts.
+        std::vector<coproc::future<int>> futures;
+        futures.push_back(pool.submit<sleep_then>(600, 1));
+        futures.push_back(pool.submit<sleep_then>(10, 2));
+        const auto first = run_bounded(loop, wait_first(&futures), 30s);
+        CHECK(first.done == std::vector<std::size_t>{1});
+        CHECK(first.not_done == std::vector<std::size_t>{0});
+        CHECK(run_bounded(loop, completion_order(&futures), 30s) == std::vector<std::size_t>{1, 0});
     }
     expect_relay_empty();
 }
