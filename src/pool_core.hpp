@@ -224,7 +224,8 @@ private:
     std::exception_ptr broken_error_locked() const;
     std::exception_ptr broken_error() const;
     // What to do when starting a worker failed for a passing shortage.
-    void spawn_failed(const std::system_error& failure, std::size_t live);
+    // `why`: the shortage, if not this process's (a remote host's).
+    void spawn_failed(const std::system_error& failure, std::size_t live, const std::string& why = {});
     void start_spawn_retry();
 
     // --- worker_connection.cpp

@@ -371,6 +371,7 @@ void pool_core::dispatch() {
         if (worker->state == worker_handle::phase::ready && !worker->condemned) ready.push_back(worker.get());
     }
     std::size_t demand = 0;
+    std::size_t waiting_for_local = 0; // queued shared_buffer tasks passed over for a local worker
     bool closing = false;
     bool broken = false; // set once, on this thread (break_pool): read once here
     {
@@ -382,10 +383,10 @@ void pool_core::dispatch() {
         const std::size_t startable = can_start && live < static_cast<std::size_t>(max_workers_)
                                           ? static_cast<std::size_t>(max_workers_) - live
                                           : 0;
-        while (!pending_.empty()) {
-            work_item* item = pending_.front();
+        for (auto next = pending_.begin(); next != pending_.end();) {
+            work_item* item = *next;
             if (item->state() != work_state::pending) {
-                pending_.pop_front();
+                next = pending_.erase(next);
                 item->release(); // cancelled while queued
                 continue;
             }
@@ -411,8 +412,15 @@ void pool_core::dispatch() {
                     if (target == nullptr || worker->assigned.size() < target->assigned.size()) target = worker;
                 }
             }
-            if (target == nullptr) break;
-            pending_.pop_front();
+            if (target == nullptr) {
+                if (!local_only) break; // no worker takes any task now
+                // Only the local workers are busy: the tasks behind it may
+                // still go to remote ones.
+                ++waiting_for_local;
+                ++next;
+                continue;
+            }
+            next = pending_.erase(next);
             queued_.fetch_sub(1, std::memory_order_relaxed);
             in_workers_.fetch_add(1, std::memory_order_relaxed);
             item->in_worker = true;
@@ -448,8 +456,18 @@ void pool_core::dispatch() {
             start_idle_timer(*worker);
         }
     }
+    // With every local worker started, the next would be remote: only for
+    // the tasks a remote worker can take.
+    const auto local_full = [this] {
+        std::size_t local = 0;
+        for (const auto& worker : workers_) {
+            if (!worker->remote && worker->state != worker_handle::phase::exited && !worker->reaped) ++local;
+        }
+        return local >= static_cast<std::size_t>(local_workers_);
+    };
     while (demand > starting && live < static_cast<std::size_t>(max_workers_) && !destroyed && !broken &&
            !terminated_ && !spawn_retry_pending_) {
+        if (waiting_for_local > 0 && demand - waiting_for_local <= starting && local_full()) break;
         try {
             spawn_worker();
         } catch (const std::system_error& e) {
@@ -574,9 +592,9 @@ void pool_core::end_all_pending(work_state state, const std::function<std::excep
     for (work_item* item : pending) item->release();
 }
 
-void pool_core::spawn_failed(const std::system_error& failure, std::size_t live) {
+void pool_core::spawn_failed(const std::system_error& failure, std::size_t live, const std::string& why) {
     const int code = failure.code().value();
-    const std::string account = std::string(failure.what()) + ": " + describe_shortage(code);
+    const std::string account = std::string(failure.what()) + ": " + (why.empty() ? describe_shortage(code) : why);
     if (live == 0) {
         // No worker alive or starting: nothing can run the queued tasks, so
         // they fail now rather than wait for a limit that may never lift.
@@ -634,7 +652,8 @@ void pool_core::on_worker_exit(worker_handle& worker) {
         // not saying HELLO) proves the program unable to start; one killed
         // from outside (an operator, the OOM killer) costs a start, not the
         // pool.
-        const bool own_failure = !worker.kill_reason.empty() || !worker.exit_reason.empty() || failed_by_itself(info);
+        const bool own_failure = !worker.start_shortage &&
+                                 (!worker.kill_reason.empty() || !worker.exit_reason.empty() || failed_by_itself(info));
         if (own_failure && ++startup_failures_ >= startup_failures_allowed) {
             std::string message;
             if (was_initializing) {

@@ -403,6 +403,16 @@ void pool_core::on_remote_exit(worker_handle& worker) {
     info.si_status = status.status;
     if (worker.pid <= 0) worker.pid = status.pid;
     worker.exit_reason = status.reason;
+    if (status.start_error != 0 && passing_shortage(status.start_error)) {
+        worker.start_shortage = true;
+        std::size_t live = 0;
+        for (const auto& other : workers_) {
+            if (other.get() != &worker && other->state != worker_handle::phase::exited && !other->reaped) ++live;
+        }
+        spawn_failed(std::system_error(status.start_error, std::system_category(),
+                                       "coproc: a worker could not be started on " + worker.host),
+                     live, status.reason);
+    }
     on_reaped(worker, info);
 }
 

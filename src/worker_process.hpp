@@ -33,6 +33,9 @@ struct worker_process {
     int exit_event = -1; // owned by the placement
     std::string host;    // where it runs; empty for a local worker
     std::string exit_reason; // a remote worker's exit_status::reason
+    // Its start failed for a passing shortage on its host: not the
+    // program's failure (the pool backs off, as for a local one).
+    bool start_shortage = false;
     // Unique in the pool, unlike pids, which two hosts may share: what a
     // work_item names its worker by (work_item::worker_serial).
     std::uint64_t serial = 0;

@@ -50,12 +50,42 @@ public:
 
     [[nodiscard]] std::size_t slots() const override { return slots_; }
 
+    // The next `count` starts fail as a host short of processes would.
+    void fail_starts(int count) {
+        std::lock_guard lock{mutex_};
+        fail_starts_ = count;
+    }
+
     started start(const std::string& program, const std::vector<std::string>& environment) override {
         int fds[2];
         REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) == 0);
+        {
+            std::lock_guard lock{mutex_};
+            if (fail_starts_ > 0) {
+                --fail_starts_;
+                ::close(fds[1]); // no worker: the pool reads EOF
+                auto w = std::make_unique<worker>();
+                w->exit_event = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+                w->status = {0, true, 127, "could not be started on placed-host: Resource temporarily unavailable", EAGAIN};
+                w->exited.store(true);
+                const std::uint64_t one = 1;
+                [[maybe_unused]] const auto wrote = ::write(w->exit_event, &one, sizeof one);
+                const std::uint64_t handle = ++next_;
+                const int event = w->exit_event;
+                workers_.emplace(handle, std::move(w));
+                ++started_;
+                return {fds[0], event, handle, "placed-host"};
+            }
+        }
+        // The pool's entries, then ours minus the names it sets (as an MPI
+        // agent does).
         auto entries = environment;
+        const auto name_of = [](std::string_view entry) { return entry.substr(0, entry.find('=')); };
         for (char** entry = environ; *entry != nullptr; ++entry) {
-            if (!std::string_view{*entry}.starts_with("COPROC_")) entries.emplace_back(*entry);
+            const std::string_view text{*entry};
+            bool replaced = text.starts_with("COPROC_");
+            for (const auto& given : environment) replaced = replaced || name_of(given) == name_of(text);
+            if (!replaced) entries.emplace_back(text);
         }
         entries.push_back("COPROC_PARENT_PID=" + std::to_string(::getpid()));
         std::vector<char*> pointers;
@@ -145,7 +175,7 @@ private:
 
     static void finish(worker& w) {
         if (!w.exited.load()) ::kill(w.pid, SIGKILL);
-        w.watcher.join();
+        if (w.watcher.joinable()) w.watcher.join();
         ::close(w.exit_event);
     }
 
@@ -156,6 +186,7 @@ private:
     std::size_t started_ = 0;
     std::size_t released_ = 0;
     std::size_t exits_asked_ = 0;
+    int fail_starts_ = 0;
     std::vector<int> signals_;
 };
 
@@ -191,7 +222,13 @@ TEST_CASE("placement: a placed worker's crash fails its task with its host, its 
     auto placement = std::make_shared<local_placement>(1);
     {
         coproc::event_loop loop;
-        coproc::process_pool pool{loop, {.max_workers = 0, .placement = placement, .cancel_grace = 100ms}};
+        // Under AddressSanitizer a worker would catch its own SIGSEGV and
+        // exit(1); let the signal kill it, as in a normal build.
+        const char* asan = std::getenv("ASAN_OPTIONS");
+        coproc::process_pool pool{loop, {.max_workers = 0,
+                                         .placement = placement,
+                                         .environment = {{"ASAN_OPTIONS", std::string(asan != nullptr ? asan : "") + ":handle_segv=0"}},
+                                         .cancel_grace = 100ms}};
         try {
             run_bounded(loop, await_future(pool.submit<crash_segfault>()), 30s);
             FAIL("no exception");
@@ -234,6 +271,66 @@ TEST_CASE("placement: destroying the pool with placed tasks running releases the
     CHECK(placement->signals() == std::vector<int>{SIGKILL, SIGKILL});
     CHECK(placement->held() == 0);
     CHECK(placement->released_count() == 2);
+}
+
+TEST_CASE("placement: a host short of processes is a passing shortage: the pool backs off and serves, unbroken") {
+    auto placement = std::make_shared<local_placement>(1);
+    placement->fail_starts(5); // more than the start-up failures that break a pool
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 0, .placement = placement}};
+        int start_failures = 0;
+        int result = 0;
+        for (int attempt = 0; attempt < 20 && result == 0; ++attempt) {
+            try {
+                result = run_bounded(loop, await_future(pool.submit<square>(3)), 30s);
+            } catch (const coproc::worker_start_failed& e) {
+                // No worker alive to wait for: queued tasks fail, as locally.
+                ++start_failures;
+                CHECK(contains(e.what(), "could not be started on placed-host"));
+                run_bounded(loop, pause_for(&loop, 20ms));
+            }
+        }
+        CHECK(result == 9);
+        CHECK(start_failures >= 1);
+        CHECK(placement->started_count() == 6); // five refused, then one that serves
+    }
+    CHECK(placement->held() == 0);
+}
+
+TEST_CASE("placement: local workers start first") {
+    auto placement = std::make_shared<local_placement>(2);
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 1, .placement = placement}};
+        const int pid = run_bounded(loop, await_future(pool.submit<worker_pid>()), 30s);
+        CHECK(pid > 0);
+        CHECK(placement->started_count() == 0); // one task: the local worker
+    }
+}
+
+TEST_CASE("placement: a shared_buffer task waits for a local worker without holding up the tasks behind it") {
+    auto placement = std::make_shared<local_placement>(1);
+    {
+        coproc::event_loop loop;
+        // prefetch 1: nothing is sent ahead to the busy local worker.
+        coproc::process_pool pool{loop, {.max_workers = 1, .placement = placement, .prefetch = 1, .max_prefetch = 1}};
+        auto busy = pool.submit<sleep_then>(5000, 1); // the local worker, first
+        const auto deadline = std::chrono::steady_clock::now() + 10s;
+        while (!busy.running() && std::chrono::steady_clock::now() < deadline) run_bounded(loop, pause_for(&loop, 2ms));
+        REQUIRE(busy.running());
+        coproc::shared_buffer buffer{4096};
+        buffer.bytes()[0] = std::byte{7};
+        auto local_only = pool.submit<sum_shared>(buffer);
+        auto behind = pool.submit<square>(5);
+        // The task behind runs on the placed worker while the local one is
+        // busy and the shared_buffer task waits for it.
+        CHECK(run_bounded(loop, await_future(std::move(behind)), 3s) == 25); // long before `busy` ends
+        CHECK(!local_only.done());
+        CHECK(!busy.done());
+        CHECK(run_bounded(loop, await_future(std::move(local_only)), 30s) == 7);
+        CHECK(placement->started_count() == 1);
+    }
 }
 
 TEST_CASE("placement: zero local workers needs a placement with slots") {

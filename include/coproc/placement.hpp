@@ -36,6 +36,11 @@ public:
         bool exited = false;   // true: `status` is an exit code; false: a signal number
         int status = 0;
         std::string reason;    // why, when the worker could not be started or its host was lost; else empty
+        // The errno of a start that failed (posix_spawn, socketpair), else 0.
+        // A passing shortage (EAGAIN, ENOMEM, EMFILE, ENFILE, ENOBUFS) makes
+        // the pool back off and retry, as for a local worker; any other
+        // counts against the program (a missing program breaks the pool).
+        int start_error = 0;
     };
 
     worker_placement() = default;
