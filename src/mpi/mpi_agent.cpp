@@ -161,7 +161,9 @@ private:
 
     void not_started(std::uint32_t slot, int error) {
         const std::string reason = "could not be started on " + host_name() + ": " + std::strerror(error);
-        channel_.send(0, message::exited, slot, 0, exit_code_bit | 127, std::as_bytes(std::span{reason.data(), reason.size()}));
+        // A negative pid: the errno of the failed start.
+        channel_.send(0, message::exited, slot, -error, exit_code_bit | 127,
+                      std::as_bytes(std::span{reason.data(), reason.size()}));
     }
 
     // Polls the workers' sockets and pidfds; true if anything happened.
@@ -242,6 +244,7 @@ private:
                          : ::waitid(P_PID, static_cast<::id_t>(worker.pid), &info, WEXITED | WNOHANG);
         } while (result < 0 && errno == EINTR);
         if (result == 0 && info.si_pid == 0) return; // not yet
+        const int lost = result < 0 ? errno : 0;     // ECHILD: reaped elsewhere (SIGCHLD ignored)
         // Dead: everything it wrote is in the socket now.
         while (worker.reading) {
             auto bytes = read_some(worker.socket);
@@ -249,7 +252,10 @@ private:
             channel_.send(0, message::data, slot, 0, 0, *bytes);
         }
         const std::int64_t status = info.si_code == CLD_EXITED ? (exit_code_bit | info.si_status) : info.si_status;
-        channel_.send(0, message::exited, slot, worker.pid, status);
+        std::string reason;
+        if (lost != 0) reason = "ended on " + host_name() + " with an exit status its agent could not read (" + std::strerror(lost) + ")";
+        channel_.send(0, message::exited, slot, worker.pid, lost != 0 ? SIGKILL : status,
+                      std::as_bytes(std::span{reason.data(), reason.size()}));
         if (worker.pidfd >= 0) ::close(worker.pidfd);
         ::close(worker.socket);
         workers_.erase(slot);
@@ -265,7 +271,7 @@ private:
             ::close(worker.socket);
         }
         workers_.clear();
-        channel_.flush();
+        leave_job_as_agent(channel_, std::chrono::seconds{30});
         MPI_Finalize();
         std::exit(0);
     }

@@ -5,6 +5,7 @@
 
 #include <coproc/error.hpp>
 
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -85,7 +86,9 @@ void channel::flush() {
 bool socket_queue::write_to(int fd) {
     while (!chunks_.empty()) {
         const auto& chunk = chunks_.front();
-        const ssize_t wrote = ::write(fd, chunk.data() + offset_, chunk.size() - offset_);
+        // MSG_NOSIGNAL: a worker that died, or a pool that closed its end,
+        // must cost an EPIPE here, not a SIGPIPE that ends the whole rank.
+        const ssize_t wrote = ::send(fd, chunk.data() + offset_, chunk.size() - offset_, MSG_NOSIGNAL);
         if (wrote < 0) {
             if (errno == EINTR) continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK) return true;
@@ -119,6 +122,54 @@ std::chrono::microseconds idle_backoff::timeout() const noexcept {
     const auto quiet = duration_cast<microseconds>(steady_clock::now() - last_);
     if (quiet < milliseconds{2}) return microseconds{0};
     return std::min<microseconds>(microseconds{1000}, quiet / 20);
+}
+
+namespace {
+
+// Receives and drops messages until `done` says so or `patience` ran out;
+// true if `done` did.
+template <class Done>
+bool take_until(channel& mpi, std::chrono::milliseconds patience, Done done) {
+    const auto deadline = std::chrono::steady_clock::now() + patience;
+    for (;;) {
+        bool any = false;
+        while (auto arrived = mpi.receive()) {
+            any = true;
+            if (done(*arrived)) return true;
+        }
+        any = mpi.progress() || any;
+        if (std::chrono::steady_clock::now() > deadline) return false;
+        if (!any) ::usleep(200);
+    }
+}
+
+} // namespace
+
+void leave_job_as_rank_0(channel& mpi, int size, std::chrono::milliseconds patience) {
+    for (int rank = 1; rank < size; ++rank) mpi.send(rank, message::shutdown, 0);
+    std::vector<bool> left(static_cast<std::size_t>(size), false);
+    int waiting = size - 1;
+    const bool all = waiting == 0 || take_until(mpi, patience, [&](const received& arrived) {
+        if (static_cast<message>(arrived.head.kind) == message::left && arrived.source > 0 && arrived.source < size &&
+            !left[static_cast<std::size_t>(arrived.source)]) {
+            left[static_cast<std::size_t>(arrived.source)] = true;
+            --waiting;
+        }
+        return waiting == 0;
+    });
+    for (int rank = 1; rank < size; ++rank) mpi.send(rank, message::finalize, 0);
+    // Every agent that left takes what rank 0 sent until FINALIZE: these
+    // complete. After a missing agent, do not wait on it.
+    if (all) mpi.flush();
+}
+
+void leave_job_as_agent(channel& mpi, std::chrono::milliseconds patience) {
+    mpi.send(0, message::left, 0);
+    const bool finalized = take_until(mpi, patience, [](const received& arrived) {
+        return arrived.source == 0 && static_cast<message>(arrived.head.kind) == message::finalize;
+    });
+    // Rank 0 took everything up to LEFT before it said FINALIZE.
+    if (finalized) mpi.flush();
 }
 
 std::vector<std::byte> encode_spawn(const std::string& program, const std::vector<std::string>& environment) {

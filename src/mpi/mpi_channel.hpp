@@ -33,8 +33,10 @@ enum class message : std::uint32_t {
     data = 3,     // either way: bytes of worker `slot`'s socket
     signal = 4,   // 0 -> agent: a = signal for worker `slot`
     release = 5,  // 0 -> agent: the pool forgot worker `slot`: kill it if alive, then EXITED as usual
-    exited = 6,   // agent -> 0: worker `slot` ended: a = pid (0: never started), b = status (below); payload: reason
+    exited = 6,   // agent -> 0: worker `slot` ended: a = pid (-errno: never started), b = status (below); payload: reason
     shutdown = 7, // 0 -> agent: kill every worker and leave the job
+    left = 8,     // agent -> 0: its workers are gone; it sends nothing after this
+    finalize = 9, // 0 -> agent: every agent left; rank 0 sends nothing after this
 };
 
 // exited's b: a signal number, or an exit code with this bit set.
@@ -93,7 +95,8 @@ public:
         if (!bytes.empty()) chunks_.push_back(std::move(bytes));
     }
     [[nodiscard]] bool empty() const noexcept { return chunks_.empty(); }
-    // Writes what the socket takes; false when the socket is gone (EPIPE).
+    // Writes what the socket takes; false when the socket is gone (EPIPE,
+    // never SIGPIPE), after which it holds nothing.
     bool write_to(int fd);
 
 private:
@@ -117,6 +120,16 @@ public:
 private:
     std::chrono::steady_clock::time_point last_ = std::chrono::steady_clock::now();
 };
+
+// The end of the job, so that no send is left unmatched when MPI_Finalize
+// runs (a large DATA in flight would otherwise block its sender forever):
+// rank 0 sends SHUTDOWN to every agent and takes whatever arrives until each
+// has said LEFT (its last message), then sends FINALIZE (its last); an agent,
+// after LEFT, takes whatever arrives until FINALIZE. Each then completes its
+// own sends and may finalize. `patience` bounds the waits for a peer that
+// never answers.
+void leave_job_as_rank_0(channel& mpi, int size, std::chrono::milliseconds patience);
+void leave_job_as_agent(channel& mpi, std::chrono::milliseconds patience);
 
 // The environment entries in a spawn payload, and the program before them.
 std::vector<std::byte> encode_spawn(const std::string& program, const std::vector<std::string>& environment);

@@ -71,7 +71,10 @@ struct relay::state {
 namespace {
 
 std::mutex instance_mutex;
-std::unique_ptr<relay> instance;
+// Never freed: placements and pools that outlive exit's handlers (and
+// static destructors in any order) may still call it; its thread is joined
+// by stop_at_exit.
+relay* instance = nullptr;
 bool stopped = false;
 
 std::string as_text(std::span<const std::byte> bytes) {
@@ -110,7 +113,11 @@ void relay::state::handle(received& arrived, const std::vector<rank_info>& agent
     const auto found = remotes.find(arrived.head.slot);
     switch (static_cast<message>(arrived.head.kind)) {
     case message::data:
-        if (found == remotes.end() || found->second.rank != arrived.source || found->second.exited) return;
+        // Dropped once the pool closed its end (`reading` ended): nobody reads.
+        if (found == remotes.end() || found->second.rank != arrived.source || found->second.exited ||
+            !found->second.reading) {
+            return;
+        }
         found->second.out.push(std::move(arrived.payload));
         found->second.out.write_to(found->second.socket);
         return;
@@ -119,7 +126,8 @@ void relay::state::handle(received& arrived, const std::vector<rank_info>& agent
         auto& worker = found->second;
         worker.exited = true;
         const std::int64_t status = arrived.head.b;
-        worker.status.pid = static_cast<int>(arrived.head.a);
+        worker.status.pid = arrived.head.a > 0 ? static_cast<int>(arrived.head.a) : 0;
+        worker.status.start_error = arrived.head.a < 0 ? static_cast<int>(-arrived.head.a) : 0;
         worker.status.exited = (status & exit_code_bit) != 0;
         worker.status.status = static_cast<int>(status & 0xffff);
         worker.status.reason = as_text(arrived.payload);
@@ -204,10 +212,10 @@ relay& relay::get(std::chrono::milliseconds start_timeout) {
     std::unique_lock lock{instance_mutex};
     if (stopped) throw error("coproc: coproc::mpi::placement() after MPI was finalized at exit");
     if (!instance) {
-        instance.reset(new relay());
+        instance = new relay();
         instance->state_ = std::make_unique<state>();
         instance->state_->wake = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-        relay* self = instance.get();
+        relay* self = instance;
         instance->thread_ = std::thread([self, start_timeout] { self->run(start_timeout); });
     }
     relay& self = *instance;
@@ -272,26 +280,34 @@ void relay::run(std::chrono::milliseconds start_timeout) {
         held_.store(s.remotes.size(), std::memory_order_relaxed);
         if (busy) s.backoff.active();
     }
-    for (int rank = 1; rank < size; ++rank) s.send(rank, message::shutdown, 0);
-    s.mpi->flush();
+    // A pool still alive now (one destroyed after exit began) sees its
+    // remote workers end: EOF on their sockets, then their exit events. The
+    // events stay open (such a pool may still poll them); the process ends.
     for (auto& [slot, worker] : s.remotes) {
-        if (worker.socket >= 0) ::close(worker.socket);
-        if (worker.exit_event >= 0) ::close(worker.exit_event);
+        if (worker.socket >= 0) ::close(std::exchange(worker.socket, -1));
+        if (worker.announced) continue;
+        {
+            std::lock_guard lock{s.mutex};
+            s.exits[slot] = {worker.status.pid, false, SIGKILL, "was stopped with the MPI job at the program's exit"};
+        }
+        const std::uint64_t one = 1;
+        [[maybe_unused]] const auto wrote = ::write(worker.exit_event, &one, sizeof one);
     }
-    s.remotes.clear();
+    leave_job_as_rank_0(*s.mpi, size, std::chrono::seconds{30});
     s.mpi.reset();
     MPI_Comm_free(&s.comm);
     MPI_Finalize();
 }
 
-void relay::post(std::function<void()> request) {
+bool relay::post(std::function<void()> request) {
     {
         std::lock_guard lock{state_->mutex};
-        if (state_->stopping) return;
+        if (state_->stopping) return false;
         state_->requests.push_back(std::move(request));
     }
     const std::uint64_t one = 1;
     [[maybe_unused]] const auto wrote = ::write(state_->wake, &one, sizeof one);
+    return true;
 }
 
 worker_placement::started relay::start(int rank, const std::string& host, const std::string& program,
@@ -309,13 +325,20 @@ worker_placement::started relay::start(int rank, const std::string& host, const 
     }
     ::fcntl(fds[1], F_SETFL, ::fcntl(fds[1], F_GETFL) | O_NONBLOCK);
     const std::uint32_t slot = ++state_->next_slot;
-    post([s = state_.get(), slot, rank, socket = fds[1], exit_event, payload = encode_spawn(program, environment)] {
+    const bool posted = post([s = state_.get(), slot, rank, socket = fds[1], exit_event,
+                              payload = encode_spawn(program, environment)] {
         auto& worker = s->remotes[slot];
         worker.rank = rank;
         worker.socket = socket;
         worker.exit_event = exit_event;
         s->send(rank, message::spawn, slot, 0, 0, payload);
     });
+    if (!posted) {
+        ::close(fds[0]);
+        ::close(fds[1]);
+        ::close(exit_event);
+        throw error("coproc: no remote worker can be started: the MPI job is ending (the program is exiting)");
+    }
     return {fds[0], exit_event, slot, host};
 }
 
@@ -369,7 +392,7 @@ void relay::stop_at_exit() {
     stopped = true;
     if (instance) {
         instance->stop();
-        return; // the relay stays allocated: a pool destroyed later may still call it (its requests are dropped)
+        return; // the relay is never freed: a pool destroyed later may still call it (start throws, the rest is dropped)
     }
     // No pool asked for the agents: they wait in MPI for rank 0. Start MPI
     // only to let them go.
@@ -379,17 +402,7 @@ void relay::stop_at_exit() {
     MPI_Comm_size(comm, &size);
     {
         channel mpi{comm};
-        int hellos = 0;
-        const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds{10};
-        while (hellos < size - 1 && std::chrono::steady_clock::now() < deadline) {
-            if (auto arrived = mpi.receive()) {
-                hellos += static_cast<message>(arrived->head.kind) == message::hello ? 1 : 0;
-            } else {
-                ::usleep(1000);
-            }
-        }
-        for (int rank = 1; rank < size; ++rank) mpi.send(rank, message::shutdown, 0);
-        mpi.flush();
+        leave_job_as_rank_0(mpi, size, std::chrono::seconds{30});
     }
     MPI_Comm_free(&comm);
     MPI_Finalize();

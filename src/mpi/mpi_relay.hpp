@@ -49,7 +49,8 @@ public:
 private:
     relay() = default;
     void run(std::chrono::milliseconds start_timeout);
-    void post(std::function<void()> request);
+    // False once the relay stopped (the request is dropped).
+    bool post(std::function<void()> request);
     void stop();
 
     struct state;
