@@ -7,6 +7,8 @@
 // received, in order (worker_connection.cpp, worker_channel.cpp).
 #include <coproc/shared_buffer.hpp>
 
+#include "received_mappings.hpp"
+
 #include <cereal/details/helpers.hpp>
 
 #include <fcntl.h>
@@ -96,7 +98,18 @@ std::shared_ptr<const shared_mapping> descriptor_decoding::take(std::uint32_t sl
         throw cereal::Exception("a shared buffer of " + std::to_string(size) +
                                 " bytes came with a descriptor that is not a sealed memfd that large");
     }
+    // In a worker, a buffer received before may still be mapped: reused,
+    // and this descriptor of the same file closed.
+    received_mappings* kept = received_mappings::current();
+    if (kept != nullptr) {
+        if (auto mapping = kept->find(status.st_dev, status.st_ino, static_cast<std::size_t>(size))) {
+            ::close(fd);
+            mapped_[slot] = std::move(mapping);
+            return mapped_[slot];
+        }
+    }
     mapped_[slot] = std::make_shared<const shared_mapping>(fd, static_cast<std::size_t>(size), true);
+    if (kept != nullptr) kept->keep(status.st_dev, status.st_ino, mapped_[slot]);
     return mapped_[slot];
 }
 

@@ -45,6 +45,7 @@
 // written, so a failure while encoding never leaves half a frame behind.
 #include "worker_channel.hpp"
 #include "worker_limits.hpp"
+#include "received_mappings.hpp"
 #include "worker_spare.hpp"
 #include "worker_task.hpp"
 
@@ -616,6 +617,8 @@ void run_worker_if_requested(int argc, char** argv) {
     // process_pool_options::keep_result_memory in ms, set by the pool (its
     // default lives there); not set: nothing is kept.
     const char* keep = std::getenv("COPROC_KEEP_RESULT_MS");
+    // Shared buffers it receives stay mapped as long (received_mappings.hpp).
+    detail::received_mappings::enable(std::chrono::milliseconds{keep != nullptr ? std::atoll(keep) : 0});
     worker_session session{parent_socket, std::chrono::milliseconds{keep != nullptr ? std::atoll(keep) : 0}};
     session.serve();
 }

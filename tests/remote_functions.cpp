@@ -640,6 +640,10 @@ coproc::shared_buffer make_shared_pattern(std::size_t size, int seed) {
     return made;
 }
 
+std::pair<std::uint64_t, int> shared_address(coproc::shared_buffer data) {
+    return {reinterpret_cast<std::uintptr_t>(data.data()), std::to_integer<int>(data.bytes()[0])};
+}
+
 bool same_shared(coproc::shared_buffer a, coproc::shared_buffer b) {
     // One mapping, not two of the same memfd (which would share writes too).
     return a.size() > 0 && a == b && a.data() == b.data();

@@ -15,6 +15,7 @@
 #include <stop_token>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace pool_test {
@@ -295,6 +296,8 @@ void invert_shared(coproc::shared_buffer in, coproc::shared_buffer out);
 coproc::shared_buffer make_shared_pattern(std::size_t size, int seed);
 // Whether a and b are one handle and one mapping in this worker.
 bool same_shared(coproc::shared_buffer a, coproc::shared_buffer b);
+// Where the worker has `data` mapped, and its first byte.
+std::pair<std::uint64_t, int> shared_address(coproc::shared_buffer data);
 // `parts` new buffers, each a copy of one slice of `data`.
 std::vector<coproc::shared_buffer> split_shared(coproc::shared_buffer data, int parts);
 // The total size of the buffers, and how many there are (size * 1000 + count).

@@ -158,11 +158,42 @@ TEST_CASE("a task with a buffer runs again on a fresh worker after a crash (max_
     CHECK(crashed.exists());
 }
 
+TEST_CASE("a buffer passed again stays mapped in the worker for keep_result_memory, then is let go") {
+    coproc::event_loop loop;
+    coproc::process_pool pool{loop, {.max_workers = 1, .keep_result_memory = std::chrono::milliseconds{300}}};
+    const std::size_t worker_before = run_bounded(loop, worker_descriptors(&pool));
+    {
+        shared_buffer data = filled(1 << 20, 5);
+        data.bytes()[0] = std::byte{0x11};
+        const auto first = run_bounded(loop, await_future(pool.submit<shared_address>(data)));
+        CHECK(first.second == 0x11);
+        // The parent writes between the tasks: the kept mapping sees it.
+        data.bytes()[0] = std::byte{0x7f};
+        const auto second = run_bounded(loop, await_future(pool.submit<shared_address>(data)));
+        CHECK(second.second == 0x7f);
+        CHECK(first.first == second.first); // one mapping, at one address
+        // Kept: its memfd is one more descriptor in the worker, after the task.
+        CHECK(run_bounded(loop, worker_descriptors(&pool)) == worker_before + 1);
+    }
+    // Unused for keep_result_memory, the mapping goes, even with the parent's
+    // buffer gone and the worker idle.
+    const auto deadline = std::chrono::steady_clock::now() + 10s;
+    std::size_t now = 0;
+    while ((now = run_bounded(loop, worker_descriptors(&pool))) != worker_before &&
+           std::chrono::steady_clock::now() < deadline) {
+        run_bounded(loop, pause_for(&loop, std::chrono::milliseconds{50}));
+    }
+    CHECK(now == worker_before);
+}
+
 TEST_CASE("cancelling a task that holds a buffer; no descriptor stays open in the worker or the parent") {
     const int descriptors_before = count_open_fds();
     {
         coproc::event_loop loop;
-        coproc::process_pool pool{loop, {.max_workers = 1}};
+        // keep_result_memory 0: the worker keeps no mapping of a buffer it
+        // received past its task (the next case checks that it does, and
+        // for how long, with the default).
+        coproc::process_pool pool{loop, {.max_workers = 1, .keep_result_memory = std::chrono::milliseconds{0}}};
         const std::size_t worker_before = run_bounded(loop, worker_descriptors(&pool));
         shared_buffer data{4096};
         auto pending = pool.submit<wait_with_shared>(data);

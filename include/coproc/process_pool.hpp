@@ -164,7 +164,11 @@ struct process_pool_options {
     // A worker keeps the memory of the last large string or vector it
     // returned (see "Large arguments and results" in the README) this long
     // at most, busy or not: a large argument of that type arriving meanwhile
-    // is received into it instead of into new pages. Zero: nothing is kept.
+    // is received into it instead of into new pages. It also keeps the
+    // mappings of the shared_buffers it received (at most 16) this long
+    // after their last use, so that a buffer passed again is not mapped
+    // again; the parent's memory of such a buffer then lives that long after
+    // the parent lets it go. Zero: nothing is kept.
     std::chrono::milliseconds keep_result_memory{1000};
     // What a worker's death does to the pool.
     crash_policy on_worker_crash = crash_policy::isolate;
