@@ -86,8 +86,11 @@ void received_mappings::run_janitor() {
         }
         const auto soonest = std::min_element(entries_.begin(), entries_.end(),
                                               [](const entry& a, const entry& b) { return a.expiry < b.expiry; });
-        if (clock_type::now() < soonest->expiry) {
-            changed_.wait_until(lock, soonest->expiry);
+        // A copy: wait_until reads its deadline after it wakes, by which
+        // time a keep() may have moved the entries.
+        const clock_type::time_point expiry = soonest->expiry;
+        if (clock_type::now() < expiry) {
+            changed_.wait_until(lock, expiry);
             continue;
         }
         std::shared_ptr<const shared_mapping> expired = std::move(soonest->mapping);
