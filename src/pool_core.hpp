@@ -237,6 +237,9 @@ private:
     // options_.placement starts elsewhere.
     void spawn_worker();
     void spawn_remote_worker();
+    // A worker just added to workers_: its serial, the counters, and its
+    // read, watch and HELLO-timer coroutines.
+    void start_worker_coroutines(worker_handle& worker);
     // A task its worker gave back unrun (RECALLED), already out of the
     // worker's list: back to the front of the queue (pool_scheduler.cpp).
     void take_back(work_item* item);

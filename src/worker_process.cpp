@@ -368,13 +368,7 @@ void pool_core::spawn_worker() {
     worker.socket = fds[0];
     worker.pidfd = pidfd;
     worker.start_word = word;
-    worker.serial = next_serial_++;
-    worker.coroutines = 3;
-    workers_started_.fetch_add(1, std::memory_order_relaxed);
-    workers_alive_.fetch_add(1, std::memory_order_relaxed);
-    loop.spawn(shielded(read_worker(shared_from_this(), &worker)));
-    loop.spawn(shielded(watch_worker(shared_from_this(), &worker)));
-    loop.spawn(shielded(hello_timer(shared_from_this(), &worker)));
+    start_worker_coroutines(worker);
 }
 
 void pool_core::spawn_remote_worker() {
@@ -386,6 +380,10 @@ void pool_core::spawn_remote_worker() {
     worker.exit_event = started.exit_event;
     worker.remote_handle = started.handle;
     worker.host = std::move(started.host);
+    start_worker_coroutines(worker);
+}
+
+void pool_core::start_worker_coroutines(worker_handle& worker) {
     worker.serial = next_serial_++;
     worker.coroutines = 3;
     workers_started_.fetch_add(1, std::memory_order_relaxed);
