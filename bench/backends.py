@@ -16,7 +16,7 @@ import statistics
 import subprocess
 import sys
 
-from harness import machine  # the same machine line as the full run
+from harness import machine, replace_section  # the same machine line as the full run
 
 SECTION = "## The process pool on both backends (io_uring, epoll)"
 WORKLOADS = [
@@ -99,15 +99,7 @@ def main():
                    f"Machine: {machine_line()}. Command: `{command}`. Load average at the end: "
                    f"{load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}.", ""] + lines + [
                    "What the figures say: bench/README.md, \"The process pool on both backends\".", ""]
-        text = open(options.results).read() if os.path.exists(options.results) else ""
-        start = text.find(SECTION)
-        if start >= 0:
-            end = text.find("\n## ", start + len(SECTION))
-            text = text[:start] + "\n".join(section) + (text[end + 1:] if end >= 0 else "")
-        else:
-            text = text.rstrip("\n") + "\n\n" + "\n".join(section)
-        with open(options.results, "w") as out:
-            out.write(text)
+        replace_section(options.results, SECTION, section)
     return 0
 
 

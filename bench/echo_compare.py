@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 
+from harness import replace_section  # RESULTS.md sections, as the full run writes them
+
 VARIANTS = [
     ("coproc io_uring", ["echo_server_coproc", "io_uring"]),
     ("coproc epoll", ["echo_server_coproc", "epoll"]),
@@ -168,15 +170,7 @@ def main():
                    "Server and client CPU: the share of one CPU each process used during the measurement "
                    "(near 1.00: that process is the limit).", ""]
         section += lines + [""] + goals + ["", "What the figures say: bench/README.md, \"TCP echo on the loopback\".", ""]
-        text = open(args.results).read() if os.path.exists(args.results) else ""
-        start = text.find(SECTION)
-        if start >= 0:
-            end = text.find("\n## ", start + len(SECTION))
-            text = text[:start] + "\n".join(section) + (text[end + 1:] if end >= 0 else "")
-        else:
-            text = text.rstrip("\n") + "\n\n" + "\n".join(section)
-        with open(args.results, "w") as out:
-            out.write(text)
+        replace_section(args.results, SECTION, section)
 
 
 if __name__ == "__main__":

@@ -151,6 +151,21 @@ def callgrind_instructions(bench, smoke):
     return {"per_round_trip": (parent[1] - parent[0]) / span, "worker_per_round_trip": (workers[1] - workers[0]) / span}
 
 
+def replace_section(path, title, lines):
+    """Writes `lines` as the section headed `title` (a "## ..." line, the
+    first of `lines`) of the Markdown file at `path`: in place of that
+    section if the file has it (up to the next "## "), else at its end."""
+    text = open(path).read() if os.path.exists(path) else ""
+    start = text.find(title)
+    if start >= 0:
+        end = text.find("\n## ", start + len(title))
+        text = text[:start] + "\n".join(lines) + (text[end + 1:] if end >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(lines)
+    with open(path, "w") as out:
+        out.write(text)
+
+
 def machine():
     model = "unknown"
     try:

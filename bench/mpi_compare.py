@@ -36,6 +36,8 @@ import subprocess
 import sys
 import time
 
+from harness import replace_section  # RESULTS.md sections, as the full run writes them
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SECTION = "## Beyond one machine (MPI)"
 MPIEXEC_ARGS = "--oversubscribe --mca btl tcp,self --mca btl_tcp_if_include lo"
@@ -231,15 +233,7 @@ def main():
                    f"{counts['mpi4py'][2]:,} round trips (map: chunksize:items). Every process of every run shares the "
                    "machine's CPUs with the others and with whatever else runs there.", ""]
         section += output + ["", "How to run it and what the figures say: bench/README.md, \"Beyond one machine (MPI)\".", ""]
-        text = open(args.results).read() if os.path.exists(args.results) else ""
-        start = text.find(SECTION)
-        if start >= 0:
-            end = text.find("\n## ", start + len(SECTION))
-            text = text[:start] + "\n".join(section) + (text[end + 1:] if end >= 0 else "")
-        else:
-            text = text.rstrip("\n") + "\n\n" + "\n".join(section)
-        with open(args.results, "w") as out:
-            out.write(text)
+        replace_section(args.results, SECTION, section)
 
 
 if __name__ == "__main__":
