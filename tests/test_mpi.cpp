@@ -207,8 +207,7 @@ TEST_CASE("mpi: a remote task that crashes its worker fails alone, naming pid, s
         coproc::process_pool pool{loop, {.max_workers = 0, .placement = coproc::mpi::placement({.workers_per_rank = 1})}};
         // A task on the other agent's worker runs through the crash.
         auto beside = pool.submit<sleep_then>(500, 42);
-        const auto deadline = std::chrono::steady_clock::now() + 20s;
-        while (!beside.running() && std::chrono::steady_clock::now() < deadline) run_bounded(loop, pause_for(&loop, 2ms));
+        run_bounded(loop, until_running(&loop, &beside), 20s);
         REQUIRE(beside.running());
         try {
             run_bounded(loop, await_future(pool.submit<crash_segfault>()), 30s);
@@ -284,6 +283,29 @@ TEST_CASE("mpi: a running remote task is cancelled: its stop token first, then a
     expect_relay_empty();
 }
 
+TEST_CASE("mpi: queued and sent-ahead remote tasks cancelled before they start never run") {
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 0, .placement = coproc::mpi::placement({.workers_per_rank = 1})}};
+        const run_counters runs{6};
+        // Both workers busy; the six behind them are queued or sent ahead.
+        auto first = pool.submit<sleep_then>(800, 1);
+        auto second = pool.submit<sleep_then>(800, 2);
+        run_bounded(loop, until_running(&loop, &first), 20s);
+        run_bounded(loop, until_running(&loop, &second), 20s);
+        std::vector<coproc::future<int>> behind;
+        for (int i = 0; i < 6; ++i) behind.push_back(pool.submit<count_run>(runs.path(), i, i));
+        for (auto& f : behind) CHECK(f.cancel());
+        for (auto& f : behind) CHECK_THROWS_AS(run_bounded(loop, await_future(std::move(f)), 30s), coproc::cancelled_error);
+        CHECK(run_bounded(loop, await_future(std::move(first)), 30s) == 1);
+        CHECK(run_bounded(loop, await_future(std::move(second)), 30s) == 2);
+        // The workers served on past where the cancelled tasks were.
+        CHECK(run_bounded(loop, await_future(pool.submit<square>(3)), 30s) == 9);
+        CHECK(runs.read() == std::vector<std::uint32_t>(6, 0));
+    }
+    expect_relay_empty();
+}
+
 TEST_CASE("mpi: a deadline works on remote workers") {
     {
         coproc::event_loop loop;
@@ -301,10 +323,8 @@ TEST_CASE("mpi: destroying a pool with remote tasks running kills them on their 
         coproc::process_pool pool{loop, {.max_workers = 0, .placement = coproc::mpi::placement({.workers_per_rank = 2})}};
         auto a = pool.submit<hang_forever>();
         auto b = pool.submit<hang_forever>();
-        const auto deadline = std::chrono::steady_clock::now() + 20s;
-        while ((!a.running() || !b.running()) && std::chrono::steady_clock::now() < deadline) {
-            run_bounded(loop, pause_for(&loop, 5ms));
-        }
+        run_bounded(loop, until_running(&loop, &a), 20s);
+        run_bounded(loop, until_running(&loop, &b), 20s);
         CHECK(a.running());
         CHECK(b.running());
     }
@@ -441,8 +461,7 @@ TEST_CASE("mpi: agents on different hosts are told apart, and a crash names its 
         // runs on rank 2's.
         const marker_file stopped{"mpi-held"};
         auto held = pool.submit<cooperative_wait>(60'000, stopped.path());
-        const auto deadline = std::chrono::steady_clock::now() + 20s;
-        while (!held.running() && std::chrono::steady_clock::now() < deadline) run_bounded(loop, pause_for(&loop, 5ms));
+        run_bounded(loop, until_running(&loop, &held), 20s);
         REQUIRE(held.running());
         CHECK(rank_of(run_bounded(loop, await_future(pool.submit<where_after>(0)), 30s)) == "2");
         // A large result crosses from rank 2's host.

@@ -241,10 +241,10 @@ TEST_CASE("placement: a placed worker's crash fails its task with its host, its 
         // A task that ignores its stop token: killed after the grace, by a
         // signal the placement sends, never by the pool's own kill(2).
         auto stuck = pool.submit<busy_forever>();
-        const auto deadline = std::chrono::steady_clock::now() + 10s;
-        while (!stuck.running() && std::chrono::steady_clock::now() < deadline) run_bounded(loop, pause_for(&loop, 2ms));
+        run_bounded(loop, until_running(&loop, &stuck), 10s);
         REQUIRE(stuck.running());
         stuck.cancel();
+        const auto deadline = std::chrono::steady_clock::now() + 10s;
         while (placement->signals().empty() && std::chrono::steady_clock::now() < deadline) {
             run_bounded(loop, pause_for(&loop, 5ms));
         }
@@ -261,10 +261,8 @@ TEST_CASE("placement: destroying the pool with placed tasks running releases the
         coproc::process_pool pool{loop, {.max_workers = 0, .placement = placement}};
         auto a = pool.submit<hang_forever>();
         auto b = pool.submit<hang_forever>();
-        const auto deadline = std::chrono::steady_clock::now() + 10s;
-        while ((!a.running() || !b.running()) && std::chrono::steady_clock::now() < deadline) {
-            run_bounded(loop, pause_for(&loop, 5ms));
-        }
+        run_bounded(loop, until_running(&loop, &a), 10s);
+        run_bounded(loop, until_running(&loop, &b), 10s);
         REQUIRE(a.running());
         REQUIRE(b.running());
     }
@@ -316,8 +314,7 @@ TEST_CASE("placement: a shared_buffer task waits for a local worker without hold
         // prefetch 1: nothing is sent ahead to the busy local worker.
         coproc::process_pool pool{loop, {.max_workers = 1, .placement = placement, .prefetch = 1, .max_prefetch = 1}};
         auto busy = pool.submit<sleep_then>(5000, 1); // the local worker, first
-        const auto deadline = std::chrono::steady_clock::now() + 10s;
-        while (!busy.running() && std::chrono::steady_clock::now() < deadline) run_bounded(loop, pause_for(&loop, 2ms));
+        run_bounded(loop, until_running(&loop, &busy), 10s);
         REQUIRE(busy.running());
         coproc::shared_buffer buffer{4096};
         buffer.bytes()[0] = std::byte{7};
