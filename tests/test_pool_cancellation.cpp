@@ -181,17 +181,26 @@ TEST_CASE("with_timeout around a future cancels the task in the worker when the 
     CHECK(marker.exists()); // the worker stopped the task
 }
 
+namespace {
+// Awaits the future where it is, so that another thread may ask it running().
+coproc::task<int> await_in_place(coproc::future<int>* pending) { co_return co_await *pending; }
+} // namespace
+
 TEST_CASE("a stop of the awaiting coroutine's token cancels the task in the worker") {
     marker_file marker{"awaiter-stop"};
     coproc::event_loop loop;
     coproc::process_pool pool{loop, {.max_workers = 1, .cancel_grace = 5000ms}};
     std::stop_source stop;
+    auto pending = pool.submit<cooperative_wait>(10'000, marker.path());
+    // The stop comes once the task runs (not after a fixed 100 ms, which a
+    // worker slow to start under ASan on a loaded machine had not reached:
+    // the task was then cancelled while queued and never wrote the marker).
     std::thread stopper([&] {
-        std::this_thread::sleep_for(100ms);
+        const auto deadline = std::chrono::steady_clock::now() + 20s;
+        while (!pending.running() && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(1ms);
         stop.request_stop();
     });
-    CHECK_THROWS_AS(loop.run(await_future(pool.submit<cooperative_wait>(10'000, marker.path())), stop.get_token()),
-                    coproc::cancelled_error);
+    CHECK_THROWS_AS(loop.run(await_in_place(&pending), stop.get_token()), coproc::cancelled_error);
     stopper.join();
     run_bounded(loop, await_future(pool.submit<square>(1))); // the cancel has reached the worker by now
     CHECK(marker.exists());
