@@ -237,6 +237,8 @@ private:
     // options_.placement starts elsewhere.
     void spawn_worker();
     void spawn_remote_worker();
+    // Local workers not yet exited (starting ones included).
+    [[nodiscard]] std::size_t local_workers_live() const;
     // A worker just added to workers_: its serial, the counters, and its
     // read, watch and HELLO-timer coroutines.
     void start_worker_coroutines(worker_handle& worker);

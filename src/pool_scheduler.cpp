@@ -458,13 +458,7 @@ void pool_core::dispatch() {
     }
     // With every local worker started, the next would be remote: only for
     // the tasks a remote worker can take.
-    const auto local_full = [this] {
-        std::size_t local = 0;
-        for (const auto& worker : workers_) {
-            if (!worker->remote && worker->state != worker_handle::phase::exited && !worker->reaped) ++local;
-        }
-        return local >= static_cast<std::size_t>(local_workers_);
-    };
+    const auto local_full = [this] { return local_workers_live() >= static_cast<std::size_t>(local_workers_); };
     while (demand > starting && live < static_cast<std::size_t>(max_workers_) && !destroyed && !broken &&
            !terminated_ && !spawn_retry_pending_) {
         if (waiting_for_local > 0 && demand - waiting_for_local <= starting && local_full()) break;

@@ -328,11 +328,7 @@ int spawn_worker_program(const std::string& executable, const std::string& title
 
 void pool_core::spawn_worker() {
     if (options_.placement) {
-        std::size_t local = 0;
-        for (const auto& worker : workers_) {
-            if (!worker->remote && worker->state != worker_handle::phase::exited && !worker->reaped) ++local;
-        }
-        if (local >= static_cast<std::size_t>(local_workers_)) {
+        if (local_workers_live() >= static_cast<std::size_t>(local_workers_)) {
             spawn_remote_worker();
             return;
         }
@@ -369,6 +365,14 @@ void pool_core::spawn_worker() {
     worker.pidfd = pidfd;
     worker.start_word = word;
     start_worker_coroutines(worker);
+}
+
+std::size_t pool_core::local_workers_live() const {
+    std::size_t local = 0;
+    for (const auto& worker : workers_) {
+        if (!worker->remote && worker->state != worker_handle::phase::exited && !worker->reaped) ++local;
+    }
+    return local;
 }
 
 void pool_core::spawn_remote_worker() {
