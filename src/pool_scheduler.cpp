@@ -646,7 +646,7 @@ void pool_core::on_worker_exit(worker_handle& worker) {
         // not saying HELLO) proves the program unable to start; one killed
         // from outside (an operator, the OOM killer) costs a start, not the
         // pool.
-        const bool own_failure = !worker.start_shortage &&
+        const bool own_failure = !worker.start_shortage && !worker.host_lost &&
                                  (!worker.kill_reason.empty() || !worker.exit_reason.empty() || failed_by_itself(info));
         if (own_failure && ++startup_failures_ >= startup_failures_allowed) {
             std::string message;

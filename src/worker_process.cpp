@@ -405,6 +405,7 @@ void pool_core::on_remote_exit(worker_handle& worker) {
     info.si_status = status.status;
     if (worker.pid <= 0) worker.pid = status.pid;
     worker.exit_reason = status.reason;
+    worker.host_lost = status.host_lost;
     if (status.start_error != 0 && passing_shortage(status.start_error)) {
         worker.start_shortage = true;
         std::size_t live = 0;

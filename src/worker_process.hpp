@@ -36,6 +36,8 @@ struct worker_process {
     // Its start failed for a passing shortage on its host: not the
     // program's failure (the pool backs off, as for a local one).
     bool start_shortage = false;
+    // It was lost with its host (exit_status::host_lost): not its failure.
+    bool host_lost = false;
     // Unique in the pool, unlike pids, which two hosts may share: what a
     // work_item names its worker by (work_item::worker_serial).
     std::uint64_t serial = 0;

@@ -20,6 +20,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <set>
 #include <string>
 #include <thread>
@@ -35,6 +36,25 @@ std::string where_after(int milliseconds) {
     std::this_thread::sleep_for(std::chrono::milliseconds{milliseconds});
     const char* rank = std::getenv("OMPI_COMM_WORLD_RANK");
     return std::string(rank != nullptr ? rank : "?") + "/" + std::to_string(::getppid()) + "/" + std::to_string(::getpid());
+}
+
+// Writes where_after(0) to `on_rank_1` or `on_rank_2` (by its agent's rank,
+// whole or not at all), then waits until `release` exists (60 s at most);
+// returns that rank.
+int report_where(std::string on_rank_1, std::string on_rank_2, std::string release) {
+    const std::string where = where_after(0);
+    const int rank = std::atoi(where.c_str());
+    const std::string& path = rank == 1 ? on_rank_1 : on_rank_2;
+    {
+        std::ofstream file{path + ".part"};
+        file << where;
+    }
+    std::rename((path + ".part").c_str(), path.c_str());
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds{60};
+    while (::access(release.c_str(), F_OK) != 0 && std::chrono::steady_clock::now() < deadline) {
+        std::this_thread::sleep_for(std::chrono::milliseconds{5});
+    }
+    return rank;
 }
 
 void count_to(int count, coproc::sink<int>& out) {
@@ -91,6 +111,12 @@ coproc::task<std::vector<std::size_t>> completion_order(std::vector<coproc::futu
     auto completed = coproc::as_completed(*futures);
     while (auto index = co_await completed.next()) order.push_back(*index);
     co_return order;
+}
+
+coproc::task<void> until_one_done(coproc::event_loop* loop, std::vector<coproc::future<int>>* futures) {
+    while (std::none_of(futures->begin(), futures->end(), [](const auto& f) { return f.done(); })) {
+        co_await loop->sleep_for(std::chrono::milliseconds{5});
+    }
 }
 
 coproc::task<coproc::wait_result> wait_first(std::vector<coproc::future<int>>* futures) {
@@ -478,6 +504,82 @@ TEST_CASE("mpi: agents on different hosts are told apart, and a crash names its 
         held.cancel();
         CHECK_THROWS_AS(run_bounded(loop, await_future(std::move(held)), 30s), coproc::cancelled_error);
         CHECK(written(stopped, 10s));
+    }
+    expect_relay_empty();
+}
+
+// Run by a third invocation (tests/meson.build, mpi_agent_death), under
+// `mpiexec --enable-recovery`, so that the job outlives a killed agent.
+TEST_CASE("mpi: an agent that dies fails its running tasks alone; the pool goes on with the agents left" *
+          doctest::skip(std::getenv("COPROC_TEST_MPI_KILL_AGENT") == nullptr)) {
+    const marker_file on_1{"mpi-where-1"};
+    const marker_file on_2{"mpi-where-2"};
+    const marker_file release{"mpi-release"};
+    {
+        coproc::event_loop loop;
+        const auto options = coproc::mpi::placement_options{.workers_per_rank = 1, .agent_timeout = 2000ms};
+        coproc::process_pool pool{loop, {.max_workers = 0, .placement = coproc::mpi::placement(options)}};
+        // One task per agent, each held until `release` exists.
+        std::vector<coproc::future<int>> futures;
+        futures.push_back(pool.submit<report_where>(on_1.path(), on_2.path(), release.path()));
+        futures.push_back(pool.submit<report_where>(on_1.path(), on_2.path(), release.path()));
+        const auto deadline = std::chrono::steady_clock::now() + 30s;
+        while (!(on_1.exists() && on_2.exists()) && std::chrono::steady_clock::now() < deadline) {
+            run_bounded(loop, pause_for(&loop, 5ms));
+        }
+        REQUIRE(on_1.exists());
+        REQUIRE(on_2.exists());
+        std::string where;
+        std::getline(std::ifstream{on_2.path()}, where);
+        const int agent = std::stoi(where.substr(where.find('/') + 1));
+        const int worker = std::stoi(where.substr(where.rfind('/') + 1));
+        REQUIRE(agent != ::getpid());
+        test_support::fewer_descriptors_allowed = true; // MPI closes its connection to rank 2
+        REQUIRE(::kill(agent, SIGKILL) == 0);
+
+        // Rank 2's task fails with the reason, while rank 1's still runs;
+        // then rank 1's returns.
+        run_bounded(loop, until_one_done(&loop, &futures), 30s);
+        std::ofstream{release.path()} << "go";
+        int failed = 0;
+        std::vector<int> returned;
+        std::string what;
+        for (auto& future : futures) {
+            try {
+                returned.push_back(run_bounded(loop, await_future(std::move(future)), 30s));
+            } catch (const coproc::worker_died& e) {
+                ++failed;
+                what = e.what();
+            }
+        }
+        CHECK(failed == 1);
+        CHECK(returned == std::vector<int>{1});
+        INFO(what);
+        CHECK(contains(what, "report_where"));
+        CHECK(contains(what, "(rank 2)"));
+        CHECK(contains(what, "was lost with its host agent (rank 2): its agent sent no heartbeat for"));
+        const auto agents = coproc::mpi::agents();
+        REQUIRE(agents.size() == 2);
+        CHECK_FALSE(agents[0].lost);
+        CHECK(agents[1].lost);
+        // Its worker died with it (PDEATHSIG): gone, or a zombie for init.
+        const auto gone = [worker] {
+            std::ifstream stat{"/proc/" + std::to_string(worker) + "/stat"};
+            std::string pid, name, state;
+            return !(stat >> pid >> name >> state) || state == "Z";
+        };
+        const auto until = std::chrono::steady_clock::now() + 10s;
+        while (!gone() && std::chrono::steady_clock::now() < until) std::this_thread::sleep_for(5ms);
+        CHECK(gone());
+
+        // The pool serves on, with rank 1 only: no worker is started on a
+        // lost agent, nor crowded onto the one left.
+        const auto places = run_bounded(loop, spread(&pool, 4, 20), 30s);
+        for (const auto& place : places) CHECK(rank_of(place) == "1");
+        CHECK(pool.stats().workers_alive == 1);
+        // A placement made now offers rank 1's slots alone.
+        CHECK(coproc::mpi::placement(options)->slots() == 1);
+        run_bounded(loop, pool.shutdown(), 30s);
     }
     expect_relay_empty();
 }

@@ -50,10 +50,12 @@ public:
 
     [[nodiscard]] std::size_t slots() const override { return slots_; }
 
-    // The next `count` starts fail as a host short of processes would.
-    void fail_starts(int count) {
+    // The next `count` starts end at once with `status`: by default as on a
+    // host short of processes.
+    void fail_starts(int count, exit_status status = {0, true, 127, "could not be started on placed-host: Resource temporarily unavailable", EAGAIN}) {
         std::lock_guard lock{mutex_};
         fail_starts_ = count;
+        fail_status_ = std::move(status);
     }
 
     started start(const std::string& program, const std::vector<std::string>& environment) override {
@@ -66,7 +68,7 @@ public:
                 ::close(fds[1]); // no worker: the pool reads EOF
                 auto w = std::make_unique<worker>();
                 w->exit_event = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-                w->status = {0, true, 127, "could not be started on placed-host: Resource temporarily unavailable", EAGAIN};
+                w->status = fail_status_;
                 w->exited.store(true);
                 const std::uint64_t one = 1;
                 [[maybe_unused]] const auto wrote = ::write(w->exit_event, &one, sizeof one);
@@ -187,6 +189,7 @@ private:
     std::size_t released_ = 0;
     std::size_t exits_asked_ = 0;
     int fail_starts_ = 0;
+    exit_status fail_status_;
     std::vector<int> signals_;
 };
 
@@ -292,6 +295,21 @@ TEST_CASE("placement: a host short of processes is a passing shortage: the pool 
         CHECK(result == 9);
         CHECK(start_failures >= 1);
         CHECK(placement->started_count() == 6); // five refused, then one that serves
+    }
+    CHECK(placement->held() == 0);
+}
+
+TEST_CASE("placement: workers lost with their host before HELLO do not count against the program") {
+    auto placement = std::make_shared<local_placement>(1);
+    coproc::worker_placement::exit_status lost{0, false, SIGKILL, "was lost with its host agent (rank 2): it hangs"};
+    lost.host_lost = true;
+    placement->fail_starts(5, lost); // more than the start-up failures that break a pool
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 0, .placement = placement}};
+        CHECK(run_bounded(loop, await_future(pool.submit<square>(4)), 30s) == 16);
+        CHECK(run_bounded(loop, await_future(pool.submit<square>(5)), 30s) == 25); // and not broken
+        CHECK(placement->started_count() == 6); // five lost, then one that serves
     }
     CHECK(placement->held() == 0);
 }

@@ -39,6 +39,17 @@ struct placement_options {
     std::size_t workers_per_rank = 0;
     // How long to wait for every agent to report at the first placement().
     std::chrono::milliseconds start_timeout{60'000};
+    // How long an agent may leave a heartbeat unanswered before rank 0
+    // counts it as lost (rank 0 sends one every agent_timeout / 5, at most
+    // every second): the tasks its workers were running fail with
+    // worker_died ("was lost with its host agent (rank N): ..."), those
+    // sent there but not started run elsewhere, and no worker is started
+    // there again. An agent that hears nothing from rank 0 for as long
+    // kills its workers and ends (so a rank 0 held in a debugger loses its
+    // agents: set 0 when debugging). 0: never. One setting for the whole job:
+    // each placement() call sets it. Only under `mpiexec --enable-recovery`
+    // does the job outlive a lost agent (README, "Beyond one machine").
+    std::chrono::milliseconds agent_timeout{10'000};
 };
 
 // The workers of the other ranks of this MPI job (rank 0 only). The first
@@ -53,6 +64,7 @@ struct rank_info {
     int rank = 0;
     std::string host;
     std::size_t cpus = 0; // what its agent offers
+    bool lost = false;    // its agent stopped answering (placement_options::agent_timeout)
 };
 
 // The job: this process's rank and size (from the launcher's environment:

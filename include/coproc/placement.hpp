@@ -41,6 +41,10 @@ public:
         // the pool back off and retry, as for a local worker; any other
         // counts against the program (a missing program breaks the pool).
         int start_error = 0;
+        // The worker was lost with its host (the host, or what relayed its
+        // frames, stopped answering): not the program's failure, so it
+        // never counts against the program's start-up.
+        bool host_lost = false;
     };
 
     worker_placement() = default;
@@ -52,7 +56,10 @@ public:
     [[nodiscard]] virtual std::size_t slots() const = 0;
     // Starts a worker of `program` (empty: the program that runs on that
     // host, re-executed in worker mode), with `environment` ("NAME=value"),
-    // on the host with the most free slots. Throws when it cannot even ask.
+    // on the host with the most free slots. Throws std::system_error when no
+    // host can take a worker now (the pool backs off and tries again later,
+    // or fails the queued tasks if it has no worker at all); anything else
+    // it throws breaks the pool.
     virtual started start(const std::string& program, const std::vector<std::string>& environment) = 0;
     // Once exit_event polls readable: how the worker ended.
     virtual exit_status exit(std::uint64_t handle) = 0;

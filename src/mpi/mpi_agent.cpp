@@ -6,17 +6,22 @@
 //                     SIGNAL  kill(2) the worker (through its pidfd)
 //                     RELEASE the pool forgot the worker: SIGKILL it
 //                     SHUTDOWN  kill every worker, reap them, leave the job
+//                     HEARTBEAT the answer to ours: rank 0's agent_timeout
+//   every agent_timeout / 5 (at most every second)   HEARTBEAT to rank 0
 //   a worker's socket readable   its bytes to rank 0 as DATA
 //   a worker's pidfd readable    reap it, send what is left in its socket,
 //                                then EXITED with its pid and status
 //
 // It sleeps in poll(2) when nothing happens (idle_backoff). The workers die
-// with the agent (they set PDEATHSIG); the agent dies with the job.
+// with the agent (they set PDEATHSIG); the agent dies with the job, or, if
+// rank 0 falls silent for its agent_timeout (or cannot be reached), kills
+// its workers and ends by itself.
 
 #include "mpi_channel.hpp"
 #include "../worker_process.hpp"
 
 #include <coproc/detail/wire.hpp>
+#include <coproc/mpi.hpp>
 
 #include <fcntl.h>
 #include <poll.h>
@@ -27,6 +32,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -86,13 +92,28 @@ public:
 
     [[noreturn]] void serve() {
         const std::string host = host_name();
-        channel_.send(0, message::hello, 0, static_cast<std::int64_t>(cpus_offered()), 0,
-                      std::as_bytes(std::span{host.data(), host.size()}));
+        tell(message::hello, 0, static_cast<std::int64_t>(cpus_offered()), 0,
+             std::as_bytes(std::span{host.data(), host.size()}));
         while (!stopping_) {
             bool busy = false;
             while (auto arrived = channel_.receive()) {
-                busy = true;
+                // A heartbeat is no reason to stay awake.
+                busy = busy || static_cast<message>(arrived->head.kind) != message::heartbeat;
                 handle(*arrived);
+            }
+            const auto now = std::chrono::steady_clock::now();
+            if (rank_0_timeout_.count() > 0 && now - heard_ > rank_0_timeout_) {
+                abandon("rank 0 sent nothing for " + std::to_string(rank_0_timeout_.count()) +
+                        " ms (placement_options::agent_timeout)");
+            }
+            if (now >= next_heartbeat_) {
+                tell(message::heartbeat, 0);
+                // Until rank 0's answer gives its timeout, every 100 ms.
+                using std::chrono::milliseconds;
+                const auto every = !timeout_known_ ? milliseconds{100}
+                                   : rank_0_timeout_.count() > 0 ? std::clamp<milliseconds>(rank_0_timeout_ / 5, milliseconds{10}, milliseconds{1000})
+                                                                 : milliseconds{1000};
+                next_heartbeat_ = now + every;
             }
             busy = channel_.progress() || busy;
             busy = poll_workers(busy || !channel_.idle()) || busy;
@@ -102,10 +123,25 @@ public:
     }
 
 private:
+    // A message to rank 0; if MPI cannot reach it, the job is over for us.
+    void tell(message kind, std::uint32_t slot, std::int64_t a = 0, std::int64_t b = 0,
+              std::span<const std::byte> payload = {}) {
+        try {
+            channel_.send(0, kind, slot, a, b, payload);
+        } catch (const std::exception& e) {
+            abandon(std::string("MPI cannot reach rank 0: ") + e.what());
+        }
+    }
+
     void handle(received& arrived) {
         if (arrived.source != 0) return; // only rank 0 gives orders
+        heard_ = std::chrono::steady_clock::now();
         const auto slot = arrived.head.slot;
         switch (static_cast<message>(arrived.head.kind)) {
+        case message::heartbeat:
+            rank_0_timeout_ = std::chrono::milliseconds{std::max<std::int64_t>(0, arrived.head.a)};
+            timeout_known_ = true;
+            break;
         case message::spawn: spawn(slot, arrived.payload); break;
         case message::data:
             if (auto found = workers_.find(slot); found != workers_.end()) {
@@ -162,8 +198,7 @@ private:
     void not_started(std::uint32_t slot, int error) {
         const std::string reason = "could not be started on " + host_name() + ": " + std::strerror(error);
         // A negative pid: the errno of the failed start.
-        channel_.send(0, message::exited, slot, -error, exit_code_bit | 127,
-                      std::as_bytes(std::span{reason.data(), reason.size()}));
+        tell(message::exited, slot, -error, exit_code_bit | 127, std::as_bytes(std::span{reason.data(), reason.size()}));
     }
 
     // Polls the workers' sockets and pidfds; true if anything happened.
@@ -213,7 +248,7 @@ private:
             worker.reading = false;
             return;
         }
-        channel_.send(0, message::data, slot, 0, 0, *bytes);
+        tell(message::data, slot, 0, 0, *bytes);
     }
 
     // Without a pidfd (a sandbox that hides pidfd_open): waitid each round.
@@ -249,19 +284,19 @@ private:
         while (worker.reading) {
             auto bytes = read_some(worker.socket);
             if (!bytes || bytes->empty()) break;
-            channel_.send(0, message::data, slot, 0, 0, *bytes);
+            tell(message::data, slot, 0, 0, *bytes);
         }
         const std::int64_t status = info.si_code == CLD_EXITED ? (exit_code_bit | info.si_status) : info.si_status;
         std::string reason;
         if (lost != 0) reason = "ended on " + host_name() + " with an exit status its agent could not read (" + std::strerror(lost) + ")";
-        channel_.send(0, message::exited, slot, worker.pid, lost != 0 ? SIGKILL : status,
-                      std::as_bytes(std::span{reason.data(), reason.size()}));
+        tell(message::exited, slot, worker.pid, lost != 0 ? SIGKILL : status,
+             std::as_bytes(std::span{reason.data(), reason.size()}));
         if (worker.pidfd >= 0) ::close(worker.pidfd);
         ::close(worker.socket);
         workers_.erase(slot);
     }
 
-    [[noreturn]] void leave() {
+    void end_workers() {
         for (auto& [slot, worker] : workers_) ::kill(worker.pid, SIGKILL);
         for (auto& [slot, worker] : workers_) {
             ::siginfo_t info{};
@@ -271,15 +306,32 @@ private:
             ::close(worker.socket);
         }
         workers_.clear();
-        leave_job_as_agent(channel_, std::chrono::seconds{30});
-        MPI_Finalize();
+    }
+
+    [[noreturn]] void leave() {
+        end_workers();
+        if (leave_job_as_agent(channel_, std::chrono::seconds{30})) MPI_Finalize();
         std::exit(0);
+    }
+
+    // Rank 0 is gone or unreachable: no handshake is possible, and waiting
+    // would keep the workers and the job alive for nothing.
+    [[noreturn]] void abandon(const std::string& why) {
+        end_workers();
+        const std::string line = "coproc: MPI agent on " + host_name() + " (rank " + std::to_string(rank()) +
+                                 ") ends with its workers: " + why + "\n";
+        [[maybe_unused]] const auto wrote = ::write(STDERR_FILENO, line.data(), line.size());
+        std::_Exit(1);
     }
 
     channel channel_;
     std::map<std::uint32_t, local_worker> workers_;
     idle_backoff backoff_;
     bool stopping_ = false;
+    std::chrono::milliseconds rank_0_timeout_{0}; // from rank 0's heartbeats; 0: never give up on it
+    bool timeout_known_ = false;
+    std::chrono::steady_clock::time_point heard_ = std::chrono::steady_clock::now();
+    std::chrono::steady_clock::time_point next_heartbeat_{};
 };
 
 } // namespace
@@ -289,6 +341,7 @@ private:
     MPI_Init_thread(nullptr, nullptr, MPI_THREAD_SERIALIZED, &provided);
     MPI_Comm comm = MPI_COMM_NULL;
     MPI_Comm_dup(MPI_COMM_WORLD, &comm);
+    MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN); // a failed send reaches tell(), not MPI's abort
     agent{comm}.serve();
 }
 

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <iterator>
 #include <system_error>
 
 namespace coproc::mpi::detail {
@@ -21,11 +22,37 @@ channel::~channel() {
     for (auto& send : pending_) {
         if (send.request != MPI_REQUEST_NULL) MPI_Request_free(&send.request);
     }
+    // Sends to an abandoned rank may still name their buffers inside MPI:
+    // those are never freed (the process is ending).
+    if (!set_aside_.empty()) {
+        static auto* kept = new std::list<pending_send>;
+        kept->splice(kept->end(), set_aside_);
+    }
+}
+
+void channel::abandon(int rank) {
+    if (abandoned(rank)) return;
+    abandoned_.push_back(rank);
+    for (auto it = pending_.begin(); it != pending_.end();) {
+        const auto next = std::next(it);
+        if (it->destination == rank) {
+            pending_bytes_ -= it->bytes.size();
+            set_aside_.splice(set_aside_.end(), pending_, it);
+        }
+        it = next;
+    }
+}
+
+bool channel::abandoned(int rank) const noexcept {
+    return std::find(abandoned_.begin(), abandoned_.end(), rank) != abandoned_.end();
 }
 
 void channel::send(int destination, message kind, std::uint32_t slot, std::int64_t a, std::int64_t b,
                    std::span<const std::byte> payload) {
+    if (abandoned(destination)) return;
     pending_send& send = pending_.emplace_back();
+    send.destination = destination;
+    send.quiet = kind == message::heartbeat;
     send.bytes.resize(sizeof(header) + payload.size());
     const header head{static_cast<std::uint32_t>(kind), slot, a, b};
     std::memcpy(send.bytes.data(), &head, sizeof head);
@@ -71,8 +98,8 @@ bool channel::progress() {
             continue;
         }
         pending_bytes_ -= it->bytes.size();
+        completed = completed || !it->quiet;
         it = pending_.erase(it);
-        completed = true;
     }
     return completed;
 }
@@ -145,10 +172,20 @@ bool take_until(channel& mpi, std::chrono::milliseconds patience, Done done) {
 
 } // namespace
 
-void leave_job_as_rank_0(channel& mpi, int size, std::chrono::milliseconds patience) {
+bool leave_job_as_rank_0(channel& mpi, int size, std::chrono::milliseconds patience) {
+    // send() drops what is meant for an abandoned rank.
     for (int rank = 1; rank < size; ++rank) mpi.send(rank, message::shutdown, 0);
     std::vector<bool> left(static_cast<std::size_t>(size), false);
-    int waiting = size - 1;
+    int waiting = 0;
+    bool lost = false;
+    for (int rank = 1; rank < size; ++rank) {
+        if (mpi.abandoned(rank)) {
+            left[static_cast<std::size_t>(rank)] = true;
+            lost = true;
+        } else {
+            ++waiting;
+        }
+    }
     const bool all = waiting == 0 || take_until(mpi, patience, [&](const received& arrived) {
         if (static_cast<message>(arrived.head.kind) == message::left && arrived.source > 0 && arrived.source < size &&
             !left[static_cast<std::size_t>(arrived.source)]) {
@@ -157,19 +194,25 @@ void leave_job_as_rank_0(channel& mpi, int size, std::chrono::milliseconds patie
         }
         return waiting == 0;
     });
-    for (int rank = 1; rank < size; ++rank) mpi.send(rank, message::finalize, 0);
+    const bool finalize = all && !lost;
+    for (int rank = 1; rank < size; ++rank) mpi.send(rank, message::finalize, 0, finalize ? 0 : 1);
     // Every agent that left takes what rank 0 sent until FINALIZE: these
     // complete. After a missing agent, do not wait on it.
     if (all) mpi.flush();
+    return finalize;
 }
 
-void leave_job_as_agent(channel& mpi, std::chrono::milliseconds patience) {
+bool leave_job_as_agent(channel& mpi, std::chrono::milliseconds patience) {
     mpi.send(0, message::left, 0);
-    const bool finalized = take_until(mpi, patience, [](const received& arrived) {
-        return arrived.source == 0 && static_cast<message>(arrived.head.kind) == message::finalize;
+    bool finalize = false;
+    const bool finalized = take_until(mpi, patience, [&](const received& arrived) {
+        if (arrived.source != 0 || static_cast<message>(arrived.head.kind) != message::finalize) return false;
+        finalize = arrived.head.a == 0;
+        return true;
     });
     // Rank 0 took everything up to LEFT before it said FINALIZE.
     if (finalized) mpi.flush();
+    return finalized && finalize;
 }
 
 std::vector<std::byte> encode_spawn(const std::string& program, const std::vector<std::string>& environment) {

@@ -36,7 +36,8 @@ enum class message : std::uint32_t {
     exited = 6,   // agent -> 0: worker `slot` ended: a = pid (-errno: never started), b = status (below); payload: reason
     shutdown = 7, // 0 -> agent: kill every worker and leave the job
     left = 8,     // agent -> 0: its workers are gone; it sends nothing after this
-    finalize = 9, // 0 -> agent: every agent left; rank 0 sends nothing after this
+    finalize = 9, // 0 -> agent: every agent left; rank 0 sends nothing after this; a = 1: do not call MPI_Finalize
+    heartbeat = 10, // agent -> 0, every agent_timeout / 5 (at most 1 s); 0 -> agent, the answer: a = agent_timeout in ms (0: none)
 };
 
 // exited's b: a signal number, or an exit code with this bit set.
@@ -71,20 +72,30 @@ public:
               std::span<const std::byte> payload = {});
     // A message that has arrived, if any.
     std::optional<received> receive();
-    // Completes what MPI finished sending; true if anything completed.
+    // Completes what MPI finished sending; true if anything but a
+    // heartbeat completed (a heartbeat must not keep the thread spinning).
     bool progress();
     [[nodiscard]] std::size_t pending_bytes() const noexcept { return pending_bytes_; }
     [[nodiscard]] bool idle() const noexcept { return pending_.empty(); }
     // Waits until every send completed (at shutdown).
     void flush();
+    // `rank` is gone: what is still on its way there is set aside (its
+    // buffers kept, as MPI may still hold them; never waited for), and
+    // later sends to it are dropped.
+    void abandon(int rank);
+    [[nodiscard]] bool abandoned(int rank) const noexcept;
 
 private:
     struct pending_send {
         MPI_Request request = MPI_REQUEST_NULL;
+        int destination = 0;
+        bool quiet = false; // a heartbeat
         std::vector<std::byte> bytes;
     };
     MPI_Comm comm_;
     std::list<pending_send> pending_;
+    std::list<pending_send> set_aside_; // to abandoned ranks
+    std::vector<int> abandoned_;
     std::size_t pending_bytes_ = 0;
 };
 
@@ -126,10 +137,15 @@ private:
 // rank 0 sends SHUTDOWN to every agent and takes whatever arrives until each
 // has said LEFT (its last message), then sends FINALIZE (its last); an agent,
 // after LEFT, takes whatever arrives until FINALIZE. Each then completes its
-// own sends and may finalize. `patience` bounds the waits for a peer that
-// never answers.
-void leave_job_as_rank_0(channel& mpi, int size, std::chrono::milliseconds patience);
-void leave_job_as_agent(channel& mpi, std::chrono::milliseconds patience);
+// own sends. `patience` bounds the waits for a peer that never answers. A
+// rank the channel abandoned is neither told nor waited for.
+//
+// Both return whether MPI_Finalize may be called. Not after a rank was lost
+// or did not answer: Open MPI 4.1's MPI_Finalize waits for every rank of
+// the job, a dead one included, for ever. FINALIZE's `a` tells the agents
+// so (1: do not finalize); the processes then end without it.
+[[nodiscard]] bool leave_job_as_rank_0(channel& mpi, int size, std::chrono::milliseconds patience);
+[[nodiscard]] bool leave_job_as_agent(channel& mpi, std::chrono::milliseconds patience);
 
 // The environment entries in a spawn payload, and the program before them.
 std::vector<std::byte> encode_spawn(const std::string& program, const std::vector<std::string>& environment);

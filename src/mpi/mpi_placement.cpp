@@ -8,9 +8,11 @@
 #include <coproc/mpi.hpp>
 #include <coproc/worker.hpp>
 
+#include <cerrno>
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <system_error>
 #include <utility>
 
 namespace coproc::mpi {
@@ -35,6 +37,7 @@ class mpi_placement final : public worker_placement {
 public:
     mpi_placement(detail::relay& relay, const placement_options& options) : relay_(relay) {
         for (const auto& agent : relay.agents()) {
+            if (agent.lost) continue;
             const std::size_t offered = options.workers_per_rank > 0 ? options.workers_per_rank : agent.cpus;
             ranks_.push_back({agent.rank, agent.host + " (rank " + std::to_string(agent.rank) + ")", offered, 0});
             slots_ += offered;
@@ -51,12 +54,25 @@ public:
     started start(const std::string& program, const std::vector<std::string>& environment) override {
         std::lock_guard lock{mutex_};
         if (ranks_.empty()) throw error("coproc: coproc::mpi::placement() has no agent to start a worker on");
-        rank_slots* best = &ranks_.front();
+        const auto free = [](const rank_slots& r) {
+            return static_cast<long long>(r.capacity) - static_cast<long long>(r.live);
+        };
+        rank_slots* best = nullptr;
+        std::string lost;
         for (auto& rank : ranks_) {
-            const auto free = [](const rank_slots& r) {
-                return static_cast<long long>(r.capacity) - static_cast<long long>(r.live);
-            };
-            if (free(rank) > free(*best)) best = &rank;
+            if (relay_.lost(rank.rank)) {
+                lost += (lost.empty() ? "" : ", ") + rank.name;
+                continue;
+            }
+            if (best == nullptr || free(rank) > free(*best)) best = &rank;
+        }
+        // Without lost agents, a start beyond the slots (a worker counted
+        // until the pool released it) goes to the least loaded agent; with
+        // some lost, the pool does not crowd their workers onto the others.
+        if (best == nullptr || (!lost.empty() && free(*best) <= 0)) {
+            throw std::system_error(EHOSTDOWN, std::system_category(),
+                                    best == nullptr ? "coproc: every MPI agent was lost (" + lost + ")"
+                                                    : "coproc: every slot of the MPI agents left is taken (lost: " + lost + ")");
         }
         auto started = relay_.start(best->rank, best->name, program, environment);
         ++best->live;
@@ -142,7 +158,9 @@ std::shared_ptr<worker_placement> placement(placement_options options) {
     (void)hook_set;
     if (size() <= 1) return std::make_shared<no_placement>();
     if (rank() != 0) throw error("coproc: coproc::mpi::placement() on rank " + std::to_string(rank()) + "; only rank 0 runs main");
-    return std::make_shared<mpi_placement>(detail::relay::get(options.start_timeout), options);
+    auto& relay = detail::relay::get(options.start_timeout);
+    relay.set_agent_timeout(options.agent_timeout);
+    return std::make_shared<mpi_placement>(relay, options);
 }
 
 std::size_t detail::relay_workers() {

@@ -7,6 +7,10 @@
 //                            closed (the pool reads EOF), the status kept for
 //                            exit(), the exit event signalled
 //   a request (start, signal, release) from a pool's loop thread
+//   HEARTBEAT from an agent  answered with agent_timeout; an agent silent for
+//                            longer is lost: its workers end (the pool's
+//                            futures fail), it is sent nothing more and not
+//                            waited for at the end of the job
 
 #include "mpi_relay.hpp"
 #include "mpi_channel.hpp"
@@ -39,8 +43,10 @@ struct relay::state {
     bool stopping = false;
     std::vector<std::function<void()>> requests;
     std::map<std::uint32_t, worker_placement::exit_status> exits;
+    std::map<int, std::string> lost; // rank -> why
     int wake = -1; // eventfd: requests are waiting
     std::atomic<std::uint32_t> next_slot{0};
+    std::atomic<std::int64_t> agent_timeout_ms{placement_options{}.agent_timeout.count()};
 
     // The relay thread's own.
     struct remote {
@@ -58,11 +64,16 @@ struct relay::state {
     MPI_Comm comm = MPI_COMM_NULL;
     std::unique_ptr<channel> mpi;
     idle_backoff backoff;
+    std::map<int, std::chrono::steady_clock::time_point> heard; // each agent's last message
+    std::chrono::steady_clock::time_point next_check{};
+    bool tell_timeout = false; // agent_timeout changed: tell every agent now
 
     void send(int rank, message kind, std::uint32_t slot, std::int64_t a = 0, std::int64_t b = 0,
               std::span<const std::byte> payload = {});
     void lose_rank(int rank, const std::string& why);
-    void handle(received& arrived, const std::vector<rank_info>& agents);
+    [[nodiscard]] worker_placement::exit_status lost_status(int rank, const std::string& why) const;
+    void keep_watch(const std::vector<rank_info>& agents);
+    void handle(received& arrived);
     void announce_exits();
     bool poll_sockets(bool hurry);
     void forget(std::uint32_t slot);
@@ -99,17 +110,60 @@ void relay::state::send(int rank, message kind, std::uint32_t slot, std::int64_t
     }
 }
 
-// MPI refused to reach `rank`: every worker there is gone for the pool.
+// The agent of `rank` is gone (MPI refused to reach it, or it fell
+// silent): every worker there is gone for the pool, and the rank is sent
+// nothing more.
 void relay::state::lose_rank(int rank, const std::string& why) {
+    if (mpi->abandoned(rank)) return;
+    mpi->abandon(rank);
+    {
+        std::lock_guard lock{mutex};
+        lost.emplace(rank, why);
+    }
     for (auto& [slot, worker] : remotes) {
         if (worker.rank != rank || worker.exited) continue;
         worker.exited = true;
-        worker.status = {0, false, SIGKILL, "was lost with its host agent (rank " + std::to_string(rank) + "): " + why};
+        worker.status = lost_status(rank, why);
         worker.out = {};
     }
 }
 
-void relay::state::handle(received& arrived, const std::vector<rank_info>& agents) {
+worker_placement::exit_status relay::state::lost_status(int rank, const std::string& why) const {
+    worker_placement::exit_status status{0, false, SIGKILL, "was lost with its host agent (rank " + std::to_string(rank) + "): " + why};
+    status.host_lost = true;
+    return status;
+}
+
+// Each agent sends a heartbeat every agent_timeout / 5 (at most every
+// second), which rank 0 answers with the timeout; an agent silent for
+// longer than agent_timeout is lost. Rank 0 sends nothing to an agent that
+// has gone quiet: with Open MPI 4.1 a send to a dead rank makes it try to
+// connect again and report a failure that can bring down mpiexec itself.
+// Checked after the arrivals are taken, so a stall of this thread costs no
+// agent.
+void relay::state::keep_watch(const std::vector<rank_info>& agents) {
+    using namespace std::chrono;
+    const auto now = steady_clock::now();
+    if (now < next_check) return;
+    next_check = now + milliseconds{10};
+    const milliseconds timeout{agent_timeout_ms.load(std::memory_order_relaxed)};
+    for (const auto& agent : agents) {
+        if (mpi->abandoned(agent.rank)) continue;
+        const auto last = heard.try_emplace(agent.rank, now).first->second;
+        if (timeout.count() > 0 && now - last > timeout) {
+            lose_rank(agent.rank, "its agent sent no heartbeat for " + std::to_string(duration_cast<milliseconds>(now - last).count()) +
+                                      " ms (placement_options::agent_timeout is " + std::to_string(timeout.count()) +
+                                      " ms): its process or its host ended, or it hangs");
+        } else if (tell_timeout) {
+            send(agent.rank, message::heartbeat, 0, timeout.count());
+        }
+    }
+    tell_timeout = false;
+}
+
+void relay::state::handle(received& arrived) {
+    if (mpi->abandoned(arrived.source)) return; // lost: what it still says comes too late
+    heard[arrived.source] = std::chrono::steady_clock::now();
     const auto found = remotes.find(arrived.head.slot);
     switch (static_cast<message>(arrived.head.kind)) {
     case message::data:
@@ -121,6 +175,9 @@ void relay::state::handle(received& arrived, const std::vector<rank_info>& agent
         found->second.out.push(std::move(arrived.payload));
         found->second.out.write_to(found->second.socket);
         return;
+    case message::heartbeat: // answered with the timeout, which the agent applies to rank 0
+        send(arrived.source, message::heartbeat, 0, agent_timeout_ms.load(std::memory_order_relaxed));
+        return;
     case message::exited: {
         if (found == remotes.end() || found->second.rank != arrived.source || found->second.exited) return;
         auto& worker = found->second;
@@ -131,7 +188,6 @@ void relay::state::handle(received& arrived, const std::vector<rank_info>& agent
         worker.status.exited = (status & exit_code_bit) != 0;
         worker.status.status = static_cast<int>(status & 0xffff);
         worker.status.reason = as_text(arrived.payload);
-        (void)agents;
         return;
     }
     default: return; // a late HELLO or a kind rank 0 does not take
@@ -270,9 +326,11 @@ void relay::run(std::chrono::milliseconds start_timeout) {
         for (auto& request : requests) request();
         if (stopping) break;
         while (auto arrived = s.mpi->receive()) {
-            busy = true;
-            s.handle(*arrived, agents_);
+            // A heartbeat's answer is no reason to stay awake.
+            busy = busy || static_cast<message>(arrived->head.kind) != message::heartbeat;
+            s.handle(*arrived);
         }
+        s.keep_watch(agents_);
         busy = s.mpi->progress() || busy;
         s.announce_exits();
         busy = s.poll_sockets(busy || !s.mpi->idle()) || busy;
@@ -293,8 +351,9 @@ void relay::run(std::chrono::milliseconds start_timeout) {
         const std::uint64_t one = 1;
         [[maybe_unused]] const auto wrote = ::write(worker.exit_event, &one, sizeof one);
     }
-    leave_job_as_rank_0(*s.mpi, size, std::chrono::seconds{30});
+    const bool finalize = leave_job_as_rank_0(*s.mpi, size, std::chrono::seconds{30});
     s.mpi.reset();
+    if (!finalize) return; // a rank was lost: MPI_Finalize would wait for it for ever
     MPI_Comm_free(&s.comm);
     MPI_Finalize();
 }
@@ -331,6 +390,16 @@ worker_placement::started relay::start(int rank, const std::string& host, const 
         worker.rank = rank;
         worker.socket = socket;
         worker.exit_event = exit_event;
+        if (s->mpi->abandoned(rank)) { // lost since the placement chose it
+            std::string why;
+            {
+                std::lock_guard lock{s->mutex};
+                why = s->lost[rank];
+            }
+            worker.exited = true;
+            worker.status = s->lost_status(rank, why);
+            return;
+        }
         s->send(rank, message::spawn, slot, 0, 0, payload);
     });
     if (!posted) {
@@ -372,6 +441,24 @@ void relay::release(std::uint32_t slot) {
 
 std::size_t relay::held() const { return held_.load(std::memory_order_relaxed); }
 
+std::vector<rank_info> relay::agents() const {
+    std::lock_guard lock{state_->mutex};
+    auto result = agents_;
+    for (auto& agent : result) agent.lost = state_->lost.count(agent.rank) != 0;
+    return result;
+}
+
+bool relay::lost(int rank) const {
+    std::lock_guard lock{state_->mutex};
+    return state_->lost.count(rank) != 0;
+}
+
+void relay::set_agent_timeout(std::chrono::milliseconds timeout) {
+    const auto ms = std::max<std::int64_t>(0, timeout.count());
+    if (state_->agent_timeout_ms.exchange(ms) == ms) return;
+    post([s = state_.get()] { s->tell_timeout = true; }); // the agents learn it now
+}
+
 void relay::stop() {
     {
         std::lock_guard lock{state_->mutex};
@@ -400,10 +487,12 @@ void relay::stop_at_exit() {
     init_mpi(comm);
     int size = 1;
     MPI_Comm_size(comm, &size);
+    bool finalize = false;
     {
         channel mpi{comm};
-        leave_job_as_rank_0(mpi, size, std::chrono::seconds{30});
+        finalize = leave_job_as_rank_0(mpi, size, std::chrono::seconds{30});
     }
+    if (!finalize) return; // an agent did not answer
     MPI_Comm_free(&comm);
     MPI_Finalize();
 }

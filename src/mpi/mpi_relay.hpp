@@ -32,7 +32,12 @@ public:
     // first if no relay ever ran (the agents wait for rank 0 in MPI_Init).
     static void stop_at_exit();
 
-    [[nodiscard]] const std::vector<rank_info>& agents() const noexcept { return agents_; }
+    // Every agent, a lost one marked so.
+    [[nodiscard]] std::vector<rank_info> agents() const;
+    [[nodiscard]] bool lost(int rank) const;
+    // How long an agent may stay silent before it counts as lost (0: never);
+    // the job's setting, the latest call's.
+    void set_agent_timeout(std::chrono::milliseconds timeout);
 
     // A worker on `rank`: the pool's socket and the exit event for it.
     worker_placement::started start(int rank, const std::string& host, const std::string& program,
@@ -55,7 +60,7 @@ private:
 
     struct state;
     std::unique_ptr<state> state_;
-    std::vector<rank_info> agents_;
+    std::vector<rank_info> agents_; // written once, before `started`; `lost` under the state's mutex
     std::atomic<std::size_t> held_{0}; // remotes, as the relay thread last counted them
     std::thread thread_;
 };
