@@ -3,6 +3,7 @@
 
 #include "descriptor_passing.hpp"
 
+#include <liburing.h>
 #include <poll.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
@@ -99,16 +100,12 @@ bool worker_channel::read_exact(void* into, std::size_t size) {
     inbox_begin_ += got;
     while (got < size) {
         const bool direct = size - got >= inbox_capacity;
-        if (!direct) {
-            // Wait in poll, not in recv. A recv asleep on the socket is also
-            // woken each time the parent reads what this worker sent (the
-            // socket's write space), and on one core each such wake-up
-            // costs two context switches; poll sleeps until there is
-            // something to read.
-            ::pollfd readable{fd_, POLLIN, 0};
-            if (::poll(&readable, 1, -1) < 0 && errno == EINTR) continue;
+        ssize_t n;
+        if (direct) {
+            n = receive(bytes + got, size - got, 0);
+        } else {
+            n = wait_and_receive(inbox_.data(), inbox_capacity);
         }
-        const ssize_t n = direct ? receive(bytes + got, size - got, 0) : receive(inbox_.data(), inbox_capacity, MSG_DONTWAIT);
         if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
         if (n <= 0) return false;
         if (direct) {
@@ -141,6 +138,85 @@ ssize_t worker_channel::receive(void* into, std::size_t size, int flags) {
         worker_quit(3);
     }
     return n;
+}
+
+struct worker_channel::receive_ring {
+    ::io_uring ring{};
+};
+
+void worker_channel::ring_deleter::operator()(receive_ring* ring) const noexcept {
+    ::io_uring_queue_exit(&ring->ring);
+    delete ring;
+}
+
+// Waits for bytes and takes them, in one system call where io_uring can be
+// used: a RECVMSG submitted and waited for in one io_uring_enter, where poll
+// then recv cost two (bench/README.md, "One system call to wait and
+// receive"). io_uring waits as poll does, woken only by bytes to read; a
+// recv asleep on the socket would also be woken each time the parent reads
+// what this worker sent (the socket's write space), and on one core each
+// such wake-up costs two context switches. Without io_uring (denied by a
+// sandbox, or a kernel without RECVMSG there): poll, then recv.
+ssize_t worker_channel::wait_and_receive(void* into, std::size_t size) {
+    if (!ring_tried_) {
+        ring_tried_ = true;
+        auto ring = std::unique_ptr<receive_ring, ring_deleter>(new receive_ring);
+        if (::io_uring_queue_init(2, &ring->ring, 0) == 0) {
+            ring_ = std::move(ring);
+        } else {
+            delete ring.release(); // not initialized: nothing to exit
+        }
+    }
+    if (ring_) {
+        descriptor_control control;
+        ::iovec part{into, size};
+        ::msghdr message{};
+        message.msg_iov = &part;
+        message.msg_iovlen = 1;
+        prepare_receive(message, control);
+        ::io_uring_sqe* sqe = ::io_uring_get_sqe(&ring_->ring);
+        ::io_uring_prep_recvmsg(sqe, fd_, &message, MSG_CMSG_CLOEXEC);
+        int submitted;
+        do {
+            submitted = ::io_uring_submit_and_wait(&ring_->ring, 1);
+        } while (submitted == -EINTR);
+        if (submitted > 0) {
+            // In the kernel now: wait for it, whatever it takes (it points
+            // into this frame).
+            ::io_uring_cqe* cqe = nullptr;
+            int waited;
+            do {
+                waited = ::io_uring_wait_cqe(&ring_->ring, &cqe);
+            } while (waited == -EINTR);
+            if (waited < 0) {
+                std::fprintf(stderr, "coproc worker %d: io_uring_wait_cqe failed (%s)\n", static_cast<int>(::getpid()),
+                             std::strerror(-waited));
+                worker_quit(3);
+            }
+            const int result = cqe->res;
+            ::io_uring_cqe_seen(&ring_->ring, cqe);
+            const bool unsupported = result == -EINVAL || result == -EOPNOTSUPP || result == -ENOSYS ||
+                                     result == -EPERM || result == -EACCES;
+            if (!unsupported) {
+                if (result < 0) {
+                    errno = -result;
+                    return -1;
+                }
+                if (!collect_descriptors(message, descriptors_)) {
+                    std::fprintf(stderr, "coproc worker %d: more descriptors in one message than it can receive\n",
+                                 static_cast<int>(::getpid()));
+                    worker_quit(3);
+                }
+                return result;
+            }
+        }
+        // io_uring_enter refused (a sandbox that allows only the setup), or
+        // RECVMSG not there: nothing is left in the kernel; poll from now on.
+        ring_.reset();
+    }
+    ::pollfd readable{fd_, POLLIN, 0};
+    if (::poll(&readable, 1, -1) < 0 && errno == EINTR) return -1;
+    return receive(into, size, MSG_DONTWAIT);
 }
 
 bool worker_channel::take_descriptors(std::size_t count, std::vector<int>& into) {

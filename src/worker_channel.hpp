@@ -9,7 +9,8 @@
 //   received queue up until their frame takes them
 //
 // Plain blocking I/O: a worker serves one parent over one socket and has
-// nothing else to wait for. When the parent is gone a send ends the worker
+// nothing else to wait for (the reading thread waits in one io_uring_enter
+// where it can, else in poll). When the parent is gone a send ends the worker
 // (exit 0) and a read returns false.
 #pragma once
 
@@ -20,6 +21,7 @@
 #include <cstddef>
 #include <cstdio>
 #include <deque>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -84,6 +86,9 @@ public:
 private:
     void write_parts(::iovec* parts, std::size_t count, const shared_descriptors* descriptors = nullptr);
     ssize_t receive(void* into, std::size_t size, int flags);
+    // Waits until bytes arrive and receives them (at most `size`), with
+    // their descriptors; as recv otherwise (-1 and errno, 0 at EOF).
+    ssize_t wait_and_receive(void* into, std::size_t size);
 
     static constexpr std::size_t inbox_capacity = 64 * 1024;
     int fd_;
@@ -92,6 +97,12 @@ private:
     std::size_t inbox_begin_ = 0;
     std::size_t inbox_end_ = 0;
     std::deque<int> descriptors_; // received, not yet taken by their frame
+    struct receive_ring;
+    struct ring_deleter {
+        void operator()(receive_ring* ring) const noexcept;
+    };
+    std::unique_ptr<receive_ring, ring_deleter> ring_; // the reading thread's; null: poll
+    bool ring_tried_ = false;
 };
 
 } // namespace coproc::detail

@@ -198,6 +198,33 @@ TEST_CASE("denied io_uring like Docker's default profile, a default loop runs on
     CHECK(outcome.after_crash == 25);
 }
 
+// A worker waits for frames in io_uring_enter where it can
+// (worker_channel.cpp). A sandbox that lets io_uring_setup through but
+// refuses io_uring_enter must leave it waiting in poll instead, not failing
+// its first read (which would read as the parent gone).
+TEST_CASE("workers denied io_uring_enter alone wait in poll and serve") {
+    scoped_environment no_override{"COPROC_BACKEND", nullptr};
+    pool_outcome outcome;
+    std::thread sandboxed([&] {
+        test_support::deny_syscall(__NR_io_uring_enter, EPERM);
+        try {
+            coproc::event_loop loop{coproc::event_loop_options{.backend = coproc::event_loop_backend::epoll}};
+            coproc::process_pool pool{loop, {.max_workers = 2}};
+            test_support::run_bounded(loop, exercise_pool(&loop, &pool, &outcome), std::chrono::seconds{60});
+            outcome.ran = true;
+        } catch (const std::exception& e) {
+            outcome.failure = e.what();
+        }
+    });
+    sandboxed.join();
+    INFO(outcome.failure);
+    REQUIRE(outcome.ran);
+    CHECK(outcome.square == 144);
+    CHECK(outcome.crash_isolated);
+    CHECK(outcome.cancelled);
+    CHECK(outcome.after_crash == 25);
+}
+
 TEST_CASE("COPROC_BACKEND picks the backend of a default loop, and only of a default one") {
     {
         scoped_environment variable{"COPROC_BACKEND", "epoll"};
