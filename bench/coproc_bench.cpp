@@ -129,13 +129,17 @@ double seconds_since(clock_type::time_point start) { return std::chrono::duratio
 
 std::string worker_path;
 
-// COPROC_BENCH_PREFETCH overrides prefetch, for exploring that knob; the
-// harness never sets it, so reported figures use the library's default.
+// COPROC_BENCH_PREFETCH overrides prefetch, and COPROC_BENCH_WORKER_SPIN_US
+// worker_spin, for exploring those knobs; the harness never sets them, so
+// reported figures use the library's defaults.
 coproc::process_pool_options pool_options() {
     coproc::process_pool_options options{.max_workers = 2, .worker_executable = worker_path};
     if (const char* prefetch = std::getenv("COPROC_BENCH_PREFETCH")) {
         options.prefetch = static_cast<unsigned>(std::atoi(prefetch));
         options.max_prefetch = options.prefetch; // a fixed depth
+    }
+    if (const char* spin = std::getenv("COPROC_BENCH_WORKER_SPIN_US")) {
+        options.worker_spin = std::chrono::microseconds{std::atoll(spin)};
     }
     return options;
 }

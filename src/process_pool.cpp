@@ -138,7 +138,8 @@ pool_core::pool_core(event_loop& event_loop, process_pool_options opts)
         }
         return entry.starts_with("COPROC_PARENT_PID=") || entry.starts_with("COPROC_KEEP_RESULT_MS=") ||
                entry.starts_with(std::string(wire::start_word_variable) + "=") ||
-               entry.starts_with("COPROC_PROGRESS_INTERVAL_MS=") || entry.starts_with("COPROC_ADDRESS_SPACE_LIMIT=");
+               entry.starts_with("COPROC_PROGRESS_INTERVAL_MS=") || entry.starts_with("COPROC_ADDRESS_SPACE_LIMIT=") ||
+               entry.starts_with("COPROC_WORKER_SPIN_US=");
     };
     for (char** entry = environ; entry != nullptr && *entry != nullptr; ++entry) {
         if (!replaced(*entry)) environment_storage_.emplace_back(*entry);
@@ -150,6 +151,7 @@ pool_core::pool_core(event_loop& event_loop, process_pool_options opts)
     remote_environment_.push_back("COPROC_KEEP_RESULT_MS=" + std::to_string(keep_ms));
     const std::int64_t progress_ms = std::max<std::int64_t>(0, options_.progress_interval.count());
     remote_environment_.push_back("COPROC_PROGRESS_INTERVAL_MS=" + std::to_string(progress_ms));
+    remote_environment_.push_back("COPROC_WORKER_SPIN_US=" + std::to_string(std::max<std::int64_t>(0, options_.worker_spin.count())));
     if (options_.worker_address_space_limit > 0) {
         remote_environment_.push_back("COPROC_ADDRESS_SPACE_LIMIT=" + std::to_string(options_.worker_address_space_limit));
     }

@@ -57,6 +57,7 @@
 #include <fcntl.h>
 #include <sys/epoll.h>
 #include <sys/mman.h>
+#include <sched.h>
 #include <sys/prctl.h>
 #include <sys/timerfd.h>
 #include <unistd.h>
@@ -104,7 +105,8 @@ constexpr int thread_start_failed_exit = 71;
 
 class worker_session {
 public:
-    worker_session(int fd, std::chrono::milliseconds keep_result_memory) : channel_(fd), spares_(keep_result_memory) {}
+    worker_session(int fd, std::chrono::milliseconds keep_result_memory, std::chrono::microseconds spin)
+        : channel_(fd, spin), spares_(keep_result_memory) {}
 
     [[noreturn]] void serve() {
         map_start_word();
@@ -619,7 +621,15 @@ void run_worker_if_requested(int argc, char** argv) {
     const char* keep = std::getenv("COPROC_KEEP_RESULT_MS");
     // Shared buffers it receives stay mapped as long (received_mappings.hpp).
     detail::received_mappings::enable(std::chrono::milliseconds{keep != nullptr ? std::atoll(keep) : 0});
-    worker_session session{parent_socket, std::chrono::milliseconds{keep != nullptr ? std::atoll(keep) : 0}};
+    // process_pool_options::worker_spin in us, likewise; not set: no spin.
+    // Only on two CPUs or more: on one, the spin would hold up the very
+    // process that sends the next CALL.
+    const char* spin = std::getenv("COPROC_WORKER_SPIN_US");
+    ::cpu_set_t cpus;
+    CPU_ZERO(&cpus);
+    const bool several_cpus = ::sched_getaffinity(0, sizeof cpus, &cpus) == 0 && CPU_COUNT(&cpus) >= 2;
+    worker_session session{parent_socket, std::chrono::milliseconds{keep != nullptr ? std::atoll(keep) : 0},
+                           std::chrono::microseconds{spin != nullptr && several_cpus ? std::max(0LL, std::atoll(spin)) : 0}};
     session.serve();
 }
 

@@ -18,6 +18,7 @@
 #include <coproc/detail/serialization.hpp>
 #include <coproc/shared_buffer.hpp>
 
+#include <chrono>
 #include <cstddef>
 #include <cstdio>
 #include <deque>
@@ -58,7 +59,8 @@ struct outgoing {
 
 class worker_channel {
 public:
-    explicit worker_channel(int fd) : fd_(fd) {}
+    // `spin`: how long to look for bytes before sleeping when none are there.
+    worker_channel(int fd, std::chrono::microseconds spin) : fd_(fd), spin_(spin) {}
 
     [[nodiscard]] int fd() const noexcept { return fd_; }
 
@@ -92,6 +94,7 @@ private:
 
     static constexpr std::size_t inbox_capacity = 64 * 1024;
     int fd_;
+    std::chrono::microseconds spin_;
     std::mutex write_mutex_;
     std::vector<std::byte> inbox_ = std::vector<std::byte>(inbox_capacity); // bytes [begin, end) not read yet
     std::size_t inbox_begin_ = 0;

@@ -251,6 +251,15 @@ std::vector<int> open_descriptors() {
     return fds;
 }
 
+long thread_voluntary_switches() {
+    std::ifstream status{"/proc/thread-self/status"};
+    std::string line;
+    while (std::getline(status, line)) {
+        if (line.starts_with("voluntary_ctxt_switches:")) return std::stol(line.substr(line.find(':') + 1));
+    }
+    return -1;
+}
+
 std::vector<std::string> descriptor_targets() {
     std::vector<std::string> targets;
     for (const int fd : open_descriptors()) {

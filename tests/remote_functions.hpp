@@ -37,6 +37,8 @@ int sleep_then(int milliseconds, int value);
 int sleep_then_pid(int milliseconds); // returns the worker's pid
 std::string environment_variable(std::string name);
 std::vector<int> open_descriptors();
+// voluntary_ctxt_switches of the thread that runs it (/proc/thread-self/status).
+long thread_voluntary_switches();
 // "fd target" for each open descriptor, target as /proc/self/fd shows it.
 std::vector<std::string> descriptor_targets();
 void write_to_stderr(std::string text);

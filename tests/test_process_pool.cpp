@@ -947,6 +947,55 @@ TEST_CASE("get() with a timeout throws timeout_error when the task is not done i
     CHECK(run_bounded(loop, await_future(std::move(slow))) == 5);
 }
 
+namespace {
+
+// How often the worker's reading thread slept between the tasks of a
+// submit-await loop of `count` tasks, 10 ms apart: the growth of its
+// voluntary context switches (each task reads them on that thread, the one
+// that waits for CALLs).
+coproc::task<long> sleeps_between_tasks(coproc::event_loop* loop, coproc::process_pool* pool, int count) {
+    const long first = co_await pool->submit<thread_voluntary_switches>();
+    long last = first;
+    for (int i = 0; i < count; ++i) {
+        co_await loop->sleep_for(std::chrono::milliseconds{10});
+        last = co_await pool->submit<thread_voluntary_switches>();
+    }
+    co_return last - first;
+}
+
+} // namespace
+
+TEST_CASE("worker_spin: a worker looks for the next CALL before it sleeps; zero: it sleeps at once") {
+    // A spin far longer than the 10 ms between two tasks, even on a loaded
+    // machine or under a sanitizer: the worker never sleeps waiting. Without
+    // one, it sleeps in each gap.
+    long spinning = 0;
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 1, .worker_spin = 500ms}};
+        spinning = run_bounded(loop, sleeps_between_tasks(&loop, &pool, 40), 60s);
+    }
+    long sleeping = 0;
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 1, .worker_spin = 0us}};
+        sleeping = run_bounded(loop, sleeps_between_tasks(&loop, &pool, 40), 60s);
+    }
+    INFO("voluntary switches over 40 tasks: spinning " << spinning << ", sleeping " << sleeping);
+    CHECK(sleeping >= 30); // one sleep per wait for the next CALL
+    // A worker that may run on one CPU only never spins (the workers
+    // inherit this process's affinity).
+    ::cpu_set_t cpus;
+    CPU_ZERO(&cpus);
+    REQUIRE(::sched_getaffinity(0, sizeof cpus, &cpus) == 0);
+    if (CPU_COUNT(&cpus) >= 2) {
+        CHECK(spinning >= 0);
+        CHECK(spinning < 10);
+    } else {
+        CHECK(spinning >= 30);
+    }
+}
+
 TEST_CASE("workers get the configured environment and inherit only their socket and the standard streams") {
     coproc::event_loop loop;
     coproc::process_pool pool{loop, {.max_workers = 1, .environment = {{"COPROC_TEST_COLOUR", "teal"}}}};

@@ -206,6 +206,16 @@ struct process_pool_options {
     // reached, submit throws queue_full, try_submit returns nothing and
     // co_await submit_async waits for room: memory stays bounded.
     std::size_t max_pending = 0;
+    // A worker with nothing to read looks again for this long (a
+    // non-blocking recv in a loop) before it sleeps: a CALL that comes
+    // meanwhile, as the next one of a submit-await loop does, is taken
+    // without the wake-up of a sleeping process, which on a VM can cost more
+    // than the whole round trip. It costs at most this much CPU per wait,
+    // once a worker runs out of work, and yields to any other process ready
+    // to run on its CPU. Only where the worker may run on two CPUs or more
+    // (sched_getaffinity): on one, it would hold up the parent that sends
+    // the next CALL. Zero: sleep at once.
+    std::chrono::microseconds worker_spin{30};
 };
 
 // Options of one submit (submit_with).
