@@ -684,8 +684,10 @@ void pool_core::on_worker_exit(worker_handle& worker) {
             continue;
         }
         // START seen, or the start word says it was running: a worker may
-        // die running a task whose START it had not sent yet.
-        const bool started = item->state() != work_state::dispatched || worker.started(item->id);
+        // die running a task whose START it had not sent yet. A worker lost
+        // with its host may have started any task it was sent: its START can
+        // be lost on the way with the host's agent, so none runs again.
+        const bool started = item->state() != work_state::dispatched || worker.started(item->id) || worker.host_lost;
         if (broken) {
             complete(item, work_state::failed, broken_error());
             item->release();

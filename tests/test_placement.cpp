@@ -108,6 +108,10 @@ public:
             while (::waitid(P_PID, static_cast<::id_t>(raw->pid), &info, WEXITED) < 0 && errno == EINTR) {
             }
             raw->status = {raw->pid, info.si_code == CLD_EXITED, info.si_status, {}};
+            if (raw->lost.load()) {
+                raw->status.reason = "was lost with its host agent (placed-host): it hangs";
+                raw->status.host_lost = true;
+            }
             raw->exited.store(true);
             const std::uint64_t one = 1;
             [[maybe_unused]] const auto wrote = ::write(raw->exit_event, &one, sizeof one);
@@ -149,6 +153,16 @@ public:
         finish(*gone);
     }
 
+    // Every worker's host is lost: each is killed and reported lost with it.
+    void lose_all() {
+        std::lock_guard lock{mutex_};
+        for (auto& [handle, w] : workers_) {
+            if (w->exited.load()) continue;
+            w->lost.store(true);
+            ::kill(w->pid, SIGKILL);
+        }
+    }
+
     std::size_t started_count() {
         std::lock_guard lock{mutex_};
         return started_;
@@ -172,6 +186,7 @@ private:
         int exit_event = -1;
         std::thread watcher;
         std::atomic<bool> exited{false};
+        std::atomic<bool> lost{false};
         exit_status status;
     };
 
@@ -310,6 +325,40 @@ TEST_CASE("placement: workers lost with their host before HELLO do not count aga
         CHECK(run_bounded(loop, await_future(pool.submit<square>(4)), 30s) == 16);
         CHECK(run_bounded(loop, await_future(pool.submit<square>(5)), 30s) == 25); // and not broken
         CHECK(placement->started_count() == 6); // five lost, then one that serves
+    }
+    CHECK(placement->held() == 0);
+}
+
+coproc::task<void> until_sent(coproc::event_loop* loop, coproc::process_pool* pool, std::size_t tasks) {
+    while (pool->stats().tasks_running < tasks) co_await loop->sleep_for(std::chrono::milliseconds{1});
+}
+
+TEST_CASE("placement: a worker lost with its host fails every task it was sent, started or not: none runs twice") {
+    auto placement = std::make_shared<local_placement>(1);
+    {
+        coproc::event_loop loop;
+        coproc::process_pool pool{loop, {.max_workers = 0, .placement = placement}};
+        auto running = pool.submit<sleep_then>(60'000, 1);
+        run_bounded(loop, until_running(&loop, &running), 20s);
+        auto sent = pool.submit<square>(3); // sent ahead to the one worker (prefetch 2), not started
+        run_bounded(loop, until_sent(&loop, &pool, 2), 20s);
+        REQUIRE_FALSE(sent.running());
+        placement->lose_all();
+        try {
+            run_bounded(loop, await_future(std::move(running)), 30s);
+            FAIL("no exception");
+        } catch (const coproc::worker_died& e) {
+            CHECK(contains(e.what(), "was lost with its host agent (placed-host)"));
+        }
+        try {
+            const int value = run_bounded(loop, await_future(std::move(sent)), 30s);
+            FAIL("ran again elsewhere: " << value);
+        } catch (const coproc::worker_died& e) {
+            CHECK(contains(e.what(), "square"));
+            CHECK(contains(e.what(), "was lost with its host agent (placed-host)"));
+        }
+        // A new worker serves on.
+        CHECK(run_bounded(loop, await_future(pool.submit<square>(4)), 30s) == 16);
     }
     CHECK(placement->held() == 0);
 }

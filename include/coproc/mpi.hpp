@@ -42,8 +42,9 @@ struct placement_options {
     // How long an agent may leave a heartbeat unanswered before rank 0
     // counts it as lost (rank 0 sends one every agent_timeout / 5, at most
     // every second): the tasks its workers were running fail with
-    // worker_died ("was lost with its host agent (rank N): ..."), those
-    // sent there but not started run elsewhere, and no worker is started
+    // worker_died ("was lost with its host agent (rank N): ..."), and so
+    // do those sent there but not known to have started (their START may be
+    // lost with the agent; a task never runs twice); no worker is started
     // there again. An agent that hears nothing from rank 0 for as long
     // kills its workers and ends (so a rank 0 held in a debugger loses its
     // agents: set 0 when debugging). 0: never. One setting for the whole job:
