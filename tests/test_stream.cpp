@@ -11,6 +11,8 @@
 #include <coproc/with_timeout.hpp>
 
 #include <chrono>
+#include <cstdint>
+#include <cstring>
 #include <fstream>
 #include <optional>
 #include <stdexcept>
@@ -284,4 +286,40 @@ TEST_CASE("a sink made with a receiving function runs a stream function directly
 TEST_CASE("a pool rejects a stream window of zero") {
     coproc::event_loop loop;
     CHECK_THROWS_AS((coproc::process_pool{loop, {.stream_window = 0}}), std::invalid_argument);
+}
+
+// The parent's queue of a stream's items not yet taken (work_item.hpp):
+// order kept across the compaction of a consumer that lags behind, and
+// nothing allocated before the first item.
+TEST_CASE("stream_queue keeps its items in order while a lagging consumer's taken slots are dropped") {
+    coproc::detail::stream_queue queue;
+    CHECK(queue.empty());
+    const auto item = [](std::uint32_t n) {
+        coproc::detail::byte_buffer bytes;
+        bytes.append(&n, sizeof n);
+        return bytes;
+    };
+    const auto value = [](const coproc::detail::byte_buffer& bytes) {
+        std::uint32_t n = 0;
+        std::memcpy(&n, bytes.data(), sizeof n);
+        return n;
+    };
+    std::uint32_t pushed = 0;
+    std::uint32_t taken = 0;
+    // Always 40 behind: the queue never empties, so only compaction bounds it.
+    for (int round = 0; round < 1000; ++round) {
+        while (pushed < taken + 40 + 3) queue.push_back(item(pushed++));
+        for (int i = 0; i < 3; ++i) {
+            REQUIRE_FALSE(queue.empty());
+            REQUIRE(value(queue.front()) == taken);
+            queue.pop_front();
+            ++taken;
+        }
+    }
+    while (!queue.empty()) {
+        REQUIRE(value(queue.front()) == taken++);
+        queue.pop_front();
+    }
+    CHECK(taken == pushed);
+    CHECK(queue.capacity() < 256);
 }

@@ -28,7 +28,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <deque>
 #include <exception>
 #include <functional>
 #include <memory>
@@ -45,6 +44,35 @@ class pool_core;
 enum class work_state : std::uint8_t { pending, dispatched, running, finished, failed, cancelled };
 
 constexpr bool is_final(work_state state) noexcept { return state >= work_state::finished; }
+
+// The items a stream task sent and its consumer has not taken, oldest
+// first. Nothing is allocated before the first item: a std::deque allocates
+// its first block (over 500 bytes) when constructed, which every queued
+// future, streamed or not, would pay.
+class stream_queue {
+public:
+    [[nodiscard]] bool empty() const noexcept { return head_ == items_.size(); }
+    void push_back(byte_buffer item) { items_.push_back(std::move(item)); }
+    [[nodiscard]] byte_buffer& front() noexcept { return items_[head_]; }
+    [[nodiscard]] std::size_t capacity() const noexcept { return items_.capacity(); } // slots held, taken ones included
+    void pop_front() noexcept {
+        items_[head_] = byte_buffer{};
+        ++head_;
+        if (head_ == items_.size()) {
+            items_.clear();
+            head_ = 0;
+        } else if (head_ >= 64 && head_ * 2 >= items_.size()) {
+            // A consumer that never quite catches up: drop the taken slots
+            // rather than grow for ever.
+            items_.erase(items_.begin(), items_.begin() + static_cast<std::ptrdiff_t>(head_));
+            head_ = 0;
+        }
+    }
+
+private:
+    std::vector<byte_buffer> items_;
+    std::size_t head_ = 0;
+};
 
 class work_item {
 public:
@@ -144,7 +172,7 @@ public:
     std::uint32_t stream_credit = 0;
     // The ITEMs received and not yet taken by the consumer, still encoded
     // (pool mutex until final; dropped by cancel()).
-    std::deque<byte_buffer> stream_items;
+    stream_queue stream_items;
     // Items taken since the last CREDIT was sent (pool mutex).
     std::uint32_t stream_taken = 0;
     // The consumer cancelled: the items not taken are never yielded.
