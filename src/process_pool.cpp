@@ -16,10 +16,10 @@
 // pool_core.hpp declares the class they share, grouped by file.
 
 #include "pool_core.hpp"
+#include "worker_limits.hpp"
 
 #include <coproc/process_pool.hpp>
 
-#include <sched.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -43,14 +43,6 @@ extern char** environ;
 namespace coproc::detail {
 
 namespace {
-
-int default_worker_count() {
-    ::cpu_set_t set;
-    CPU_ZERO(&set);
-    if (::sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
-    const long online = ::sysconf(_SC_NPROCESSORS_ONLN);
-    return online > 0 ? static_cast<int>(online) : 1;
-}
 
 // True when this process was started by a pool as a worker (argv[1] is the
 // worker flag), read from /proc/self/cmdline.
@@ -125,7 +117,7 @@ pool_core::pool_core(event_loop& event_loop, process_pool_options opts)
         throw std::logic_error("coproc: a process_pool was created in a process started as a pool worker; main must "
                                "call coproc::run_worker_if_requested(argc, argv) before anything else");
     }
-    local_workers_ = options_.max_workers.value_or(default_worker_count());
+    local_workers_ = options_.max_workers.value_or(usable_cpus());
     const std::size_t remote_slots = options_.placement ? options_.placement->slots() : 0;
     max_workers_ = local_workers_ + static_cast<int>(std::min<std::size_t>(remote_slots, 1 << 20));
     executable_ = options_.worker_executable.empty() ? "/proc/self/exe" : options_.worker_executable;

@@ -57,7 +57,6 @@
 #include <fcntl.h>
 #include <sys/epoll.h>
 #include <sys/mman.h>
-#include <sched.h>
 #include <sys/prctl.h>
 #include <sys/timerfd.h>
 #include <unistd.h>
@@ -625,9 +624,7 @@ void run_worker_if_requested(int argc, char** argv) {
     // Only on two CPUs or more: on one, the spin would hold up the very
     // process that sends the next CALL.
     const char* spin = std::getenv("COPROC_WORKER_SPIN_US");
-    ::cpu_set_t cpus;
-    CPU_ZERO(&cpus);
-    const bool several_cpus = ::sched_getaffinity(0, sizeof cpus, &cpus) == 0 && CPU_COUNT(&cpus) >= 2;
+    const bool several_cpus = detail::usable_cpus() >= 2;
     worker_session session{parent_socket, std::chrono::milliseconds{keep != nullptr ? std::atoll(keep) : 0},
                            std::chrono::microseconds{spin != nullptr && several_cpus ? std::max(0LL, std::atoll(spin)) : 0}};
     session.serve();

@@ -123,22 +123,36 @@ bool worker_channel::read_exact(void* into, std::size_t size) {
     return true;
 }
 
-// recv, with the descriptors that come with the bytes (a CALL's shared
-// buffers) queued for their frame. Too many to receive is a protocol fault.
-ssize_t worker_channel::receive(void* into, std::size_t size, int flags) {
+// One recvmsg's message: the bytes into `into`, and room for the
+// descriptors that come with them.
+struct worker_channel::incoming {
     descriptor_control control;
-    ::iovec part{into, size};
+    ::iovec part;
     ::msghdr message{};
-    message.msg_iov = &part;
-    message.msg_iovlen = 1;
-    prepare_receive(message, control);
-    const ssize_t n = ::recvmsg(fd_, &message, flags | MSG_CMSG_CLOEXEC);
-    if (n <= 0) return n;
+    incoming(void* into, std::size_t size) : part{into, size} {
+        message.msg_iov = &part;
+        message.msg_iovlen = 1;
+        prepare_receive(message, control);
+    }
+    incoming(const incoming&) = delete;
+    incoming& operator=(const incoming&) = delete;
+};
+
+// The descriptors that came with a message (a CALL's shared buffers),
+// queued for their frame. Too many to receive is a protocol fault.
+void worker_channel::keep_descriptors(::msghdr& message) {
     if (!collect_descriptors(message, descriptors_)) {
         std::fprintf(stderr, "coproc worker %d: more descriptors in one message than it can receive\n",
                      static_cast<int>(::getpid()));
         worker_quit(3);
     }
+}
+
+// recv, with the descriptors that come with the bytes.
+ssize_t worker_channel::receive(void* into, std::size_t size, int flags) {
+    incoming in{into, size};
+    const ssize_t n = ::recvmsg(fd_, &in.message, flags | MSG_CMSG_CLOEXEC);
+    if (n > 0) keep_descriptors(in.message);
     return n;
 }
 
@@ -182,14 +196,9 @@ ssize_t worker_channel::wait_and_receive(void* into, std::size_t size) {
         } while (std::chrono::steady_clock::now() < until);
     }
     if (ring_) {
-        descriptor_control control;
-        ::iovec part{into, size};
-        ::msghdr message{};
-        message.msg_iov = &part;
-        message.msg_iovlen = 1;
-        prepare_receive(message, control);
+        incoming in{into, size};
         ::io_uring_sqe* sqe = ::io_uring_get_sqe(&ring_->ring);
-        ::io_uring_prep_recvmsg(sqe, fd_, &message, MSG_CMSG_CLOEXEC);
+        ::io_uring_prep_recvmsg(sqe, fd_, &in.message, MSG_CMSG_CLOEXEC);
         int submitted;
         do {
             submitted = ::io_uring_submit_and_wait(&ring_->ring, 1);
@@ -216,11 +225,7 @@ ssize_t worker_channel::wait_and_receive(void* into, std::size_t size) {
                     errno = -result;
                     return -1;
                 }
-                if (!collect_descriptors(message, descriptors_)) {
-                    std::fprintf(stderr, "coproc worker %d: more descriptors in one message than it can receive\n",
-                                 static_cast<int>(::getpid()));
-                    worker_quit(3);
-                }
+                if (result > 0) keep_descriptors(in.message);
                 return result;
             }
         }

@@ -29,6 +29,7 @@
 #include <unistd.h>
 
 struct iovec;
+struct msghdr;
 
 namespace coproc::detail {
 
@@ -87,7 +88,9 @@ public:
 
 private:
     void write_parts(::iovec* parts, std::size_t count, const shared_descriptors* descriptors = nullptr);
+    struct incoming;
     ssize_t receive(void* into, std::size_t size, int flags);
+    void keep_descriptors(::msghdr& message);
     // Waits until bytes arrive and receives them (at most `size`), with
     // their descriptors; as recv otherwise (-1 and errno, 0 at EOF).
     ssize_t wait_and_receive(void* into, std::size_t size);

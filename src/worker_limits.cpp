@@ -1,9 +1,11 @@
 // See worker_limits.hpp.
 #include "worker_limits.hpp"
 
+#include <sched.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -129,6 +131,14 @@ std::uint64_t apply_address_space_limit() {
         return 0;
     }
     return limit;
+}
+
+int usable_cpus() noexcept {
+    ::cpu_set_t set;
+    CPU_ZERO(&set);
+    if (::sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
+    const long online = ::sysconf(_SC_NPROCESSORS_ONLN);
+    return online > 0 ? static_cast<int>(online) : 1;
 }
 
 } // namespace coproc::detail

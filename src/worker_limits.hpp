@@ -22,4 +22,8 @@ std::string describe_thread_failure(std::string_view thread, const std::system_e
 // stderr; so is a sanitizer build, which ignores it).
 std::uint64_t apply_address_space_limit();
 
+// The CPUs this process may run on (sched_getaffinity; the online CPUs if
+// that fails), at least 1.
+int usable_cpus() noexcept;
+
 } // namespace coproc::detail

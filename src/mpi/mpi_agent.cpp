@@ -18,6 +18,7 @@
 // its workers and ends by itself.
 
 #include "mpi_channel.hpp"
+#include "../worker_limits.hpp"
 #include "../worker_process.hpp"
 
 #include <coproc/detail/wire.hpp>
@@ -25,7 +26,6 @@
 
 #include <fcntl.h>
 #include <poll.h>
-#include <sched.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -37,6 +37,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -46,6 +47,9 @@ extern char** environ;
 namespace coproc::mpi::detail {
 
 namespace {
+
+using std::chrono::milliseconds;
+using namespace std::chrono_literals;
 
 struct local_worker {
     ::pid_t pid = 0;
@@ -59,12 +63,7 @@ std::size_t cpus_offered() {
     if (const char* set = std::getenv("COPROC_MPI_WORKERS_PER_RANK"); set != nullptr && std::atoi(set) > 0) {
         return static_cast<std::size_t>(std::atoi(set));
     }
-    ::cpu_set_t cpus;
-    CPU_ZERO(&cpus);
-    if (::sched_getaffinity(0, sizeof cpus, &cpus) == 0 && CPU_COUNT(&cpus) > 0) {
-        return static_cast<std::size_t>(CPU_COUNT(&cpus));
-    }
-    return 1;
+    return static_cast<std::size_t>(coproc::detail::usable_cpus());
 }
 
 // The agent's own environment, minus what the pool sets and what only the
@@ -102,17 +101,14 @@ public:
                 handle(*arrived);
             }
             const auto now = std::chrono::steady_clock::now();
-            if (rank_0_timeout_.count() > 0 && now - heard_ > rank_0_timeout_) {
-                abandon("rank 0 sent nothing for " + std::to_string(rank_0_timeout_.count()) +
+            if (rank_0_timeout_.value_or(0ms) > 0ms && now - heard_ > *rank_0_timeout_) {
+                abandon("rank 0 sent nothing for " + std::to_string(rank_0_timeout_->count()) +
                         " ms (placement_options::agent_timeout)");
             }
             if (now >= next_heartbeat_) {
                 tell(message::heartbeat, 0);
-                // Until rank 0's answer gives its timeout, every 100 ms.
-                using std::chrono::milliseconds;
-                const auto every = !timeout_known_ ? milliseconds{100}
-                                   : rank_0_timeout_.count() > 0 ? std::clamp<milliseconds>(rank_0_timeout_ / 5, milliseconds{10}, milliseconds{1000})
-                                                                 : milliseconds{1000};
+                milliseconds every = 100ms; // until rank 0's answer gives its timeout
+                if (rank_0_timeout_) every = *rank_0_timeout_ > 0ms ? std::clamp<milliseconds>(*rank_0_timeout_ / 5, 10ms, 1000ms) : 1000ms;
                 next_heartbeat_ = now + every;
             }
             busy = channel_.progress() || busy;
@@ -139,8 +135,7 @@ private:
         const auto slot = arrived.head.slot;
         switch (static_cast<message>(arrived.head.kind)) {
         case message::heartbeat:
-            rank_0_timeout_ = std::chrono::milliseconds{std::max<std::int64_t>(0, arrived.head.a)};
-            timeout_known_ = true;
+            rank_0_timeout_ = milliseconds{std::max<std::int64_t>(0, arrived.head.a)};
             break;
         case message::spawn: spawn(slot, arrived.payload); break;
         case message::data:
@@ -328,8 +323,9 @@ private:
     std::map<std::uint32_t, local_worker> workers_;
     idle_backoff backoff_;
     bool stopping_ = false;
-    std::chrono::milliseconds rank_0_timeout_{0}; // from rank 0's heartbeats; 0: never give up on it
-    bool timeout_known_ = false;
+    // From rank 0's answers to our heartbeats (none yet: unknown); 0: never
+    // give up on rank 0.
+    std::optional<milliseconds> rank_0_timeout_;
     std::chrono::steady_clock::time_point heard_ = std::chrono::steady_clock::now();
     std::chrono::steady_clock::time_point next_heartbeat_{};
 };
