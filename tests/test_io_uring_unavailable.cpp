@@ -168,15 +168,15 @@ coproc::task<void> exercise_pool(coproc::event_loop* loop, coproc::process_pool*
     co_await pool->shutdown();
 }
 
-} // namespace
-
-TEST_CASE("denied io_uring like Docker's default profile, a default loop runs on epoll, says why, and the pool works") {
-    scoped_environment no_override{"COPROC_BACKEND", nullptr};
+// On a thread of its own that `deny` first sandboxes (its workers inherit
+// the filter): a loop made with `options`, a pool of 2 on it, exercise_pool.
+template <class Deny>
+pool_outcome exercise_pool_in_sandbox(Deny deny, coproc::event_loop_options options) {
     pool_outcome outcome;
     std::thread sandboxed([&] {
-        deny_io_uring_like_docker();
+        deny();
         try {
-            coproc::event_loop loop;
+            coproc::event_loop loop{options};
             outcome.backend = loop.backend().kind;
             outcome.reason = loop.backend().reason;
             coproc::process_pool pool{loop, {.max_workers = 2}};
@@ -187,6 +187,14 @@ TEST_CASE("denied io_uring like Docker's default profile, a default loop runs on
         }
     });
     sandboxed.join();
+    return outcome;
+}
+
+} // namespace
+
+TEST_CASE("denied io_uring like Docker's default profile, a default loop runs on epoll, says why, and the pool works") {
+    scoped_environment no_override{"COPROC_BACKEND", nullptr};
+    const pool_outcome outcome = exercise_pool_in_sandbox(deny_io_uring_like_docker, {});
     INFO(outcome.failure);
     REQUIRE(outcome.ran);
     CHECK(outcome.backend == coproc::event_loop_backend::epoll);
@@ -204,19 +212,8 @@ TEST_CASE("denied io_uring like Docker's default profile, a default loop runs on
 // its first read (which would read as the parent gone).
 TEST_CASE("workers denied io_uring_enter alone wait in poll and serve") {
     scoped_environment no_override{"COPROC_BACKEND", nullptr};
-    pool_outcome outcome;
-    std::thread sandboxed([&] {
-        test_support::deny_syscall(__NR_io_uring_enter, EPERM);
-        try {
-            coproc::event_loop loop{coproc::event_loop_options{.backend = coproc::event_loop_backend::epoll}};
-            coproc::process_pool pool{loop, {.max_workers = 2}};
-            test_support::run_bounded(loop, exercise_pool(&loop, &pool, &outcome), std::chrono::seconds{60});
-            outcome.ran = true;
-        } catch (const std::exception& e) {
-            outcome.failure = e.what();
-        }
-    });
-    sandboxed.join();
+    const pool_outcome outcome = exercise_pool_in_sandbox([] { test_support::deny_syscall(__NR_io_uring_enter, EPERM); },
+                                                          {.backend = coproc::event_loop_backend::epoll});
     INFO(outcome.failure);
     REQUIRE(outcome.ran);
     CHECK(outcome.square == 144);

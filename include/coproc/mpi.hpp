@@ -39,8 +39,8 @@ struct placement_options {
     std::size_t workers_per_rank = 0;
     // How long to wait for every agent to report at the first placement().
     std::chrono::milliseconds start_timeout{60'000};
-    // How long an agent may leave a heartbeat unanswered before rank 0
-    // counts it as lost (rank 0 sends one every agent_timeout / 5, at most
+    // How long rank 0 may hear nothing from an agent before it counts it as
+    // lost (each agent sends a heartbeat every agent_timeout / 5, at most
     // every second): the tasks its workers were running fail with
     // worker_died ("was lost with its host agent (rank N): ..."), and so
     // do those sent there but not known to have started (their START may be
