@@ -650,13 +650,13 @@ TEST_CASE("cancelling a running task: partial and terminal stop its token; total
             marker_file stopped{"asio-running-stopped"};
             asio::cancellation_signal signal;
             outcome seen;
-            coproc::async_submit<asio_test::wait_for_stop>(b.pool(), started.path(), stopped.path(), 1500,
+            coproc::async_submit<asio_test::wait_for_stop>(b.pool(), started.path(), stopped.path(), 3000,
                                                            record_on(b.io, seen, signal));
             REQUIRE(b.wait_until([&] { return started.exists(); }));
             // The worker sent START before it ran the function; give the
             // parent time to read it (slow under sanitizers), so that the
             // task is running there, not merely dispatched.
-            b.pause(300ms);
+            b.pause(1000ms);
             const auto cancelled_at = std::chrono::steady_clock::now();
             signal.emit(type);
             run_io(b.io);
@@ -664,7 +664,7 @@ TEST_CASE("cancelling a running task: partial and terminal stop its token; total
             CHECK(seen.slot_cleared);
             if (type == asio::cancellation_type::total) {
                 CHECK_FALSE(seen.error);
-                CHECK(seen.value == 1500);
+                CHECK(seen.value == 3000);
                 CHECK_FALSE(stopped.exists());
                 CHECK(b.pool().stats().tasks_cancelled == 0);
             } else {

@@ -264,7 +264,8 @@ TEST_CASE("spawn from another thread while the loop runs throws std::logic_error
     socket_pair sockets;
     bool threw = false;
     std::thread other([&] {
-        std::this_thread::sleep_for(10ms);
+        const auto deadline = std::chrono::steady_clock::now() + 5s;
+        while (!loop.running() && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(1ms);
         try {
             loop.spawn(add_after(&loop, nullptr, 0ms));
         } catch (const std::logic_error&) {
@@ -364,10 +365,12 @@ task<int> receive_nothing_quickly(coproc::event_loop* loop) {
 TEST_CASE("poll_ready runs what is ready without blocking; wait_fd wakes for a timer") {
     coproc::event_loop loop{externally_driven};
     int counter = 0;
-    loop.spawn(add_after(&loop, &counter, 30ms));
+    // A timer far enough ahead that a descheduled test thread does not see
+    // it fire during the first poll_ready.
+    loop.spawn(add_after(&loop, &counter, 300ms));
     const auto start = std::chrono::steady_clock::now();
     CHECK_FALSE(loop.poll_ready()); // the task now sleeps; nothing is ready
-    CHECK(std::chrono::steady_clock::now() - start < 25ms);
+    CHECK(std::chrono::steady_clock::now() - start < 250ms); // it did not wait for the timer
     CHECK(counter == 0);
     CHECK_FALSE(loop.running());
     ::pollfd watch{loop.wait_fd(), POLLIN, 0};

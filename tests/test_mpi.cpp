@@ -146,7 +146,7 @@ TEST_CASE("mpi: submit runs tasks on workers of both agents, none on rank 0") {
         coproc::process_pool pool{loop, {.max_workers = 0, .placement = coproc::mpi::placement({.workers_per_rank = 2})}};
         CHECK(run_bounded(loop, await_future(pool.submit<square>(12)), 30s) == 144);
         // Four tasks that each hold a worker for a while: all four slots.
-        const auto places = run_bounded(loop, spread(&pool, 4, 300), 30s);
+        const auto places = run_bounded(loop, spread(&pool, 4, 1000), 30s);
         std::set<std::string> ranks;
         std::set<std::string> agents;
         for (const auto& place : places) {
@@ -170,7 +170,7 @@ TEST_CASE("mpi: local workers first, remote ones beyond max_workers") {
         coproc::process_pool pool{loop, {.max_workers = 1, .placement = coproc::mpi::placement({.workers_per_rank = 1})}};
         // One task: the local worker (rank 0's own, which inherits rank 0).
         CHECK(rank_of(run_bounded(loop, await_future(pool.submit<where_after>(0)), 30s)) == "0");
-        const auto places = run_bounded(loop, spread(&pool, 3, 300), 30s);
+        const auto places = run_bounded(loop, spread(&pool, 3, 1000), 30s);
         std::multiset<std::string> ranks;
         for (const auto& place : places) ranks.insert(rank_of(place));
         // Rank 0's own worker inherits rank 0 from mpiexec.
@@ -266,7 +266,9 @@ TEST_CASE("mpi: a running remote task is cancelled: its stop token first, then a
         coproc::event_loop loop;
         coproc::process_pool pool{loop, {.max_workers = 0,
                                          .placement = coproc::mpi::placement({.workers_per_rank = 1}),
-                                         .cancel_grace = 300ms}};
+                                         // Room for the cooperative task's answer to come back
+                                         // through its agent on a loaded machine.
+                                         .cancel_grace = 2s}};
         // `running_pids`: the pool's workers while the task ran.
         auto cancel_when_running = [](coproc::event_loop* l, coproc::process_pool* p, const std::string* marker,
                                       std::vector<int>* running_pids) -> coproc::task<std::string> {

@@ -60,7 +60,9 @@ TEST_CASE("cancel of a dispatched task that has not started: the worker drops it
     marker_file marker{"dispatched"};
     coproc::event_loop loop;
     coproc::process_pool pool{loop, {.max_workers = 1, .prefetch = 2}};
-    auto blocker = pool.submit<sleep_then>(150, 1);
+    // Long enough for the CANCEL to reach the worker while the blocker runs,
+    // on a loaded machine too.
+    auto blocker = pool.submit<sleep_then>(1500, 1);
     auto victim = pool.submit<touch_file>(marker.path());
     run_bounded(loop, until_running(&loop, &blocker));
     REQUIRE(pool.stats().tasks_running == 2); // the victim is in the worker, queued behind the blocker
@@ -175,8 +177,11 @@ TEST_CASE("with_timeout around a future cancels the task in the worker when the 
     coproc::event_loop loop;
     coproc::process_pool pool{loop, {.max_workers = 1, .cancel_grace = 5000ms}};
     const int pid_before = run_bounded(loop, await_future(pool.submit<worker_pid>()));
-    CHECK_THROWS_AS(loop.run(coproc::with_timeout(pool.submit<cooperative_wait>(10'000, marker.path()), 50ms)),
-                    coproc::timeout_error);
+    // The deadline starts once the task runs: cancelled before it starts, a
+    // task is dropped unrun and would never write the marker.
+    auto waiting = pool.submit<cooperative_wait>(10'000, marker.path());
+    run_bounded(loop, until_running(&loop, &waiting), 20s);
+    CHECK_THROWS_AS(loop.run(coproc::with_timeout(std::move(waiting), 50ms)), coproc::timeout_error);
     CHECK(run_bounded(loop, await_future(pool.submit<worker_pid>())) == pid_before);
     CHECK(marker.exists()); // the worker stopped the task
 }

@@ -103,8 +103,12 @@ task<std::size_t> most_in_worker(coproc::event_loop* loop, coproc::process_pool*
     co_return most;
 }
 
-task<std::size_t> workers_alive_after(coproc::event_loop* loop, coproc::process_pool* pool, std::chrono::milliseconds wait) {
-    co_await loop->sleep_for(wait);
+// The pool's live workers once none is left, or when `wait` has passed.
+task<std::size_t> workers_alive_within(coproc::event_loop* loop, coproc::process_pool* pool, std::chrono::milliseconds wait) {
+    const auto deadline = std::chrono::steady_clock::now() + wait;
+    while (pool->stats().workers_alive > 0 && std::chrono::steady_clock::now() < deadline) {
+        co_await loop->sleep_for(std::chrono::milliseconds{10});
+    }
     co_return pool->stats().workers_alive;
 }
 
@@ -487,7 +491,7 @@ TEST_CASE("idle_timeout: idle workers exit, and workers start again on demand") 
         coproc::event_loop loop;
         coproc::process_pool pool{loop, {.max_workers = 1, .idle_timeout = 300ms}};
         const int first = run_bounded(loop, await_future(pool.submit<worker_pid>()));
-        CHECK(run_bounded(loop, workers_alive_after(&loop, &pool, 1500ms)) == 0);
+        CHECK(run_bounded(loop, workers_alive_within(&loop, &pool, 10'000ms), 20s) == 0);
         const int second = run_bounded(loop, await_future(pool.submit<worker_pid>()));
         CHECK(second != first);
         CHECK(pool.stats().workers_started == 2);
@@ -570,7 +574,10 @@ TEST_CASE("a burst whose first tasks are short is shared with a worker still sta
     CHECK(run_bounded(loop, await_future(pool.submit<square>(2))) == 4);
     REQUIRE(pool.stats().workers_started == 1); // one worker ready; the second starts with the burst
     std::vector<future<int>> futures;
-    for (int i = 0; i < 40; ++i) futures.push_back(pool.submit<sleep_then_pid>(i < 6 ? 0 : 10));
+    // 50 ms each after the first six: the second worker says HELLO long
+    // before the first could have done 30 of them, even when a sanitizer on a
+    // loaded machine slows its start.
+    for (int i = 0; i < 40; ++i) futures.push_back(pool.submit<sleep_then_pid>(i < 6 ? 0 : 50));
     const auto pids = run_bounded(loop, await_all(std::move(futures)), 30s);
     std::map<int, int> tasks_per_worker;
     for (const int pid : pids) ++tasks_per_worker[pid];

@@ -154,9 +154,12 @@ TEST_CASE("max_worker_memory: tasks sent ahead to a worker retired for memory ru
         loop, {.max_workers = 1, .max_worker_memory = fresh + (64 << 20), .prefetch = 4, .max_prefetch = 4}};
     auto hog = pool.submit<hold_memory>(128, 300);
     std::vector<future<int>> after;
-    // Each runs 100 ms: the RECALLs reach the worker while it runs the first
-    // of them, not after it raced through all three.
-    for (int i = 0; i < followers; ++i) after.push_back(pool.submit<count_run_slowly>(counters.path(), i, 100));
+    // The first runs 1 s, the others 100 ms: the RECALLs reach the worker
+    // while it runs the first of them (on a loaded machine too), not after
+    // it raced through all three.
+    for (int i = 0; i < followers; ++i) {
+        after.push_back(pool.submit<count_run_slowly>(counters.path(), i, i == 0 ? 1000 : 100));
+    }
     const int hog_pid = run_bounded(loop, await_future(std::move(hog)), 60s);
     const auto pids = run_bounded(loop, await_all(std::move(after)), 60s);
     // The worker may have started the task after the hog before the parent

@@ -160,7 +160,9 @@ TEST_CASE("a task with a buffer runs again on a fresh worker after a crash (max_
 
 TEST_CASE("a buffer passed again stays mapped in the worker for keep_result_memory, then is let go") {
     coproc::event_loop loop;
-    coproc::process_pool pool{loop, {.max_workers = 1, .keep_result_memory = std::chrono::milliseconds{300}}};
+    // Kept for 2 s after each use: the round trips below fit in that on a
+    // loaded machine under a sanitizer.
+    coproc::process_pool pool{loop, {.max_workers = 1, .keep_result_memory = std::chrono::seconds{2}}};
     const std::size_t worker_before = run_bounded(loop, worker_descriptors(&pool));
     {
         shared_buffer data = filled(1 << 20, 5);

@@ -91,6 +91,11 @@ int read_count(const std::string& path) {
 
 task<int> square_of(coproc::process_pool* pool, int x) { co_return co_await pool->submit<square>(x); }
 
+// Returns once a worker has started the stream's task (its START arrived).
+task<void> until_stream_running(coproc::event_loop* loop, coproc::stream<int>* items) {
+    while (!items->running()) co_await loop->sleep_for(1ms);
+}
+
 } // namespace
 
 TEST_CASE("a stream yields every item the task pushed, in order, then ends, and stays ended") {
@@ -199,7 +204,10 @@ TEST_CASE("a cancelled stream task that ignores its token is killed after cancel
 TEST_CASE("a stream's submit timeout ends it with timeout_error after the items that came in time") {
     coproc::event_loop loop;
     coproc::process_pool pool{loop, {.max_workers = 1}};
-    auto items = pool.submit_stream_with<push_slowly>({.timeout = 400ms}, 100, 20);
+    // The worker up first, so that its start-up, slow under a sanitizer on
+    // a loaded machine, does not eat the timeout.
+    CHECK(run_bounded(loop, square_of(&pool, 2)) == 4);
+    auto items = pool.submit_stream_with<push_slowly>({.timeout = 1000ms}, 100, 20);
     const ending seen = run_bounded(loop, collect_until_error(&items));
     CHECK(seen.timed_out);
     CHECK_FALSE(seen.values.empty());
@@ -212,6 +220,9 @@ TEST_CASE("a stop of the coroutine awaiting next() cancels the stream") {
     coproc::process_pool pool{loop, {.max_workers = 1}};
     marker_file stopped{"stream-awaiter-stopped"};
     auto items = pool.submit_stream<push_then_wait>(0, stopped.path());
+    // The stop comes once the task runs: a stream stopped while still queued
+    // is dropped unrun, and would never write the marker.
+    run_bounded(loop, until_stream_running(&loop, &items), 20s);
     CHECK_THROWS_AS(run_bounded(loop, coproc::with_timeout(next_of(&items), 200ms)), coproc::timeout_error);
     CHECK(items.done());
     CHECK(run_bounded(loop, until_exists(&loop, &stopped)));
