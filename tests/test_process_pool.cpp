@@ -997,7 +997,10 @@ TEST_CASE("worker_spin: a worker looks for the next CALL before it sleeps; zero:
     REQUIRE(::sched_getaffinity(0, sizeof cpus, &cpus) == 0);
     if (CPU_COUNT(&cpus) >= 2) {
         CHECK(spinning >= 0);
-        CHECK(spinning < 10);
+        // Nearly never; a few sleeps may still come from elsewhere (under
+        // ThreadSanitizer a task slowed past a millisecond brings in the
+        // watcher thread, and waiting for its lock is a sleep too).
+        CHECK(spinning * 3 < sleeping);
     } else {
         CHECK(spinning >= 30);
     }
