@@ -156,9 +156,10 @@ coproc::task<std::vector<T>> await_all(std::vector<coproc::future<T>> futures) {
     co_return values;
 }
 
-// Returns once a worker has started the task (its START arrived).
-template <class T>
-coproc::task<void> until_running(coproc::event_loop* loop, coproc::future<T>* pending) {
+// Returns once a worker has started the task (its START arrived): a future's
+// or a stream's.
+template <class Pending>
+coproc::task<void> until_running(coproc::event_loop* loop, Pending* pending) {
     while (!pending->running()) co_await loop->sleep_for(std::chrono::milliseconds{1});
 }
 

@@ -91,11 +91,6 @@ int read_count(const std::string& path) {
 
 task<int> square_of(coproc::process_pool* pool, int x) { co_return co_await pool->submit<square>(x); }
 
-// Returns once a worker has started the stream's task (its START arrived).
-task<void> until_stream_running(coproc::event_loop* loop, coproc::stream<int>* items) {
-    while (!items->running()) co_await loop->sleep_for(1ms);
-}
-
 } // namespace
 
 TEST_CASE("a stream yields every item the task pushed, in order, then ends, and stays ended") {
@@ -222,7 +217,7 @@ TEST_CASE("a stop of the coroutine awaiting next() cancels the stream") {
     auto items = pool.submit_stream<push_then_wait>(0, stopped.path());
     // The stop comes once the task runs: a stream stopped while still queued
     // is dropped unrun, and would never write the marker.
-    run_bounded(loop, until_stream_running(&loop, &items), 20s);
+    run_bounded(loop, until_running(&loop, &items), 20s);
     CHECK_THROWS_AS(run_bounded(loop, coproc::with_timeout(next_of(&items), 200ms)), coproc::timeout_error);
     CHECK(items.done());
     CHECK(run_bounded(loop, until_exists(&loop, &stopped)));
@@ -305,6 +300,7 @@ TEST_CASE("a pool rejects a stream window of zero") {
 TEST_CASE("stream_queue keeps its items in order while a lagging consumer's taken slots are dropped") {
     coproc::detail::stream_queue queue;
     CHECK(queue.empty());
+    CHECK(queue.capacity() == 0); // nothing allocated yet
     const auto item = [](std::uint32_t n) {
         coproc::detail::byte_buffer bytes;
         bytes.append(&n, sizeof n);
