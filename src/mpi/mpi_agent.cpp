@@ -108,7 +108,9 @@ public:
             if (now >= next_heartbeat_) {
                 tell(message::heartbeat, 0);
                 milliseconds every = 100ms; // until rank 0's answer gives its timeout
-                if (rank_0_timeout_) every = *rank_0_timeout_ > 0ms ? std::clamp<milliseconds>(*rank_0_timeout_ / 5, 10ms, 1000ms) : 1000ms;
+                if (rank_0_timeout_) {
+                    every = *rank_0_timeout_ > 0ms ? std::clamp<milliseconds>(*rank_0_timeout_ / 5, 10ms, 1000ms) : 1000ms;
+                }
                 next_heartbeat_ = now + every;
             }
             busy = channel_.progress() || busy;
